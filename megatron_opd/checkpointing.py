@@ -1,0 +1,109 @@
+"""Megatron ``dist_checkpointing`` save/load of model chunks, written atomically.
+
+A checkpoint directory is written under ``<dir>.tmp`` by every rank and renamed by rank 0 once all
+ranks are done, so a crash mid-save never leaves a half-written directory under the final name.
+Sharded tensor keys carry global layer numbers, so a checkpoint saved at one TP/PP layout loads at
+any other (Megatron reshards on load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.distributed import is_rank0
+
+META_FILE = "megatron_opd.json"
+
+
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    chunks = [unwrap(c) for c in chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """Strip Megatron's DDP and Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def atomic_save(
+    sharded_state_dict: dict[str, Any], directory: str | Path, meta: Optional[dict] = None
+) -> Path:
+    """Save with dist_checkpointing to ``directory`` via ``directory.tmp`` and a rename."""
+    from megatron.core import dist_checkpointing
+
+    final = Path(directory)
+    tmp = final.with_name(final.name + ".tmp")
+    if is_rank0():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, str(tmp))
+    if is_rank0() and meta is not None:
+        write_json_atomic(tmp / META_FILE, meta)
+    _barrier()
+    if is_rank0():
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    _barrier()
+    return final
+
+
+def save_model(
+    chunks: list[torch.nn.Module], directory: str | Path, meta: Optional[dict] = None
+) -> Path:
+    return atomic_save(model_sharded_state_dict(chunks), directory, meta)
+
+
+def load_model(chunks: list[torch.nn.Module], directory: str | Path, strict: bool = True) -> None:
+    """Load weights saved at any TP/PP layout into this layout's chunks."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    directory = Path(directory)
+    if not (directory / "metadata.json").exists():
+        raise FileNotFoundError(f"{directory} is not a Megatron dist checkpoint (no metadata.json)")
+    sharded = model_sharded_state_dict(chunks)
+    handling = StrictHandling.RAISE_ALL if strict else StrictHandling.ASSUME_OK_UNEXPECTED
+    # ShardedTensor keys are global (layer numbers included), so the nesting under "model" or
+    # "model<i>" does not have to match the layout the checkpoint was saved with.
+    state = dist_checkpointing.load(sharded, str(directory), strict=handling)
+    for i, c in enumerate(chunks):
+        part = state["model"] if len(chunks) == 1 else state[f"model{i}"]
+        unwrap(c).load_state_dict(part, strict=strict)
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: was {directory} written by megatron_opd?")
+    return json.loads(path.read_text())
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)

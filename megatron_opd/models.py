@@ -1,0 +1,290 @@
+"""Qwen3 and Llama architectures as Megatron-Core GPTModels.
+
+An :class:`ArchConfig` is read from a Hugging Face ``config.json`` or a YAML file with the same field
+names. It maps to a ``TransformerConfig`` and a layer spec; :func:`build_model` builds the chunks of
+the current pipeline stage. Parallelism lives in Megatron's spec and config; nothing here touches a
+process group except reading the current stage.
+
+Padded vocabulary: Megatron pads the output layer to a multiple of
+``make_vocab_size_divisible_by x TP``. The padded rows are never a valid token; every softmax in this
+project (the reward op, the reverse-KL op, sampling) takes the true ``vocab_size`` and gives the
+padded columns -inf, so they receive no probability and no gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_opd import compat
+
+ARCHITECTURES = ("qwen3", "llama")
+_HF_MODEL_TYPES = {"qwen3": "qwen3", "llama": "llama"}
+
+
+@dataclass
+class ArchConfig:
+    """The fields of a Qwen3 / Llama ``config.json`` that define the network."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None
+
+    _REQUIRED = (
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.model_type!r}; supported: {', '.join(ARCHITECTURES)}"
+            )
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @property
+    def qk_layernorm(self) -> bool:
+        return self.model_type == "qwen3"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ArchConfig":
+        raw = dict(raw)
+        model_type = raw.get("model_type")
+        if model_type is None:
+            raise ValueError(f"{source}: missing required field 'model_type'")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(
+                f"{source}: unsupported architecture {model_type!r}; "
+                f"supported: {', '.join(ARCHITECTURES)}"
+            )
+        for name in cls._REQUIRED:
+            if raw.get(name) is None:
+                raise ValueError(f"{source}: missing required field {name!r}")
+        rope = raw.get("rope_parameters") or {}
+        if "rope_theta" not in raw and "rope_theta" in rope:
+            raw["rope_theta"] = rope["rope_theta"]
+        scaling = raw.get("rope_scaling") or rope
+        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+            raise ValueError(f"{source}: rope scaling {scaling} is not supported")
+        for flag in ("attention_bias", "mlp_bias"):
+            if raw.get(flag):
+                raise ValueError(f"{source}: {flag}=true is not supported")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ArchConfig":
+        """Read a Hugging Face ``config.json`` (or a directory holding one) or a YAML file."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"architecture file {path} does not exist")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of architecture fields")
+        return cls.from_dict(raw, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A ``config.json`` for transformers (Qwen3ForCausalLM / LlamaForCausalLM)."""
+        out = {
+            "architectures": ["Qwen3ForCausalLM" if self.model_type == "qwen3" else "LlamaForCausalLM"],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        return out
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Megatron's padding: round up to a multiple of ``divisible_by x TP``."""
+    multiple = divisible_by * tensor_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def validate_layout(
+    arch: ArchConfig,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    virtual_pipeline_size: Optional[int] = None,
+) -> None:
+    """Raise a ValueError naming the flag when the model cannot be split this way."""
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    if arch.num_attention_heads % tp != 0:
+        raise ValueError(
+            f"--tensor-model-parallel-size {tp} does not divide num_attention_heads "
+            f"{arch.num_attention_heads}"
+        )
+    if arch.num_key_value_heads % tp != 0:
+        raise ValueError(
+            f"--tensor-model-parallel-size {tp} does not divide num_key_value_heads (query groups) "
+            f"{arch.num_key_value_heads}"
+        )
+    if pp > arch.num_hidden_layers:
+        raise ValueError(
+            f"--pipeline-model-parallel-size {pp} is larger than the number of layers "
+            f"{arch.num_hidden_layers}"
+        )
+    stages = pp * (virtual_pipeline_size or 1)
+    if arch.num_hidden_layers % stages != 0:
+        raise ValueError(
+            f"{arch.num_hidden_layers} layers do not split evenly into "
+            f"--pipeline-model-parallel-size {pp} x virtual stages {virtual_pipeline_size or 1}"
+        )
+
+
+def transformer_config(
+    arch: ArchConfig,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    virtual_pipeline_size: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+):
+    """The Megatron ``TransformerConfig`` of ``arch`` on a TP x PP (x VPP) grid."""
+    from megatron.core.transformer import TransformerConfig
+
+    validate_layout(arch, tensor_parallel_size, pipeline_parallel_size, virtual_pipeline_size)
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_hidden_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_key_value_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.initializer_range,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+    )
+    kwargs.update(compat.transformer_config_overrides())
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(arch: ArchConfig):
+    """Transformer-engine spec when TE imports and CUDA is present; Megatron's local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if compat.transformer_engine_available():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=arch.qk_layernorm
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
+    )
+
+
+def build_model(
+    arch: ArchConfig,
+    config,
+    make_vocab_size_divisible_by: int = 128,
+    max_sequence_length: Optional[int] = None,
+) -> list[torch.nn.Module]:
+    """The GPTModel chunks of this pipeline stage (one per virtual stage), on the default device."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    vocab = padded_vocab_size(
+        arch.vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size
+    )
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(arch),
+            vocab_size=vocab,
+            max_sequence_length=max_sequence_length or arch.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta),
+            rotary_percent=1.0,
+            vp_stage=stage,
+        )
+        model.to(compat.default_device())
+        model.vocab_size = arch.vocab_size  # the true size; the output layer holds the padded one
+        chunks.append(model)
+    return chunks
+
+
+def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Megatron's boolean mask ``[1, 1, s, s]``: True where attention is NOT allowed."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
+
+
+def position_ids(batch: int, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, seq_len)
