@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -159,7 +160,7 @@ class _CpuEvent:
     def query(self):
         return True
 
-    def elapsed_time(self, end: "_CpuEvent") -> float:
+    def elapsed_time(self, end: _CpuEvent) -> float:
         return (end._time - self._time) * 1000.0
 
 
@@ -212,8 +213,8 @@ def _apply_cpu_shims() -> None:
     torch.cuda.Event = _CpuEvent
     torch.cuda.set_device = lambda *a, **k: None
 
-    from megatron.core.transformer import utils as tf_utils
     from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as tf_utils
 
     tf_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
@@ -230,7 +231,8 @@ def _apply_cpu_shims() -> None:
         _wrap_attr(schedules, name)
 
     import megatron.core.optimizer as mopt
-    from megatron.core.optimizer import clip_grads, optimizer as opt_mod
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as opt_mod
 
     _wrap_attr(mopt, "get_megatron_optimizer")
     for name in ("clip_grad_by_total_norm_fp32", "count_zeros_fp32", "get_grad_norm_fp32"):
@@ -254,6 +256,11 @@ def _apply_cpu_shims() -> None:
     from megatron.core.distributed import distributed_data_parallel as ddp_mod
 
     _wrap_attr(ddp_mod.DistributedDataParallel, "__init__")
+
+    # tied embeddings across pipeline stages: the first all-reduce moves the weight with .cuda()
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _wrap_attr(LanguageModule, "setup_embeddings_and_output_layer")
 
     _apply_cpu_inference_shims()
 

@@ -50,8 +50,8 @@ def env_rank_and_world() -> tuple[int, int, int]:
 def set_seeds(seed: int) -> None:
     """Seed python, numpy and torch, then Megatron's model-parallel RNG streams.
 
-    The data-parallel stream gets ``seed`` on every rank; Megatron offsets the tensor-parallel stream
-    by the TP rank. Callers add their own offsets for per-rank sampling.
+    The data-parallel stream gets ``seed`` on every rank; Megatron offsets the tensor-parallel
+    stream by the TP rank. Callers add their own offsets for per-rank sampling.
     """
     from megatron.core import tensor_parallel
 

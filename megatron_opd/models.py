@@ -1,14 +1,14 @@
 """Qwen3 and Llama architectures as Megatron-Core GPTModels.
 
-An :class:`ArchConfig` is read from a Hugging Face ``config.json`` or a YAML file with the same field
-names. It maps to a ``TransformerConfig`` and a layer spec; :func:`build_model` builds the chunks of
-the current pipeline stage. Parallelism lives in Megatron's spec and config; nothing here touches a
-process group except reading the current stage.
+An :class:`ArchConfig` is read from a Hugging Face ``config.json`` or a YAML file with the same
+field names. It maps to a ``TransformerConfig`` and a layer spec; :func:`build_model` builds the
+chunks of the current pipeline stage. Parallelism lives in Megatron's spec and config; nothing here
+touches a process group except reading the current stage.
 
-Padded vocabulary: Megatron pads the output layer to a multiple of
-``make_vocab_size_divisible_by x TP``. The padded rows are never a valid token; every softmax in this
-project (the reward op, the reverse-KL op, sampling) takes the true ``vocab_size`` and gives the
-padded columns -inf, so they receive no probability and no gradient.
+Padded vocabulary: Megatron pads the output layer to a multiple of ``make_vocab_size_divisible_by x
+TP``. The padded rows are never a valid token; every softmax in this project (the reward op, the
+reverse-KL op, sampling) takes the true ``vocab_size`` and gives the padded columns -inf, so they
+receive no probability and no gradient.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class ArchConfig:
     def __post_init__(self) -> None:
         if self.model_type not in ARCHITECTURES:
             raise ValueError(
-                f"unsupported architecture {self.model_type!r}; supported: {', '.join(ARCHITECTURES)}"
+                f"unsupported architecture {self.model_type!r}; "
+                f"supported: {', '.join(ARCHITECTURES)}"
             )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -77,7 +78,7 @@ class ArchConfig:
         return self.model_type == "qwen3"
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ArchConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ArchConfig:
         raw = dict(raw)
         model_type = raw.get("model_type")
         if model_type is None:
@@ -105,7 +106,7 @@ class ArchConfig:
         return cls(**{k: v for k, v in raw.items() if k in names})
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ArchConfig":
+    def from_file(cls, path: str | Path) -> ArchConfig:
         """Read a Hugging Face ``config.json`` (or a directory holding one) or a YAML file."""
         path = Path(path)
         if path.is_dir():
@@ -129,7 +130,9 @@ class ArchConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A ``config.json`` for transformers (Qwen3ForCausalLM / LlamaForCausalLM)."""
         out = {
-            "architectures": ["Qwen3ForCausalLM" if self.model_type == "qwen3" else "LlamaForCausalLM"],
+            "architectures": [
+                "Qwen3ForCausalLM" if self.model_type == "qwen3" else "LlamaForCausalLM"
+            ],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -233,7 +236,7 @@ def transformer_config(
 
 
 def layer_spec(arch: ArchConfig):
-    """Transformer-engine spec when TE imports and CUDA is present; Megatron's local spec otherwise."""
+    """Transformer-engine spec when TE imports and CUDA is present, else Megatron's local spec."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if compat.transformer_engine_available():
@@ -267,8 +270,12 @@ def build_model(
             transformer_layer_spec=layer_spec(arch),
             vocab_size=vocab,
             max_sequence_length=max_sequence_length or arch.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            pre_process=parallel_state.is_pipeline_first_stage(
+                ignore_virtual=False, vp_stage=stage
+            ),
+            post_process=parallel_state.is_pipeline_last_stage(
+                ignore_virtual=False, vp_stage=stage
+            ),
             share_embeddings_and_output_weights=arch.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=int(arch.rope_theta),

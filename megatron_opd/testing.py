@@ -2,9 +2,9 @@
 
 ``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes with torchrun's
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port), calls
-``fn(*args)`` in each and returns the per-rank results. A failure on any rank raises with that rank's
-traceback; a rank that hangs past ``timeout`` seconds fails the call and every process is killed.
-``fn`` must be importable (a module-level function), since the children are spawned.
+``fn(*args)`` in each and returns the per-rank results. A failure on any rank raises with that
+rank's traceback; a rank that hangs past ``timeout`` seconds fails the call and every process is
+killed. ``fn`` must be importable (a module-level function), since the children are spawned.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class DistributedFailure(RuntimeError):
@@ -37,6 +38,10 @@ def _child(fn, rank, world_size, port, args, results, threads):
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    import warnings
+
+    # megatron-core warns on import about missing transformer-engine / apex; that is expected here
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     import torch
 
     torch.set_num_threads(threads)
@@ -89,7 +94,7 @@ def run_distributed(
                     if results.empty():
                         raise DistributedFailure(
                             f"rank {dead[0]} exited with code {procs[dead[0]].exitcode}"
-                        )
+                        ) from None
                 continue
             if ok:
                 out[rank] = value

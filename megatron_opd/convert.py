@@ -1,0 +1,528 @@
+"""Hugging Face <-> Megatron-Core weights for Qwen3 and Llama, one tensor at a time.
+
+Import builds the GPTModel once at TP1/PP1 without initializing it, copies every parameter from the
+Hugging Face tensors it needs (read one by one from safetensors, or taken one by one from a
+``transformers`` state dict for GGUF files), and saves a ``dist_checkpointing`` checkpoint that loads
+at any TP/PP layout. Export loads such a checkpoint at TP1/PP1 and writes safetensors shards,
+releasing each Megatron parameter once it is written. Neither holds two copies of the model.
+
+Megatron's layout (local spec), per layer ``decoder.layers.N``:
+
+* ``self_attention.linear_qkv.weight``: per query group ``g``, the rows of its ``heads/groups`` query
+  heads, then its key head, then its value head: ``[q_g0 .. q_g(p-1), k_g, v_g]`` for each ``g``.
+* ``mlp.linear_fc1.weight``: ``[gate; up]`` (SwiGLU applies the activation to the first half).
+* the embedding and untied output layer carry ``padded_vocab_size`` rows: zeros on import, dropped
+  on export.
+
+A converted checkpoint directory holds the dist checkpoint, ``tokenizer/`` and ``megatron_opd.json``
+(written last: the architecture, the vocabulary padding, the original ``config.json`` and
+``generation_config.json``), so the model and its tokenizer are rebuilt from the directory alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron_opd import models
+from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR, load_tokenizer
+
+META_FORMAT = "megatron_opd.checkpoint/1"
+DEFAULT_VOCAB_DIVISOR = 128
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# ------------------------------------------------------------------------------------------------
+# The name mapping (pure tensor functions)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron parameter and the Hugging Face tensors it is made of."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str  # "copy" | "vocab" | "qkv" | "fc1"
+
+
+_LAYER_RULES = (
+    ("input_layernorm.weight", ("input_layernorm.weight",), "copy"),
+    (
+        "self_attention.linear_qkv.weight",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "qkv",
+    ),
+    ("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), "copy"),
+    ("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), "copy"),
+    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "copy"),
+    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "copy"),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1"),
+    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy"),
+)
+# Transformer-engine specs fuse each norm into the linear layer that follows it.
+_TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+# Tensors some Hugging Face checkpoints carry that hold nothing the model needs.
+_IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def rules(arch: models.ArchConfig) -> dict[str, Rule]:
+    """Every parameter of the full (TP1/PP1) Megatron model, by its local-spec name."""
+    out = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
+    for i in range(arch.num_hidden_layers):
+        for suffix, hf, kind in _LAYER_RULES:
+            if "layernorm" in suffix and suffix.startswith("self_attention") and not arch.qk_layernorm:
+                continue
+            out.append(
+                Rule(f"decoder.layers.{i}.{suffix}", tuple(f"model.layers.{i}.{h}" for h in hf), kind)
+            )
+    out.append(Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"))
+    if not arch.tie_word_embeddings:
+        out.append(Rule("output_layer.weight", ("lm_head.weight",), "vocab"))
+    return {r.megatron: r for r in out}
+
+
+def canonical_name(megatron_name: str) -> str:
+    """The local-spec name of a parameter of either spec."""
+    for te, local in _TE_ALIASES.items():
+        if megatron_name.endswith(te):
+            return megatron_name[: -len(te)] + local
+    return megatron_name
+
+
+def hf_shapes(arch: models.ArchConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every Hugging Face tensor that ``arch`` implies."""
+    h, f, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    q, kv = arch.num_attention_heads * d, arch.num_key_value_heads * d
+    layer = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    if arch.qk_layernorm:
+        layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+    out = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    for i in range(arch.num_hidden_layers):
+        out.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
+    if not arch.tie_word_embeddings:
+        out["lm_head.weight"] = (arch.vocab_size, h)
+    return out
+
+
+def fuse_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: models.ArchConfig
+) -> torch.Tensor:
+    """``[heads*d, h]``, ``[groups*d, h]`` x2 -> Megatron's ``[(heads + 2*groups)*d, h]``."""
+    groups, d = arch.num_key_value_heads, arch.head_dim
+    per_group = arch.num_attention_heads // groups
+    h = q.shape[-1]
+    return torch.cat(
+        [q.reshape(groups, per_group * d, h), k.reshape(groups, d, h), v.reshape(groups, d, h)],
+        dim=1,
+    ).reshape(-1, h)
+
+
+def split_qkv(
+    qkv: torch.Tensor, arch: models.ArchConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`fuse_qkv`."""
+    groups, d = arch.num_key_value_heads, arch.head_dim
+    per_group = arch.num_attention_heads // groups
+    h = qkv.shape[-1]
+    q, k, v = torch.split(qkv.reshape(groups, (per_group + 2) * d, h), [per_group * d, d, d], 1)
+    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+
+
+def to_megatron(
+    rule: Rule, tensors: list[torch.Tensor], arch: models.ArchConfig, padded_vocab: int
+) -> torch.Tensor:
+    """The Megatron parameter of ``rule`` from its Hugging Face tensors (in ``rule.hf`` order)."""
+    if rule.kind == "qkv":
+        return fuse_qkv(*tensors, arch)
+    if rule.kind == "fc1":
+        return torch.cat(tensors, dim=0)
+    (t,) = tensors
+    if rule.kind == "vocab" and padded_vocab > t.shape[0]:
+        t = torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], *t.shape[1:])])
+    return t
+
+
+def to_hf(
+    rule: Rule, tensor: torch.Tensor, arch: models.ArchConfig
+) -> list[tuple[str, torch.Tensor]]:
+    """The Hugging Face tensors of ``rule`` from its Megatron parameter (contiguous)."""
+    if rule.kind == "qkv":
+        parts: tuple[torch.Tensor, ...] = split_qkv(tensor, arch)
+    elif rule.kind == "fc1":
+        parts = tuple(torch.chunk(tensor, 2, dim=0))
+    elif rule.kind == "vocab":
+        parts = (tensor[: arch.vocab_size],)
+    else:
+        parts = (tensor,)
+    return [(name, t.contiguous()) for name, t in zip(rule.hf, parts)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face weights, one tensor at a time
+# ------------------------------------------------------------------------------------------------
+
+
+class SafetensorsWeights:
+    """A single-file or sharded safetensors checkpoint; ``get`` reads one tensor."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (directory / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"{directory}: no model.safetensors or model.safetensors.index.json "
+                "(only safetensors checkpoints are supported)"
+            )
+        missing = [f for f in files if not (directory / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{directory}: missing weight files {', '.join(missing)}")
+        self._handles = {f: safe_open(str(directory / f), framework="pt") for f in files}
+        self._where = {name: f for f, h in self._handles.items() for name in h.keys()}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+class StateDictWeights:
+    """A ``transformers`` state dict; ``get`` hands a tensor over and forgets it."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        self._state = state_dict
+
+    def names(self) -> list[str]:
+        return list(self._state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._state[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state.pop(name)
+
+
+def check_hf_weights(weights, arch: models.ArchConfig, source: str) -> None:
+    """One error naming what is missing, unexpected or of the wrong shape."""
+    expected = hf_shapes(arch)
+    found = set(weights.names())
+    missing = sorted(set(expected) - found)
+    if missing:
+        raise ValueError(
+            f"{source}: {len(missing)} tensors that config.json implies are missing, "
+            f"e.g. {missing[:3]}"
+        )
+    tied_head = {"lm_head.weight"} if arch.tie_word_embeddings else set()
+    unexpected = sorted(n for n in found - set(expected) - tied_head if not _IGNORED_HF.match(n))
+    if unexpected:
+        raise ValueError(
+            f"{source}: tensors the {arch.model_type} architecture does not have, "
+            f"e.g. {unexpected[:3]}"
+        )
+    for name, shape in expected.items():
+        if weights.shape(name) != shape:
+            raise ValueError(
+                f"{source}: tensor {name} has shape {list(weights.shape(name))}, but config.json "
+                f"implies {list(shape)}"
+            )
+
+
+def load_gguf_model(directory: str | Path, gguf_file: str, dtype: torch.dtype = torch.float32):
+    """A ``transformers`` model from a GGUF file, dequantized and savable with save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=dtype)
+    # Dequantized weights are plain tensors; drop the marker that forbids save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Import and export
+# ------------------------------------------------------------------------------------------------
+
+
+def _single_process_megatron() -> None:
+    """Megatron at TP1/PP1 in this process (initialized here unless it already is)."""
+    from megatron.core import parallel_state
+
+    from megatron_opd import distributed
+
+    if not parallel_state.model_parallel_is_initialized():
+        distributed.initialize(distributed.ParallelConfig())
+    layout = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+    if layout != (1, 1):
+        raise RuntimeError(f"conversion runs at TP1/PP1, but Megatron is initialized at {layout}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return json.loads(path.read_text())
+
+
+def _check_hf_config(raw: dict[str, Any], source: str) -> None:
+    if raw.get("use_sliding_window"):
+        raise ValueError(f"{source}: use_sliding_window=true is not supported")
+
+
+def import_hf(
+    hf_dir: str | Path,
+    save_dir: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    gguf_file: Optional[str] = None,
+    tokenizer_path: Optional[str | Path] = None,
+    make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
+) -> Path:
+    """Convert a Hugging Face checkpoint (or a GGUF file in ``hf_dir``) to a Megatron checkpoint."""
+    from megatron_opd import checkpointing
+
+    hf_dir, save_dir = Path(hf_dir), Path(save_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"--hf-dir {hf_dir} is not a directory")
+    if gguf_file:
+        source = str(hf_dir / gguf_file)
+        if not (hf_dir / gguf_file).exists():
+            raise FileNotFoundError(f"--gguf-file {source} does not exist")
+        model = load_gguf_model(hf_dir, gguf_file)
+        hf_config = json.loads(model.config.to_json_string(use_diff=False))
+        generation_config = model.generation_config.to_dict()
+        weights: Any = StateDictWeights(dict(model.state_dict()))
+        del model
+    else:
+        source = str(hf_dir)
+        hf_config = _read_json(hf_dir / "config.json")
+        gen_file = hf_dir / "generation_config.json"
+        generation_config = json.loads(gen_file.read_text()) if gen_file.exists() else None
+    arch = models.ArchConfig.from_dict(hf_config, source=f"{source} config")
+    _check_hf_config(hf_config, source)
+    if not gguf_file:
+        weights = SafetensorsWeights(hf_dir)
+    check_hf_weights(weights, arch, source)
+    tokenizer = load_tokenizer(
+        tokenizer_path or hf_dir, gguf_file=None if tokenizer_path else gguf_file
+    )
+
+    _single_process_megatron()
+    config = models.transformer_config(arch, dtype=dtype, perform_initialization=False)
+    chunks = models.build_model(arch, config, make_vocab_size_divisible_by)
+    padded = models.padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, 1)
+    mapping = rules(arch)
+    filled = set()
+    with torch.no_grad():
+        for name, param in chunks[0].named_parameters():
+            rule = mapping[canonical_name(name)]
+            param.copy_(to_megatron(rule, [weights.get(n) for n in rule.hf], arch, padded))
+            filled.add(rule.megatron)
+    assert filled == set(mapping), sorted(set(mapping) - filled)
+
+    checkpointing.save_model(chunks, save_dir)
+    del chunks
+    tokenizer.save(save_dir / CHECKPOINT_TOKENIZER_DIR)
+    for key in ("quantization_config", "transformers_version"):
+        hf_config.pop(key, None)
+    meta = {
+        "format": META_FORMAT,
+        "arch": arch.to_dict(),
+        "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+        "padded_vocab_size": padded,
+        "params_dtype": _DTYPE_NAMES[dtype],
+        "tokenizer": CHECKPOINT_TOKENIZER_DIR,
+        "hf_config": hf_config,
+        "generation_config": generation_config,
+        "source": source,
+    }
+    checkpointing.write_json_atomic(save_dir / checkpointing.META_FILE, meta)
+    return save_dir
+
+
+def read_checkpoint(directory: str | Path) -> tuple[models.ArchConfig, dict[str, Any]]:
+    """The architecture and metadata of a checkpoint written by this project."""
+    from megatron_opd import checkpointing
+
+    meta = checkpointing.read_meta(directory)
+    if "arch" not in meta:
+        raise ValueError(f"{directory}/{checkpointing.META_FILE} has no 'arch' entry")
+    return models.ArchConfig.from_dict(meta["arch"], source=str(directory)), meta
+
+
+def checkpoint_dtype(directory: str | Path) -> torch.dtype:
+    """The dtype the checkpoint's embedding was saved in."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return metadata["embedding.word_embeddings.weight"].properties.dtype
+
+
+def load_checkpoint_model(
+    directory: str | Path, dtype: Optional[torch.dtype] = None, **config_overrides: Any
+) -> tuple[list[torch.nn.Module], models.ArchConfig]:
+    """This rank's model chunks at the current TP/PP layout, loaded from ``directory``."""
+    from megatron.core import parallel_state
+
+    from megatron_opd import checkpointing
+
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("call megatron_opd.distributed.initialize() before loading a model")
+    arch, meta = read_checkpoint(directory)
+    config = models.transformer_config(
+        arch,
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        dtype=dtype or checkpoint_dtype(directory),
+        perform_initialization=False,
+        **config_overrides,
+    )
+    divisor = meta.get("make_vocab_size_divisible_by", DEFAULT_VOCAB_DIVISOR)
+    chunks = models.build_model(arch, config, divisor)
+    try:
+        checkpointing.load_model(chunks, directory, strict=False)
+    except Exception as e:
+        raise ValueError(
+            f"{directory}: the checkpoint does not match the architecture in "
+            f"{checkpointing.META_FILE}: {type(e).__name__}: {e}"
+        ) from e
+    return chunks, arch
+
+
+class _ShardWriter:
+    """Safetensors shards of at most ``max_bytes`` each, named and indexed like transformers'."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        tmp = f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(self.directory / tmp), metadata={"format": "pt"})
+        self.files.append((tmp, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending:
+            self._flush()
+        n = len(self.files)
+        if n == 1:
+            os.replace(self.directory / self.files[0][0], self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (tmp, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.directory / tmp, self.directory / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"1024"`` -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"--max-shard-size {text!r} is not a size like 5GB or 500MB")
+    unit = match.group(2).upper().rstrip("B").rstrip("I")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def export_hf(
+    load_dir: str | Path,
+    save_dir: str | Path,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_size: int = 5 * 2**30,
+    tokenizer_path: Optional[str | Path] = None,
+) -> Path:
+    """Write a Hugging Face checkpoint (config, generation config, safetensors, tokenizer)."""
+    load_dir, save_dir = Path(load_dir), Path(save_dir)
+    arch, meta = read_checkpoint(load_dir)
+    tokenizer_src = Path(tokenizer_path) if tokenizer_path else load_dir / meta.get("tokenizer", "")
+    if not tokenizer_path and not meta.get("tokenizer"):
+        raise FileNotFoundError(f"{load_dir} records no tokenizer; pass --tokenizer")
+    tokenizer = load_tokenizer(tokenizer_src)
+
+    _single_process_megatron()
+    chunks, _ = load_checkpoint_model(load_dir)
+    out_dtype = dtype or checkpoint_dtype(load_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(save_dir, max_shard_size)
+    mapping = rules(arch)
+    for name, param in list(chunks[0].named_parameters()):
+        rule = mapping[canonical_name(name)]
+        for hf_name, tensor in to_hf(rule, param.detach(), arch):
+            writer.add(hf_name, tensor.to(out_dtype))
+        # Drop the parameter; its storage lives on only in the pending shard, so the peak is
+        # the model plus one shard.
+        param.data = torch.empty(0, dtype=param.dtype)
+    writer.finish()
+    del chunks
+
+    tokenizer.save(save_dir)
+    for name, obj in _hf_json_files(arch, meta, out_dtype).items():
+        (save_dir / name).write_text(json.dumps(obj, indent=2) + "\n")
+    return save_dir
+
+
+def _hf_json_files(
+    arch: models.ArchConfig, meta: dict[str, Any], dtype: torch.dtype
+) -> dict[str, dict[str, Any]]:
+    config = dict(meta.get("hf_config") or {})
+    for key in ("torch_dtype", "transformers_version", "quantization_config", "_name_or_path"):
+        config.pop(key, None)
+    config.update(arch.to_hf_dict())
+    if isinstance(config.get("rope_parameters"), dict):
+        config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": arch.rope_theta}
+    config["dtype"] = _DTYPE_NAMES[dtype]
+    generation = dict(meta.get("generation_config") or {})
+    if not generation:
+        generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id}
+    generation.pop("transformers_version", None)
+    return {"config.json": config, "generation_config.json": generation}
+

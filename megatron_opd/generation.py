@@ -1,0 +1,252 @@
+"""Sampling from the model's own weights through Megatron-Core's static inference engine.
+
+``generate`` wires ``StaticInferenceEngine(legacy=True)`` + ``GPTInferenceWrapper`` +
+``SimpleTextGenerationController`` over a KV cache (``StaticInferenceContext``) and adds what
+rollouts need and the stock controller lacks:
+
+* padded vocabulary columns (ids >= the true vocab size) get logit -inf before sampling, so they are
+  never sampled and carry no probability;
+* several stop tokens (the controller knows one), and the stop token kept in the output;
+* the log-probability of each generated token, computed from the last-position logits only (the
+  stock ``return_log_probs`` materializes ``[batch, prompt, vocab]`` logits at prefill);
+* a truncation flag (``max_new_tokens`` reached without a stop token).
+
+It runs on every rank of the model-parallel group (TP and PP ranks all return the same result) and
+leaves the model in the train/eval mode it found it in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron_opd.checkpointing import unwrap
+
+
+@dataclass
+class Generation:
+    """One sampled continuation.
+
+    ``tokens``: the generated ids, the stop token included when one ended the sequence.
+    ``logprobs``: log p(token | prefix) for each of ``tokens`` under the model's softmax at
+    temperature 1 over the true vocabulary (not the tempered / filtered sampling distribution), so
+    it is comparable with a training forward pass.
+    ``truncated``: ``max_new_tokens`` was reached without a stop token.
+    """
+
+    tokens: list[int]
+    logprobs: list[float]
+    truncated: bool
+
+
+class _MegatronTokenizer:
+    """The slice of Megatron's tokenizer API the controller touches (prompts arrive as ids)."""
+
+    def __init__(self, tokenizer, pad_id: int):
+        self._tokenizer = tokenizer
+        self.eod = pad_id  # Megatron pads prompt batches with ``eod``
+        self.bos = getattr(tokenizer, "bos_id", None)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def detokenize(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _inference_classes():
+    """Megatron's inference classes with the additions above (imported lazily: ~8 s)."""
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
+        GPTInferenceWrapper,
+    )
+    from megatron.core.inference.text_generation_controllers.simple_text_generation_controller import (  # noqa: E501
+        SimpleTextGenerationController,
+    )
+
+    class VocabMaskedWrapper(GPTInferenceWrapper):
+        def __init__(self, *args, vocab_size: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.vocab_size = vocab_size
+
+        def run_one_forward_step(self, inference_input, recv_buffer_seq_len=None):
+            logits = super().run_one_forward_step(inference_input, recv_buffer_seq_len)
+            if logits is not None and logits.size(-1) > self.vocab_size:
+                logits[..., self.vocab_size :] = float("-inf")
+            return logits
+
+    class RolloutController(SimpleTextGenerationController):
+        def __init__(self, *args, stop_token_ids: Sequence[int], **kwargs):
+            super().__init__(*args, **kwargs)
+            self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
+            self.token_logprobs: Optional[torch.Tensor] = None
+            self.step_logprobs: Optional[torch.Tensor] = None
+
+        def sample_from_logits(self, last_token_logits, sampling_params=None, vocab_size=None, **kw):
+            sampled = super().sample_from_logits(last_token_logits, sampling_params, vocab_size, **kw)
+            logprobs = F.log_softmax(last_token_logits.float(), dim=-1)
+            self.step_logprobs = logprobs.gather(1, sampled.view(-1, 1).long()).view(-1)
+            return sampled
+
+        def update_generation_status(
+            self,
+            updated_prompts_tokens,
+            generation_started,
+            current_context_end_position,
+            is_generation_done_tensor,
+            generated_sequence_lengths,
+            termination_id=None,
+        ):
+            # Same bookkeeping as Megatron's, with a set of stop ids, and the stop token counted
+            # in the generated length (Megatron drops it).
+            position = current_context_end_position
+            self.token_logprobs[:, position] = self.step_logprobs
+            latest = updated_prompts_tokens[:, position]
+            stops = torch.isin(latest, self.stop_ids.to(latest.device)) & generation_started
+            generated_sequence_lengths += ~is_generation_done_tensor & generation_started
+            return is_generation_done_tensor | stops, generated_sequence_lengths.int()
+
+        def detokenize_generations(self, *args, **kwargs):
+            return "", None  # callers get ids; decoding every rollout here would be wasted work
+
+        def generate_all_output_tokens_static_batch(self, active_requests, active_streams=None):
+            requests = list(active_requests.values())
+            length = max(len(r.prompt_tokens) for r in requests)
+            length += requests[0].sampling_params.num_tokens_to_generate
+            self.token_logprobs = torch.zeros(len(requests), length, dtype=torch.float32)
+            done = super().generate_all_output_tokens_static_batch(active_requests, active_streams)
+            for row, request in enumerate(requests):
+                start = len(request.prompt_tokens)
+                n = int(request.generated_length)
+                request.token_logprobs = self.token_logprobs[row, start : start + n].tolist()
+            return done
+
+    return VocabMaskedWrapper, RolloutController
+
+
+def _padded_vocab_size(core: torch.nn.Module, pp_group) -> int:
+    """The logits' width; middle pipeline stages hold neither embedding nor output layer."""
+    size = 0
+    if core.pre_process:
+        size = core.embedding.word_embeddings.num_embeddings
+    elif core.post_process:
+        size = core.output_layer.output_size
+    if torch.distributed.get_world_size(pp_group) > 1:
+        width = torch.tensor([size], dtype=torch.long, device=next(core.parameters()).device)
+        torch.distributed.all_reduce(width, op=torch.distributed.ReduceOp.MAX, group=pp_group)
+        size = int(width.item())
+    return size
+
+
+def generate(
+    model_chunks: list[torch.nn.Module],
+    tokenizer,
+    prompts_token_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    greedy: bool = False,
+    stop_token_ids: Optional[Sequence[int]] = None,
+    vocab_size: Optional[int] = None,
+    max_batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+) -> list[Generation]:
+    """Continue each prompt with up to ``max_new_tokens`` tokens; one :class:`Generation` each.
+
+    ``tokenizer``: a :class:`megatron_opd.tokenizer.Tokenizer` (its ``pad_id``, and its
+    ``stop_token_ids`` unless ``stop_token_ids`` is given). ``vocab_size``: ids at or above it are
+    never sampled; defaults to the model's true vocabulary size (``build_model`` records it).
+    ``greedy`` takes the argmax and ignores the sampling knobs; otherwise sampling at
+    ``temperature`` with at most one of ``top_k`` / ``top_p``. ``seed`` seeds the sampler (give each
+    data-parallel rank its own); model-parallel ranks must pass the same one.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.inference.engines import StaticInferenceEngine
+    from megatron.core.inference.inference_request import InferenceRequest
+    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
+        InferenceWrapperConfig,
+    )
+    from megatron.core.inference.sampling_params import SamplingParams
+
+    if len(model_chunks) != 1:
+        raise ValueError(
+            "generation needs one model chunk per rank; unset "
+            "--num-layers-per-virtual-pipeline-stage for rollouts"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if top_k > 0 and top_p > 0:
+            raise ValueError("set at most one of top_k and top_p")
+    if not prompts_token_ids or any(len(p) == 0 for p in prompts_token_ids):
+        raise ValueError("every prompt needs at least one token")
+
+    model = model_chunks[0]
+    core = unwrap(model)
+    config = core.config
+    padded_vocab = _padded_vocab_size(core, parallel_state.get_pipeline_model_parallel_group())
+    vocab_size = vocab_size or getattr(core, "vocab_size", padded_vocab)
+    stop_token_ids = tokenizer.stop_token_ids if stop_token_ids is None else stop_token_ids
+    batch = min(len(prompts_token_ids), max_batch_size or len(prompts_token_ids))
+    max_length = max(len(p) for p in prompts_token_ids) + max_new_tokens
+
+    VocabMaskedWrapper, RolloutController = _inference_classes()
+    wrapper_config = InferenceWrapperConfig(
+        hidden_size=config.hidden_size,
+        params_dtype=config.params_dtype,
+        inference_batch_times_seqlen_threshold=-1,  # no micro-batching across pipeline stages
+        padded_vocab_size=padded_vocab,
+        inference_max_requests=batch,
+        inference_max_seq_length=max_length,
+    )
+    context = StaticInferenceContext(batch, max_length)
+    wrapped = VocabMaskedWrapper(model, wrapper_config, context, vocab_size=vocab_size)
+    controller = RolloutController(
+        wrapped,
+        _MegatronTokenizer(tokenizer, tokenizer.pad_id),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        stop_token_ids=stop_token_ids,
+    )
+    if seed is not None:
+        controller.sampling_rng.manual_seed(seed)
+    engine = StaticInferenceEngine(controller, max_batch_size=batch, legacy=True)
+    params = SamplingParams(
+        temperature=1.0 if greedy else float(temperature),
+        top_k=1 if greedy else int(top_k),
+        top_p=0.0 if greedy else float(top_p),
+        num_tokens_to_generate=max_new_tokens,
+    )
+
+    request_ids = []
+    for prompt in prompts_token_ids:
+        request_id = engine.get_new_request_id()
+        request = InferenceRequest(
+            request_id=request_id,
+            prompt="",
+            prompt_tokens=[int(t) for t in prompt],
+            sampling_params=params,
+        )
+        engine.scheduler.add_request(inference_request=request)
+        request_ids.append(request_id)
+
+    was_training = model.training
+    try:
+        # run_engine rather than engine.generate, which reseeds torch's global RNG on every call
+        engine.run_engine()
+    finally:
+        model.train(was_training)
+
+    stops = set(int(t) for t in stop_token_ids)
+    out = []
+    for request_id in request_ids:
+        request = engine.scheduler.completed_request_pool[request_id]
+        tokens = [int(t) for t in request.generated_tokens.tolist()]
+        truncated = not tokens or tokens[-1] not in stops
+        out.append(Generation(tokens, list(request.token_logprobs), truncated))
+    return out

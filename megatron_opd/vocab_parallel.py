@@ -1,0 +1,323 @@
+"""Per-token quantities from vocab-sharded logits; the only module that knows logits are sharded.
+
+With tensor parallelism rank ``k`` of the TP group holds the logits of vocabulary entries
+``[k * v/tp, (k + 1) * v/tp)`` (Megatron's ``[seq, batch, vocab/tp]`` layout; any leading dims work).
+The output layer is padded past the true vocabulary (``models.padded_vocab_size``): columns whose
+global index is ``>= vocab_size`` are treated as -inf, so they get no probability and no gradient.
+
+No rank ever holds more than its own shard. Reductions over the vocabulary are two all-reduces per
+call whatever the number of tokens: each rank computes, per token, its local max and its sum of
+exp(x - local max) in one pass over a chunk of tokens (small enough to stay in cache), then MAX of
+the maxima and SUM of the rescaled sums across ``group``. The extra memory is one fp32 buffer of
+``chunk_size x vocab/tp`` plus a few ``[tokens]`` vectors: no fp32 copy of the shard, no saved
+softmax; the backward recomputes exp() chunk by chunk from the saved per-token logsumexp.
+
+``group`` is the TP process group, passed explicitly; ``None`` means the logits are not sharded
+(no torch.distributed needed). Inputs may be fp32, bf16 or fp16; accumulation is fp32 and the
+outputs are fp32.
+
+``inplace_backward=True`` writes the gradient into the logits' own buffer, as Megatron-Core's
+``vocab_parallel_cross_entropy`` does: it saves a shard-sized allocation (and its page faults) per
+step. Only use it when nothing else reads those logits after the backward; an op that saved them for
+its own backward fails loudly (autograd's version check) rather than computing a wrong gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.rewards import (
+    RewardConfig,
+    compute_reward,
+    log_ratio_reward,
+    response_positions,
+    reward_statistics,
+)
+
+# Tokens per chunk: 8 x 151,936 fp32 = 4.9 MB of scratch, which stays in a 32 MB L3 between the
+# max pass and the exp pass over the same chunk. See docs/benchmarks.md ("Reward op").
+DEFAULT_CHUNK_SIZE = 8
+
+ProcessGroup = Optional["dist.ProcessGroup"]
+
+
+def _group_size(group: ProcessGroup) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _group_rank(group: ProcessGroup) -> int:
+    return 0 if _group_size(group) == 1 else dist.get_rank(group)
+
+
+def _all_reduce(t: torch.Tensor, op, group: ProcessGroup) -> torch.Tensor:
+    if _group_size(group) == 1:
+        return t
+    t = t.contiguous()  # gloo sends wrong data from non-contiguous views
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _shard(logits: torch.Tensor, vocab_size: int, group: ProcessGroup) -> tuple[int, int]:
+    """(first global vocabulary index of this shard, number of its columns below vocab_size)."""
+    vp = logits.shape[-1]
+    world = _group_size(group)
+    if vp * world < vocab_size:
+        raise ValueError(
+            f"logits hold {vp} x {world} = {vp * world} vocabulary columns, fewer than "
+            f"vocab_size {vocab_size}"
+        )
+    start = _group_rank(group) * vp
+    return start, min(max(vocab_size - start, 0), vp)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1, t.shape[-1])
+
+
+def _local_target(targets: torch.Tensor, start: int, n_valid: int):
+    """(this rank owns the target, the target's column in this shard clamped into range)."""
+    t = targets.reshape(-1).long()
+    owned = (t >= start) & (t < start + n_valid)
+    col = (t - start).clamp(0, max(n_valid - 1, 0))
+    return owned, col
+
+
+def _local_logsumexp_terms(
+    x: torch.Tensor, n_valid: int, chunk: int, buf: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (max over this shard's valid columns, sum of exp(x - that max)), fp32."""
+    n = x.shape[0]
+    m = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
+    s = torch.zeros(n, dtype=torch.float32, device=x.device)
+    if n_valid == 0:
+        return m, s
+    for i in range(0, n, chunk):
+        xc = x[i : i + chunk, :n_valid]
+        e = buf[: xc.shape[0]]
+        mc = xc.amax(dim=1).float()
+        torch.sub(xc, mc.unsqueeze(1), out=e)
+        e.exp_()
+        m[i : i + chunk] = mc
+        torch.sum(e, dim=1, out=s[i : i + chunk])
+    return m, s
+
+
+class _SampledTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_size, group, chunk_size, inplace_backward):
+        start, n_valid = _shard(logits, vocab_size, group)
+        x = _rows(logits)
+        owned, col = _local_target(targets, start, n_valid)
+        chunk = max(1, min(chunk_size, x.shape[0]))
+        buf = torch.empty(chunk, n_valid, dtype=torch.float32, device=x.device)
+        m, s = _local_logsumexp_terms(x, n_valid, chunk, buf)
+        target_logit = torch.where(owned, x.gather(1, col.unsqueeze(1)).squeeze(1).float(), 0.0)
+        # one MAX, then one SUM of (rescaled sum-exp, target logit: nonzero on its owner only)
+        gmax = _all_reduce(m.clone(), dist.ReduceOp.MAX, group)
+        summed = _all_reduce(
+            torch.stack([s * torch.exp(m - gmax), target_logit]), dist.ReduceOp.SUM, group
+        )
+        lse = gmax + summed[0].log()
+        logprob = summed[1] - lse
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.shard = (start, n_valid, chunk)
+        ctx.inplace_backward = inplace_backward
+        return logprob.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, targets, lse = ctx.saved_tensors
+        start, n_valid, chunk = ctx.shard
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        inplace = ctx.inplace_backward and logits.is_contiguous()
+        x = _rows(logits)
+        grad = x if inplace else torch.empty_like(x)
+        g = grad_output.reshape(-1).float()
+        owned, col = _local_target(targets, start, n_valid)
+        owned_g = torch.where(owned, g, 0.0).unsqueeze(1)
+        col = col.unsqueeze(1)
+        direct = grad.dtype == torch.float32 and n_valid == x.shape[1]
+        buf = None if direct else torch.empty(chunk, n_valid, dtype=torch.float32, device=x.device)
+        if n_valid > 0:
+            for i in range(0, x.shape[0], chunk):
+                j = min(i + chunk, x.shape[0])
+                xc = x[i:j, :n_valid]
+                out = grad[i:j] if direct else buf[: j - i]
+                # d log p(t) / d x_v = onehot(t)_v - softmax(x)_v, times the upstream gradient
+                torch.sub(xc, lse[i:j].unsqueeze(1), out=out)
+                out.exp_()
+                out.mul_(g[i:j].unsqueeze(1).neg())
+                out.scatter_add_(1, col[i:j], owned_g[i:j])
+                if not direct:
+                    grad[i:j, :n_valid].copy_(out)
+        if n_valid < x.shape[1]:
+            grad[:, n_valid:].zero_()
+        return grad.view(logits.shape), None, None, None, None, None
+
+
+def sampled_token_logprobs(
+    logits_shard: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    group: ProcessGroup = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """log softmax(logits)[target] over the whole (unpadded) vocabulary, fp32 ``[s, b]``.
+
+    logits_shard: ``[s, b, v/tp]`` (fp32 / bf16 / fp16), this rank's slice of the vocabulary.
+    targets: ``[s, b]`` global token ids. A target outside ``[0, vocab_size)`` gives a finite but
+    meaningless value and no one-hot gradient: mask such positions.
+    """
+    if targets.shape != logits_shard.shape[:-1]:
+        raise ValueError(
+            f"targets {tuple(targets.shape)} do not match logits {tuple(logits_shard.shape)}"
+        )
+    return _SampledTokenLogprobs.apply(
+        logits_shard, targets, vocab_size, group, chunk_size, inplace_backward
+    )
+
+
+class _FullVocabReverseKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, vocab_size, group, chunk_size, inplace_backward):
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"student logits {tuple(student.shape)} and teacher logits "
+                f"{tuple(teacher.shape)} differ in shape"
+            )
+        start, n_valid = _shard(student, vocab_size, group)
+        xs, xt = _rows(student), _rows(teacher)
+        n = xs.shape[0]
+        chunk = max(1, min(chunk_size, n))
+        ms = torch.full((n,), float("-inf"), dtype=torch.float32, device=xs.device)
+        mt = ms.clone()
+        ss, st, w = (torch.zeros(n, dtype=torch.float32, device=xs.device) for _ in range(3))
+        if n_valid > 0:
+            es = torch.empty(chunk, n_valid, dtype=torch.float32, device=xs.device)
+            et = torch.empty_like(es)
+            for i in range(0, n, chunk):
+                j = min(i + chunk, n)
+                a, b = xs[i:j, :n_valid], xt[i:j, :n_valid]
+                ea, eb = es[: j - i], et[: j - i]
+                ms[i:j] = a.amax(dim=1).float()
+                mt[i:j] = b.amax(dim=1).float()
+                torch.sub(a, ms[i:j].unsqueeze(1), out=ea)
+                ea.exp_()
+                torch.sum(ea, dim=1, out=ss[i:j])
+                torch.sub(b, mt[i:j].unsqueeze(1), out=eb)
+                eb.exp_()
+                torch.sum(eb, dim=1, out=st[i:j])
+                # sum_v exp(x_s - m_s) (x_s - x_t): the student-weighted logit gap
+                eb.copy_(a)
+                eb.sub_(b)
+                eb.mul_(ea)
+                torch.sum(eb, dim=1, out=w[i:j])
+        # a rank without valid columns has m = -inf and sums 0: exp(m - gmax) = 0 keeps them 0
+        gmax = _all_reduce(torch.stack([ms, mt]), dist.ReduceOp.MAX, group)
+        scale_s, scale_t = torch.exp(ms - gmax[0]), torch.exp(mt - gmax[1])
+        summed = _all_reduce(
+            torch.stack([ss * scale_s, st * scale_t, w * scale_s]), dist.ReduceOp.SUM, group
+        )
+        lse_s = gmax[0] + summed[0].log()
+        lse_t = gmax[1] + summed[1].log()
+        # KL = E_S[log pi_S - log pi_T] = E_S[x_s - x_t] - (lse_s - lse_t)
+        kl = summed[2] / summed[0] - (lse_s - lse_t)
+        ctx.save_for_backward(student, teacher, lse_s, lse_s - lse_t + kl)
+        ctx.shard = (n_valid, chunk)
+        ctx.inplace_backward = inplace_backward
+        return kl.view(student.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        student, teacher, lse_s, shift = ctx.saved_tensors
+        n_valid, chunk = ctx.shard
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        inplace = ctx.inplace_backward and student.is_contiguous()
+        xs, xt = _rows(student), _rows(teacher)
+        grad = xs if inplace else torch.empty_like(xs)
+        g = grad_output.reshape(-1).float()
+        n = xs.shape[0]
+        direct = grad.dtype == torch.float32 and n_valid == xs.shape[1]
+        if n_valid > 0:
+            gap = torch.empty(chunk, n_valid, dtype=torch.float32, device=xs.device)
+            buf = None if direct else torch.empty_like(gap)
+            for i in range(0, n, chunk):
+                j = min(i + chunk, n)
+                a, b = xs[i:j, :n_valid], xt[i:j, :n_valid]
+                d = gap[: j - i]
+                # g * (log pi_S - log pi_T - KL), computed before ``out`` may overwrite ``a``
+                d.copy_(a)
+                d.sub_(b)
+                d.sub_(shift[i:j].unsqueeze(1))
+                d.mul_(g[i:j].unsqueeze(1))
+                out = grad[i:j] if direct else buf[: j - i]
+                torch.sub(a, lse_s[i:j].unsqueeze(1), out=out)
+                out.exp_()
+                out.mul_(d)
+                if not direct:
+                    grad[i:j, :n_valid].copy_(out)
+        if n_valid < xs.shape[1]:
+            grad[:, n_valid:].zero_()
+        return grad.view(student.shape), None, None, None, None, None
+
+
+def full_vocab_reverse_kl(
+    student_shard: torch.Tensor,
+    teacher_shard: torch.Tensor,
+    vocab_size: int,
+    group: ProcessGroup = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Per-position KL(pi_S || pi_T) over the whole vocabulary, fp32 ``[s, b]``.
+
+    Both shards are ``[s, b, v/tp]``. The gradient flows into the student's logits only:
+    d KL / d x_S(v) = pi_S(v) (log pi_S(v) - log pi_T(v) - KL); the teacher gets none.
+    """
+    return _FullVocabReverseKL.apply(
+        student_shard, teacher_shard, vocab_size, group, chunk_size, inplace_backward
+    )
+
+
+def opd_token_terms(
+    student_logits_shard: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_mask: torch.Tensor,
+    reward_cfg: RewardConfig,
+    group: ProcessGroup,
+    *,
+    vocab_size: int,
+    zscore_moments: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    positions: Optional[torch.Tensor] = None,
+    seq_dim: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The student's sampled-token log-probs and the reward, from the student's logits shard.
+
+    teacher_logprobs: ``[s, b]``, from :func:`sampled_token_logprobs` on the teacher's shard (no
+    grad). Returns ``(reward, student_logprobs, stats)``: the reward ``[s, b]`` fp32, detached, zero
+    outside ``loss_mask``; the student's log-probs ``[s, b]`` with grad; and the micro-batch's
+    additive statistics (``rewards.reward_statistics``). ``positions`` (index within the response)
+    default to the count of earlier valid tokens along ``seq_dim``. For ``zscore`` pass the step's
+    ``zscore_moments``; for ``full_vocab_kl`` the reward is the log-ratio, for reporting.
+    """
+    mask = loss_mask.bool()
+    student_lp = sampled_token_logprobs(
+        student_logits_shard, targets, vocab_size, group, chunk_size, inplace_backward
+    )
+    lp_s = student_lp.detach()
+    reward = compute_reward(reward_cfg, teacher_logprobs, lp_s, mask, zscore_moments)
+    if positions is None:
+        positions = response_positions(mask, dim=seq_dim)
+    stats = reward_statistics(reward, log_ratio_reward(teacher_logprobs, lp_s), mask, positions)
+    return reward, student_lp, stats

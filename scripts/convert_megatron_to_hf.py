@@ -1,0 +1,51 @@
+"""Export a Megatron checkpoint written by this project to a Hugging Face model directory.
+
+One process, no torchrun, whatever TP/PP layout the checkpoint was saved at:
+
+    python scripts/convert_megatron_to_hf.py --load ckpt/student --save hf/student
+
+Writes config.json, generation_config.json, safetensors weights (sharded above --max-shard-size,
+with model.safetensors.index.json) and the tokenizer files; transformers' from_pretrained reads
+the directory as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from megatron_opd import convert
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--load", required=True, help="Megatron checkpoint directory")
+    parser.add_argument("--save", required=True, help="output Hugging Face directory")
+    parser.add_argument(
+        "--dtype", choices=sorted(convert.DTYPES), default=None, help="default: as saved"
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer to write instead of the checkpoint's"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    start = time.time()
+    torch.set_grad_enabled(False)
+    out = convert.export_hf(
+        args.load,
+        args.save,
+        dtype=convert.DTYPES[args.dtype] if args.dtype else None,
+        max_shard_size=convert.parse_size(args.max_shard_size),
+        tokenizer_path=args.tokenizer,
+    )
+    print(f"wrote {out} in {time.time() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":  # the dist-checkpoint reader may spawn processes that re-import __main__
+    main()
