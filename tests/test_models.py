@@ -34,8 +34,8 @@ def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def _build(arch, tp, pp, **overrides):
-    cfg = models.transformer_config(arch, tp, pp, **overrides)
+def _build(arch, tp, pp, vpp=None, **overrides):
+    cfg = models.transformer_config(arch, tp, pp, vpp, **overrides)
     return cfg, models.build_model(arch, cfg)
 
 
@@ -119,7 +119,7 @@ def test_llama_tied_embeddings_pp2(tmp_path):
 # One training step with Megatron DDP + optimizer
 
 
-def _train_step(path, arch, tp, pp):
+def _train_step(path, arch, tp, pp, vpp=None):
     """One optimizer step: (token-mean loss, grad norm, layer 0's q_layernorm weight after it)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import (
@@ -130,8 +130,8 @@ def _train_step(path, arch, tp, pp):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    distributed.initialize(ParallelConfig(tp, pp), seed=5)
-    cfg, chunks = _build(arch, tp, pp, calculate_per_token_loss=True)
+    distributed.initialize(ParallelConfig(tp, pp, vpp), seed=5)
+    cfg, chunks = _build(arch, tp, pp, vpp, calculate_per_token_loss=True)
     checkpointing.load_model(chunks, path)
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
     chunks = [DistributedDataParallel(cfg, ddp_cfg, c) for c in chunks]
@@ -160,7 +160,7 @@ def _train_step(path, arch, tp, pp):
     optimizer.zero_grad()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(micro),
+        data_iterator=[iter(micro) for _ in chunks] if vpp else iter(micro),
         model=chunks,
         num_microbatches=len(micro),
         seq_length=SEQ,
@@ -186,12 +186,13 @@ def _train_step(path, arch, tp, pp):
 def test_training_step_matches_across_layouts(qwen3_reference):
     path, arch, _ = qwen3_reference
     ref_loss, ref_norm, ref_q = run_distributed(_train_step, 1, path, arch, 1, 1)[0]
-    for tp, pp in [(2, 1), (1, 2)]:
-        results = run_distributed(_train_step, tp * pp, path, arch, tp, pp)
+    # (1, 2, 2): interleaved pipeline, 2 virtual stages of 1 layer each per rank
+    for tp, pp, vpp in [(2, 1, None), (1, 2, None), (1, 2, 2)]:
+        results = run_distributed(_train_step, tp * pp, path, arch, tp, pp, vpp)
         loss = _last_stage_value([r[0] for r in results])
-        assert loss == pytest.approx(ref_loss, abs=1e-5), (tp, pp)
+        assert loss == pytest.approx(ref_loss, abs=1e-5), (tp, pp, vpp)
         for _, norm, _ in results:
-            assert norm == pytest.approx(ref_norm, rel=1e-5), (tp, pp)
+            assert norm == pytest.approx(ref_norm, rel=1e-5), (tp, pp, vpp)
         # q_layernorm is replicated across TP: its update must use the TP-reduced gradient
         for _, _, q in results:
             if q is not None:
