@@ -1,4 +1,4 @@
-"""Prompt data: readers for the math sets, a built-in arithmetic set, and a resumable shuffled stream.
+"""Prompt data: readers for the math sets, a built-in arithmetic set, a resumable shuffled stream.
 
 Every reader returns a list of :class:`Problem` (``problem``, ``answer``: the gold as a LaTeX string
 without ``$`` or ``\\boxed{}``). Formats:
@@ -111,7 +111,8 @@ def _word_problem(rng: random.Random) -> tuple[str, int]:
     if kind == 1:
         a = a + b
         return (
-            f"{name} has {a} {item} and gives {b} to {other}. How many {item} does {name} have left?",
+            f"{name} has {a} {item} and gives {b} to {other}. "
+            f"How many {item} does {name} have left?",
             a - b,
         )
     if kind == 2:
@@ -245,9 +246,9 @@ class PromptStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["size"] != self.size or state["seed"] != self.seed:
             raise ValueError(
-                f"checkpoint's prompt stream (size {state['size']}, seed {state['seed']}) does not "
-                f"match this run's (size {self.size}, seed {self.seed}); use the same --prompt-data "
-                "and --seed to resume"
+                f"checkpoint's prompt stream (size {state['size']}, seed {state['seed']}) does "
+                f"not match this run's (size {self.size}, seed {self.seed}); use the same "
+                "--prompt-data and --seed to resume"
             )
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)

@@ -1,7 +1,8 @@
 """Answer grading with math-verify, and the Avg@k / Pass@k metrics.
 
 math-verify enforces its time limits with ``signal.alarm``, which only works in a process's main
-thread: call :func:`grade` from the main thread (or from worker processes), never from a thread pool.
+thread: call :func:`grade` from the main thread (or from worker processes), never from a thread
+pool.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def _math_verify():
 
 
 def parse_gold(answer: str):
-    """Gold answers are LaTeX without delimiters; wrapped in ``$…$`` so ``3\\sqrt{13}`` stays whole."""
+    """Gold answers are LaTeX without delimiters: wrap them in ``$…$`` so that ``3\\sqrt{13}``
+    parses whole rather than as ``3``."""
     mv = _math_verify()
     text = answer.strip()
     if not (text.startswith("$") or text.startswith("\\(")):

@@ -64,7 +64,7 @@ def test_gold_answers_grade_themselves():
 def test_changed_answer_is_wrong():
     for path in EVAL_FILES:
         problems = data.load_problems(path)[:60]
-        for p, other in zip(problems, problems[1:] + problems[:1]):
+        for p, other in zip(problems, problems[1:] + problems[:1], strict=True):
             if re.fullmatch(r"-?\d+", p.answer.strip()):
                 changed = str(int(p.answer) + 1)
             elif other.answer.strip() != p.answer.strip():
