@@ -107,3 +107,88 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints: <save>/iter_0000010/ and <save>/latest_checkpointed_iteration.txt
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+# Optimizer state stored in model space, so it reshards across TP/PP/DP layouts on load.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | Path) -> Optional[int]:
+    """The iteration the "latest" pointer names, or None when ``root`` holds no training run."""
+    path = Path(root) / LATEST_FILE
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path} is corrupt: {text!r}")
+    return int(text)
+
+
+def save_training_checkpoint(
+    root: str | Path,
+    iteration: int,
+    chunks: list[torch.nn.Module],
+    optimizer,
+    scheduler,
+    extra: dict[str, Any],
+    meta: Optional[dict] = None,
+) -> Path:
+    """Model, optimizer, LR scheduler, ``extra`` (data position, counters) at ``iteration``.
+
+    The iteration directory is written under a temporary name and renamed; the latest pointer is
+    rewritten (atomically) only after that, so a crash mid-save leaves the previous latest intact.
+    """
+    model_sd = model_sharded_state_dict(chunks)
+    state: dict[str, Any] = dict(model_sd)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    state["extra"] = extra
+    path = atomic_save(state, iteration_dir(root, iteration), meta)
+    if is_rank0():
+        tmp = Path(root) / (LATEST_FILE + ".tmp")
+        tmp.write_text(str(iteration))
+        os.replace(tmp, Path(root) / LATEST_FILE)
+    _barrier()
+    return path
+
+
+def load_training_checkpoint(
+    root: str | Path,
+    chunks: list[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+) -> tuple[int, dict[str, Any]]:
+    """Restore from the latest iteration under ``root``; returns (iteration, extra)."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"{root} has no {LATEST_FILE}")
+    path = iteration_dir(root, iteration)
+    if not (path / "metadata.json").exists():
+        raise FileNotFoundError(f"{path} named by {Path(root) / LATEST_FILE} is missing")
+    model_sd = model_sharded_state_dict(chunks)
+    state: dict[str, Any] = dict(model_sd)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
+        )
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, c in enumerate(chunks):
+        unwrap(c).load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in loaded:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    return int(loaded["iteration"]), dict(loaded.get("extra", {}))

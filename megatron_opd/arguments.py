@@ -1,0 +1,222 @@
+"""Command-line flags of ``scripts/pretrain_opd.py``, spelled as in Megatron-LM, plus ``--opd-*``.
+
+``--config FILE.yaml`` supplies any flag (keys spelled like the flag, with ``-`` or ``_``); the
+command line overrides the file. :func:`validate_args` checks everything that can be checked
+before a model is built and raises ``ValueError`` with one line naming the flag to fix.
+
+Defaults follow the PowerOPD paper where it states them: lr 5e-7 constant with 5% warmup, global
+batch 32, 1.5k steps, rollouts at temperature 1.0, one response per prompt, at most 1024 new tokens,
+final stop token masked; evaluation at temperature 0.6 with 8 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from megatron_opd.rewards import REWARD_KINDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_opd.py",
+        description="On-policy distillation with PowerOPD rewards on Megatron-Core.",
+    )
+    p.add_argument("--config", type=str, default=None, help="YAML file of flags")
+
+    g = p.add_argument_group("distributed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--distributed-timeout-minutes", type=int, default=30)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=32, help="responses per optimizer step")
+    g.add_argument("--train-iters", type=int, default=1500)
+    g.add_argument("--lr", type=float, default=5e-7)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=0.05)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="constant")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--bf16", action="store_true", help="student in bf16 (fp32 main weights)")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--load", type=str, default=None, help="student checkpoint to start from")
+    g.add_argument("--save", type=str, default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument(
+        "--finetune",
+        action="store_true",
+        help="take only the weights from --load (no optimizer, iteration or data position)",
+    )
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", type=str, default=None)
+    g.add_argument("--wandb-project", type=str, default=None)
+    g.add_argument("--wandb-exp-name", type=str, default=None)
+    g.add_argument("--wandb-save-dir", type=str, default=None)
+    g.add_argument("--metrics-file", type=str, default=None, help="jsonl of every logged step")
+
+    g = p.add_argument_group("on-policy distillation")
+    g.add_argument("--opd-teacher-load", type=str, default=None, help="teacher checkpoint")
+    g.add_argument("--opd-reward", choices=REWARD_KINDS, default="power")
+    g.add_argument("--opd-alpha", type=float, default=5.0, help="PowerOPD exponent, > 0")
+    g.add_argument("--opd-clip-min", type=float, default=-1.0)
+    g.add_argument("--opd-clip-max", type=float, default=1.0)
+    g.add_argument("--opd-tanh-temperature", type=float, default=5.0)
+    g.add_argument(
+        "--opd-mask-terminal-stop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="leave each response's final stop token out of the loss",
+    )
+    g.add_argument("--opd-teacher-bf16", action="store_true", help="run the teacher in bf16")
+    g.add_argument(
+        "--opd-max-consecutive-skips",
+        type=int,
+        default=3,
+        help="stop after this many non-finite steps in a row",
+    )
+
+    g = p.add_argument_group("rollout")
+    g.add_argument("--rollout-max-new-tokens", type=int, default=1024)
+    g.add_argument("--rollout-temperature", type=float, default=1.0)
+    g.add_argument("--rollout-top-p", type=float, default=1.0)
+    g.add_argument("--rollout-top-k", type=int, default=0)
+    g.add_argument("--rollout-samples-per-prompt", type=int, default=1)
+    g.add_argument("--rollout-engine", choices=("auto", "static", "dynamic"), default="auto")
+
+    g = p.add_argument_group("data and tokenizer")
+    g.add_argument(
+        "--prompt-data",
+        type=str,
+        default="builtin",
+        help="prompt file (jsonl / json) or 'builtin[:N]' for the built-in arithmetic set",
+    )
+    g.add_argument("--max-prompt-length", type=int, default=512)
+    g.add_argument("--system-prompt", type=str, default=None)
+    g.add_argument(
+        "--tokenizer", type=str, default=None, help="defaults to the student checkpoint's"
+    )
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-data", type=str, nargs="*", default=None)
+    g.add_argument("--eval-samples", type=int, default=8)
+    g.add_argument("--eval-limit", type=int, default=None, help="problems per benchmark")
+    g.add_argument("--eval-temperature", type=float, default=0.6)
+    g.add_argument("--eval-max-new-tokens", type=int, default=4096)
+    return p
+
+
+def _dest(parser: argparse.ArgumentParser) -> dict[str, str]:
+    return {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_config(pre.config, parser))
+    return parser.parse_args(argv)
+
+
+def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    import yaml
+
+    parser = parser or build_parser()
+    file = Path(path)
+    if not file.exists():
+        raise ValueError(f"--config {path} does not exist")
+    raw = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag: value")
+    dests = _dest(parser)
+    out = {}
+    for key, value in raw.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in dests or dest == "config":
+            raise ValueError(f"--config {path}: unknown flag {key!r}")
+        out[dest] = value
+    return out
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Everything checkable before a model is built; one ValueError naming the flag."""
+    reward_config(args).validate()
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    for flag, value in (
+        ("--tensor-model-parallel-size", tp),
+        ("--pipeline-model-parallel-size", pp),
+        ("--micro-batch-size", args.micro_batch_size),
+        ("--global-batch-size", args.global_batch_size),
+        ("--train-iters", args.train_iters),
+        ("--rollout-max-new-tokens", args.rollout_max_new_tokens),
+        ("--rollout-samples-per-prompt", args.rollout_samples_per_prompt),
+        ("--max-prompt-length", args.max_prompt_length),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    dp = world_size // (tp * pp)
+    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by "
+            f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}"
+        )
+    if args.global_batch_size % args.rollout_samples_per_prompt != 0:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by "
+            f"--rollout-samples-per-prompt {args.rollout_samples_per_prompt}"
+        )
+    if args.rollout_temperature <= 0:
+        raise ValueError(f"--rollout-temperature must be > 0, got {args.rollout_temperature}")
+    if not 0 < args.rollout_top_p <= 1:
+        raise ValueError(f"--rollout-top-p must be in (0, 1], got {args.rollout_top_p}")
+    if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise ValueError(f"need 0 <= --min-lr <= --lr, got {args.min_lr} and {args.lr}")
+    if not 0 <= args.lr_warmup_fraction < 1:
+        raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {args.lr_warmup_fraction}")
+    if args.num_layers_per_virtual_pipeline_stage is not None and pp == 1:
+        raise ValueError(
+            "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"
+        )
+    if args.load is None:
+        raise ValueError("--load (the student checkpoint) is required")
+    if args.opd_teacher_load is None:
+        raise ValueError("--opd-teacher-load (the teacher checkpoint) is required")
+    for flag, path in (("--load", args.load), ("--opd-teacher-load", args.opd_teacher_load)):
+        if not Path(path).exists():
+            raise ValueError(f"{flag} {path} does not exist")
+    if args.save_interval is not None and args.save is None:
+        raise ValueError("--save-interval needs --save")
+    if args.eval_interval is not None and not args.eval_data:
+        raise ValueError("--eval-interval needs --eval-data")
+
+
+def reward_config(args: argparse.Namespace):
+    from megatron_opd.rewards import RewardConfig
+
+    return RewardConfig(
+        kind=args.opd_reward,
+        alpha=args.opd_alpha,
+        clip_min=args.opd_clip_min,
+        clip_max=args.opd_clip_max,
+        tanh_temperature=args.opd_tanh_temperature,
+    )

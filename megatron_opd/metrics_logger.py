@@ -1,0 +1,86 @@
+"""Where a step's numbers go: a console line, tensorboard, wandb and a jsonl file (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_opd.distributed import is_rank0
+
+# keys shown on the console line, in this order, when present
+CONSOLE_KEYS = (
+    "loss",
+    "reward/mean",
+    "reward/abs_mean",
+    "grad_norm",
+    "lr",
+    "response/mean_len",
+    "response/truncated_frac",
+    "time/step",
+    "tokens_per_sec",
+)
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        tensorboard_dir: Optional[str] = None,
+        wandb_project: Optional[str] = None,
+        wandb_exp_name: Optional[str] = None,
+        wandb_save_dir: Optional[str] = None,
+        metrics_file: Optional[str] = None,
+        config: Optional[dict[str, Any]] = None,
+    ):
+        self.enabled = is_rank0()
+        self.tb = None
+        self.wandb = None
+        self.file = None
+        if not self.enabled:
+            return
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+        if wandb_project:
+            import wandb
+
+            if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+                os.environ["WANDB_MODE"] = "offline"  # no key, no network: keep the run locally
+            self.wandb = wandb.init(
+                project=wandb_project,
+                name=wandb_exp_name,
+                dir=wandb_save_dir or tensorboard_dir or ".",
+                config=config or {},
+            )
+        if metrics_file:
+            Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(metrics_file, "a")  # noqa: SIM115 - kept open for the run
+
+    def log(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console:
+            parts = [f"iter {step:6d}"]
+            for key in CONSOLE_KEYS:
+                if key in metrics:
+                    parts.append(f"{key} {metrics[key]:.4g}")
+            print(" | ".join(parts), flush=True)
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.file is not None:
+            self.file.close()
