@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--bf16", action="store_true", help="student in bf16 (fp32 main weights)")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="exit after the iteration divisible by this (after its checkpoint, if any)",
+    )
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--load", type=str, default=None, help="student checkpoint to start from")
@@ -68,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-exp-name", type=str, default=None)
     g.add_argument("--wandb-save-dir", type=str, default=None)
     g.add_argument("--metrics-file", type=str, default=None, help="jsonl of every logged step")
+    g.add_argument(
+        "--opd-dump-tokens",
+        type=str,
+        default=None,
+        help="directory for per-step .pt files of every scored token (lp_T, lp_S, mask)",
+    )
 
     g = p.add_argument_group("on-policy distillation")
     g.add_argument("--opd-teacher-load", type=str, default=None, help="teacher checkpoint")

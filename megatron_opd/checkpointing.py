@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,9 +43,14 @@ def _barrier() -> None:
 
 
 def atomic_save(
-    sharded_state_dict: dict[str, Any], directory: str | Path, meta: Optional[dict] = None
+    sharded_state_dict: dict[str, Any],
+    directory: str | Path,
+    meta: Optional[dict] = None,
+    before_rename: Optional[Callable[[Path], None]] = None,
 ) -> Path:
-    """Save with dist_checkpointing to ``directory`` via ``directory.tmp`` and a rename."""
+    """Save with dist_checkpointing to ``directory`` via ``directory.tmp`` and a rename.
+
+    ``before_rename(tmp_dir)`` runs on rank 0 to add files (a tokenizer) before the rename."""
     from megatron.core import dist_checkpointing
 
     final = Path(directory)
@@ -55,6 +61,8 @@ def atomic_save(
         tmp.mkdir(parents=True)
     _barrier()
     dist_checkpointing.save(sharded_state_dict, str(tmp))
+    if is_rank0() and before_rename is not None:
+        before_rename(tmp)
     if is_rank0() and meta is not None:
         write_json_atomic(tmp / META_FILE, meta)
     _barrier()
@@ -140,6 +148,7 @@ def save_training_checkpoint(
     scheduler,
     extra: dict[str, Any],
     meta: Optional[dict] = None,
+    before_rename: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Model, optimizer, LR scheduler, ``extra`` (data position, counters) at ``iteration``.
 
@@ -154,7 +163,7 @@ def save_training_checkpoint(
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
     state["extra"] = extra
-    path = atomic_save(state, iteration_dir(root, iteration), meta)
+    path = atomic_save(state, iteration_dir(root, iteration), meta, before_rename)
     if is_rank0():
         tmp = Path(root) / (LATEST_FILE + ".tmp")
         tmp.write_text(str(iteration))
@@ -192,3 +201,13 @@ def load_training_checkpoint(
     if scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     return int(loaded["iteration"]), dict(loaded.get("extra", {}))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The directory holding weights and metadata: a training run's root resolves to its latest
+    iteration; a converted checkpoint or an ``iter_*`` directory is itself."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"checkpoint {root} does not exist")
+    it = latest_iteration(root)
+    return iteration_dir(root, it) if it is not None else root

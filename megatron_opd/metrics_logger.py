@@ -20,6 +20,8 @@ CONSOLE_KEYS = (
     "response/truncated_frac",
     "time/step",
     "tokens_per_sec",
+    "eval/mean/avg_at_k",
+    "eval/mean/pass_at_k",
 )
 
 
@@ -32,8 +34,9 @@ class MetricsLogger:
         wandb_save_dir: Optional[str] = None,
         metrics_file: Optional[str] = None,
         config: Optional[dict[str, Any]] = None,
+        enabled: Optional[bool] = None,
     ):
-        self.enabled = is_rank0()
+        self.enabled = is_rank0() if enabled is None else enabled
         self.tb = None
         self.wandb = None
         self.file = None

@@ -43,17 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A training run's root resolves to its latest iteration directory."""
-    from megatron_opd import checkpointing
-
-    root = Path(path)
-    if not root.exists():
-        raise ValueError(f"--load {root} does not exist")
-    it = checkpointing.latest_iteration(root)
-    return checkpointing.iteration_dir(root, it) if it is not None else root
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     from megatron_opd import distributed, evaluation
@@ -80,7 +69,7 @@ def main(argv=None) -> None:
         seed=args.seed,
     )
     try:
-        from megatron_opd import convert
+        from megatron_opd import checkpointing, convert
         from megatron_opd.tokenizer import load_tokenizer
 
         if args.hf_dir:
@@ -93,7 +82,7 @@ def main(argv=None) -> None:
 
             dist.barrier()
         else:
-            ckpt = resolve_checkpoint(args.load)
+            ckpt = checkpointing.resolve_checkpoint(args.load)
         chunks, _ = convert.load_checkpoint_model(ckpt)
         for c in chunks:
             c.eval()

@@ -1,0 +1,334 @@
+"""The stages of one on-policy distillation step, each a call the training loop makes in order:
+
+    rollout          the student samples responses with its own weights (inference engine)
+    micro_batches    prompt + response packed into Megatron's [b, s] inputs, targets, loss mask
+    score_teacher    a forward-only pipeline pass of the frozen teacher: sampled-token log-probs
+                     (or, for full_vocab_kl, its vocab-sharded logits) stay on the last stage
+    train_step       the student's forward/backward with the OPD loss, then one optimizer step
+
+Tensors follow GPTModel's layout: ``[b, s]`` with position ``i`` predicting token ``i + 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd import models
+from megatron_opd.generation import generate
+from megatron_opd.loss import build_loss_mask, opd_loss_func, step_log_ratio_moments
+from megatron_opd.rewards import RewardConfig
+from megatron_opd.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 0.0
+    top_k: int = 0
+    batch_size: Optional[int] = None
+
+
+@dataclass
+class RolloutBatch:
+    """This data-parallel rank's responses. ``tokens``: prompt + response, right-padded."""
+
+    tokens: torch.Tensor  # [B, S] long
+    prompt_lengths: torch.Tensor  # [B]
+    response_lengths: torch.Tensor  # [B]
+    truncated: torch.Tensor  # [B] bool
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_lengths.sum())
+
+
+def rollout(
+    student: list[torch.nn.Module],
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    cfg: RolloutConfig,
+    seed: int,
+) -> RolloutBatch:
+    """Sample one response per prompt from the student's current weights (no copy, no sync)."""
+    gens = generate(
+        student,
+        tokenizer,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=seed,
+        max_batch_size=cfg.batch_size,
+    )
+    lengths = [len(p) + len(g.tokens) for p, g in zip(prompts, gens, strict=True)]
+    # one spare position: the last input position has no target
+    tokens = torch.full((len(prompts), max(lengths) + 1), tokenizer.pad_id, dtype=torch.long)
+    for row, (p, g) in enumerate(zip(prompts, gens, strict=True)):
+        seq = list(p) + list(g.tokens)
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return RolloutBatch(
+        tokens=tokens,
+        prompt_lengths=torch.tensor([len(p) for p in prompts]),
+        response_lengths=torch.tensor([len(g.tokens) for g in gens]),
+        truncated=torch.tensor([g.truncated for g in gens]),
+    )
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [b, s] inputs
+    targets: torch.Tensor  # [b, s] token at i + 1
+    loss_mask: torch.Tensor  # [b, s] bool: target is a trained response token
+
+
+def micro_batches(
+    batch: RolloutBatch, micro_batch_size: int, mask_terminal_stop: bool, pad_id: int
+) -> list[MicroBatch]:
+    device = models_device()
+    seq = batch.tokens.shape[1] - 1
+    tokens = batch.tokens[:, :-1]
+    targets = batch.tokens[:, 1:]
+    mask = build_loss_mask(
+        batch.prompt_lengths, batch.response_lengths, batch.truncated, seq, mask_terminal_stop
+    )
+    out = []
+    for start in range(0, tokens.shape[0], micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        out.append(
+            MicroBatch(
+                tokens[sl].contiguous().to(device),
+                targets[sl].contiguous().to(device),
+                mask[sl].contiguous().to(device),
+            )
+        )
+    return out
+
+
+def models_device() -> torch.device:
+    from megatron_opd import compat
+
+    return compat.default_device()
+
+
+def _run_forward(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    b, s = tokens.shape
+    return model(
+        tokens,
+        models.position_ids(b, s, tokens.device),
+        models.causal_mask(s, tokens.device),
+    )
+
+
+def _schedule(chunks, step_fn, items: list, forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    seq = items[0].tokens.shape[1]
+    mbs = items[0].tokens.shape[0]
+    if any(mb.tokens.shape != (mbs, seq) for mb in items):
+        raise ValueError("every micro-batch of a step needs the same shape")
+    iterator = iter(items) if len(chunks) == 1 else [iter(items) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=step_fn,
+        data_iterator=iterator,
+        model=chunks,
+        num_microbatches=len(items),
+        seq_length=seq,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+    )
+
+
+def _is_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage()
+
+
+@torch.no_grad()
+def score_teacher(
+    teacher: list[torch.nn.Module],
+    items: list[MicroBatch],
+    vocab_size: int,
+    keep_logits: bool,
+) -> list[Optional[torch.Tensor]]:
+    """Per micro-batch: the teacher's log-probs of the sampled tokens ``[b, s]`` fp32, or with
+    ``keep_logits`` its logits shard ``[b, s, v/tp]``; ``None`` off the last pipeline stage."""
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def step(data_iterator, model):
+        mb = next(data_iterator)
+        logits = _run_forward(model, mb.tokens)
+
+        def collect(output):
+            if keep_logits:
+                kept = output
+            else:
+                kept = sampled_token_logprobs(output, mb.targets, vocab_size, tp_group)
+            return torch.zeros((), device=output.device), torch.tensor(0), {"out": kept}
+
+        return logits, collect
+
+    for c in teacher:
+        c.eval()
+    outputs = _schedule(teacher, step, items, forward_only=True)
+    if not _is_last_stage():
+        return [None] * len(items)
+    return [o["out"] for o in outputs]
+
+
+@dataclass
+class StepResult:
+    applied: bool  # False: non-finite rewards or gradients, update skipped
+    grad_norm: float
+    report: dict[str, float]  # reward statistics and loss, on the last pipeline stage
+
+
+def _student_logprobs(student, items, vocab_size) -> list[Optional[torch.Tensor]]:
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def step(data_iterator, model):
+        mb = next(data_iterator)
+        logits = _run_forward(model, mb.tokens)
+
+        def collect(output):
+            lp = sampled_token_logprobs(output.detach(), mb.targets, vocab_size, tp_group)
+            return torch.zeros((), device=output.device), torch.tensor(0), {"out": lp}
+
+        return logits, collect
+
+    with torch.no_grad():
+        outputs = _schedule(student, step, items, forward_only=True)
+    return [o["out"] for o in outputs] if _is_last_stage() else [None] * len(items)
+
+
+def _all_finite(flag: bool) -> bool:
+    """True when ``flag`` holds on every rank."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=models_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() == 0.0
+
+
+def _grads_finite(chunks) -> bool:
+    total = torch.zeros((), dtype=torch.float64, device=models_device())
+    for c in chunks:
+        for buffer in getattr(c, "buffers", []):
+            total += buffer.grad_data.double().sum()
+    return bool(torch.isfinite(total))
+
+
+def train_step(
+    student: list[torch.nn.Module],
+    optimizer,
+    scheduler,
+    items: list[MicroBatch],
+    teacher_out: list[Optional[torch.Tensor]],
+    reward_cfg: RewardConfig,
+    vocab_size: int,
+    dump: Optional[list] = None,
+) -> StepResult:
+    """One optimizer step of the OPD loss over ``items`` (the rank's share of the step).
+
+    The student's log-probs that enter the reward come from this same forward pass, i.e. from the
+    weights that sampled the rollouts: the update happens only after every micro-batch. ``dump``
+    (a list, last stage only) receives every micro-batch's per-token ``lp_t``, ``lp_s``, ``mask``
+    (and ``kl`` for full_vocab_kl), recomputed beside the loss for inspection.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_opd.loss import reduce_reports
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    dp_group = parallel_state.get_data_parallel_group()
+    kind = reward_cfg.kind
+    moments = None
+    if kind == "zscore":
+        lp_s = _student_logprobs(student, items, vocab_size)
+        if _is_last_stage():
+            moments = step_log_ratio_moments(
+                teacher_out, lp_s, [mb.loss_mask for mb in items], dp_group
+            )
+    paired = list(zip(items, teacher_out, strict=True))
+
+    def step(data_iterator, model):
+        mb, teacher = next(data_iterator)
+        logits = _run_forward(model, mb.tokens)
+        loss_func = None
+        if _is_last_stage():
+            loss_func = opd_loss_func(
+                targets=mb.targets,
+                loss_mask=mb.loss_mask,
+                reward_cfg=reward_cfg,
+                vocab_size=vocab_size,
+                tp_group=tp_group,
+                teacher_logprobs=None if kind == "full_vocab_kl" else teacher,
+                teacher_logits=teacher if kind == "full_vocab_kl" else None,
+                zscore_moments=moments,
+            )
+            if dump is not None:
+                loss_func = _dumping(loss_func, mb, teacher, kind, vocab_size, tp_group, dump)
+        return logits, loss_func
+
+    for c in student:
+        c.train()
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = _schedule(student, step, [_Pair(*p) for p in paired], forward_only=False)
+    report = reduce_reports(list(reports) if _is_last_stage() else [], dp_group)
+    finite = _grads_finite(student)
+    if report:
+        finite = finite and all(
+            v == v and abs(v) != float("inf")
+            for k, v in report.items()
+            if k in ("reward_mean", "loss")
+        )
+    if not _all_finite(finite):
+        optimizer.zero_grad()
+        for c in student:
+            c.zero_grad_buffer()
+        return StepResult(False, float("nan"), report)
+    applied, grad_norm, _ = optimizer.step()
+    if applied:
+        scheduler.step(increment=1)
+    return StepResult(bool(applied), float(grad_norm or 0.0), report)
+
+
+def _dumping(loss_func, mb, teacher, kind, vocab_size, tp_group, dump):
+    def wrapped(output):
+        with torch.no_grad():
+            out = output.detach()
+            entry = {
+                "lp_s": sampled_token_logprobs(out, mb.targets, vocab_size, tp_group),
+                "mask": mb.loss_mask,
+            }
+            if kind == "full_vocab_kl":
+                entry["lp_t"] = sampled_token_logprobs(teacher, mb.targets, vocab_size, tp_group)
+                entry["kl"] = full_vocab_reverse_kl(out, teacher, vocab_size, tp_group)
+            else:
+                entry["lp_t"] = teacher
+        dump.append({k: v.cpu() for k, v in entry.items()})
+        return loss_func(output)
+
+    return wrapped
+
+
+class _Pair:
+    """A micro-batch with the teacher's output for it; quacks like a MicroBatch for shapes."""
+
+    def __init__(self, mb: MicroBatch, teacher: Any):
+        self.mb, self.teacher, self.tokens = mb, teacher, mb.tokens
+
+    def __iter__(self):
+        return iter((self.mb, self.teacher))

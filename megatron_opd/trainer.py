@@ -1,0 +1,274 @@
+"""The OPD training loop: rollout -> teacher scoring -> reward and loss -> optimizer step -> log ->
+checkpoint, one call per arrow (``megatron_opd.opd`` owns the stages)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd import checkpointing, compat, data, opd
+from megatron_opd.arguments import reward_config
+from megatron_opd.metrics_logger import MetricsLogger
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _sync() -> None:
+    if compat.has_cuda():
+        torch.cuda.synchronize()
+
+
+def peak_memory_gib() -> float:
+    if compat.has_cuda():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    def __init__(self, args, inputs, student, optimizer, scheduler, teacher):
+        from megatron.core import parallel_state as ps
+
+        self.args, self.inputs = args, inputs
+        self.student, self.optimizer, self.scheduler, self.teacher = (
+            student,
+            optimizer,
+            scheduler,
+            teacher,
+        )
+        self.tokenizer = inputs.tokenizer
+        self.prompts = inputs.prompts
+        self.vocab_size = inputs.student_arch.vocab_size
+        self.reward_cfg = reward_config(args)
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
+        self.stream = data.PromptStream(len(self.prompts), seed=args.seed)
+        self.iteration = 0
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        if inputs.resume_root is not None:
+            self.iteration, extra = checkpointing.load_training_checkpoint(
+                inputs.resume_root, student, optimizer, scheduler
+            )
+            self.stream.load_state_dict(extra["data"])
+            self.skipped_total = extra.get("skipped_total", 0)
+            self.consecutive_skips = extra.get("consecutive_skips", 0)
+        is_last_rank = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+        self.logger = MetricsLogger(
+            tensorboard_dir=args.tensorboard_dir,
+            wandb_project=args.wandb_project,
+            wandb_exp_name=args.wandb_exp_name,
+            wandb_save_dir=args.wandb_save_dir,
+            metrics_file=args.metrics_file,
+            config=vars(args),
+            enabled=is_last_rank,
+        )
+        self.rollout_cfg = opd.RolloutConfig(
+            max_new_tokens=args.rollout_max_new_tokens,
+            temperature=args.rollout_temperature,
+            top_p=0.0 if args.rollout_top_p >= 1.0 else args.rollout_top_p,
+            top_k=args.rollout_top_k,
+        )
+        self.eval_benchmarks = None
+        if args.eval_interval:
+            from megatron_opd import evaluation
+
+            self.eval_benchmarks = evaluation.load_benchmarks(args.eval_data, args.eval_limit)
+
+    # ------------------------------------------------------------------------------------------
+
+    def step_prompts(self) -> list[list[int]]:
+        """This DP rank's prompts (each repeated ``--rollout-samples-per-prompt`` times)."""
+        args = self.args
+        k = args.rollout_samples_per_prompt
+        chosen = self.stream.take(args.global_batch_size // k)
+        responses = [self.prompts.token_ids[i] for i in chosen for _ in range(k)]
+        local = args.global_batch_size // self.dp_size
+        return responses[self.dp_rank * local : (self.dp_rank + 1) * local]
+
+    def train_one_step(self) -> dict[str, float]:
+        args = self.args
+        times: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        seed = args.seed * 1_000_003 + self.iteration * 7919 + self.dp_rank
+        batch = opd.rollout(
+            self.student, self.tokenizer, self.step_prompts(), self.rollout_cfg, seed
+        )
+        items = opd.micro_batches(
+            batch, args.micro_batch_size, args.opd_mask_terminal_stop, self.tokenizer.pad_id
+        )
+        _sync()
+        t1 = time.perf_counter()
+        teacher_out = opd.score_teacher(
+            self.teacher, items, self.vocab_size, keep_logits=args.opd_reward == "full_vocab_kl"
+        )
+        _sync()
+        t2 = time.perf_counter()
+        dump = [] if args.opd_dump_tokens else None
+        result = opd.train_step(
+            self.student,
+            self.optimizer,
+            self.scheduler,
+            items,
+            teacher_out,
+            self.reward_cfg,
+            self.vocab_size,
+            dump,
+        )
+        if dump:
+            self._write_dump(dump, batch)
+        _sync()
+        t3 = time.perf_counter()
+        times = {"time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/train": t3 - t2}
+        times["time/step"] = t3 - t0
+        return self._metrics(batch, result, times)
+
+    def _metrics(self, batch: opd.RolloutBatch, result: opd.StepResult, times) -> dict:
+        lengths = batch.response_lengths.double()
+        local = torch.tensor(
+            [
+                lengths.sum().item(),
+                float(len(lengths)),
+                float(batch.truncated.sum()),
+            ],
+            dtype=torch.float64,
+            device=compat.default_device(),
+        )
+        longest = torch.tensor([lengths.max().item()], device=local.device)
+        if self.dp_size > 1:
+            dist.all_reduce(local, group=self.dp_group)
+            dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.dp_group)
+        total, count, truncated = local.tolist()
+        metrics: dict[str, Any] = {
+            "grad_norm": result.grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "response/mean_len": total / count,
+            "response/max_len": longest.item(),
+            "response/truncated_frac": truncated / count,
+            "tokens_per_sec": total / times["time/step"],
+            "memory/peak_gib": peak_memory_gib(),
+            "skipped_steps": float(self.skipped_total + (not result.applied)),
+            **times,
+        }
+        for key, value in result.report.items():
+            if key == "loss":
+                metrics["loss"] = value
+            elif key.startswith("abs_reward_pos_"):
+                metrics["reward_by_position/" + key[len("abs_reward_pos_") :]] = value
+            else:
+                metrics["reward/" + key.removeprefix("reward_")] = value
+        metrics["applied"] = float(result.applied)
+        return metrics
+
+    def _write_dump(self, dump: list, batch: opd.RolloutBatch) -> None:
+        from megatron.core import parallel_state as ps
+
+        if ps.get_tensor_model_parallel_rank() != 0:
+            return
+        out = Path(self.args.opd_dump_tokens)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"step{self.iteration + 1:07d}_dp{self.dp_rank}.pt"
+        payload = {
+            "micro_batches": dump,
+            "response_lengths": batch.response_lengths,
+            "truncated": batch.truncated,
+        }
+        torch.save(payload, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+
+    # ------------------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        if not self.args.save:
+            return
+        meta = dict(self.inputs.student_meta)
+        meta["params_dtype"] = "bfloat16" if self.args.bf16 else "float32"
+        meta["iteration"] = self.iteration
+        extra = {
+            "data": self.stream.state_dict(),
+            "skipped_total": self.skipped_total,
+            "consecutive_skips": self.consecutive_skips,
+        }
+        tokenizer = self.tokenizer
+
+        def add_tokenizer(tmp: Path) -> None:
+            from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR
+
+            tokenizer.save(tmp / CHECKPOINT_TOKENIZER_DIR)
+
+        checkpointing.save_training_checkpoint(
+            self.args.save,
+            self.iteration,
+            self.student,
+            self.optimizer,
+            self.scheduler,
+            extra,
+            meta,
+            add_tokenizer,
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        from megatron_opd import evaluation
+
+        args = self.args
+        cfg = evaluation.EvalConfig(
+            samples=args.eval_samples,
+            temperature=args.eval_temperature,
+            max_new_tokens=args.eval_max_new_tokens,
+            limit=args.eval_limit,
+            max_prompt_length=args.max_prompt_length,
+            system_prompt=args.system_prompt,
+            seed=args.seed,
+        )
+        scores, _ = evaluation.evaluate(
+            self.student, self.tokenizer, self.eval_benchmarks, cfg, progress=False
+        )
+        out = {}
+        for s in scores:
+            out[f"eval/{s.name}/avg_at_{cfg.samples}"] = s.avg_at_k
+            out[f"eval/{s.name}/pass_at_{cfg.samples}"] = s.pass_at_k
+            out[f"eval/{s.name}/mean_len"] = s.mean_response_tokens
+            out[f"eval/{s.name}/truncated_pct"] = s.truncation_rate
+        for key, value in evaluation.summary(scores).items():
+            out[f"eval/mean/{key}"] = value
+        return out
+
+    def run(self) -> None:
+        args = self.args
+        try:
+            while self.iteration < args.train_iters:
+                metrics = self.train_one_step()
+                applied = metrics.pop("applied") == 1.0
+                self.iteration += 1
+                if applied:
+                    self.consecutive_skips = 0
+                else:
+                    self.skipped_total += 1
+                    self.consecutive_skips += 1
+                if self.iteration % args.log_interval == 0 or not applied:
+                    self.logger.log(self.iteration, metrics)
+                if self.consecutive_skips >= args.opd_max_consecutive_skips:
+                    self.save()  # the weights are the last good ones: skipped steps changed nothing
+                    raise NonFiniteError(
+                        f"{self.consecutive_skips} steps in a row had non-finite rewards or "
+                        f"gradients (at iteration {self.iteration}); stopped. Last good state "
+                        f"saved to {args.save}. Lower --lr or check the teacher checkpoint."
+                    )
+                if args.eval_interval and self.iteration % args.eval_interval == 0:
+                    self.logger.log(self.iteration, self.evaluate(), console=True)
+                if args.save_interval and self.iteration % args.save_interval == 0:
+                    self.save()
+                if args.exit_interval and self.iteration % args.exit_interval == 0:
+                    return
+            if args.save and (not args.save_interval or self.iteration % args.save_interval != 0):
+                self.save()
+        finally:
+            self.logger.close()

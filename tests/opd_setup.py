@@ -1,0 +1,154 @@
+"""Tiny teacher/student checkpoints and a tiny real tokenizer for end-to-end OPD runs.
+
+Everything is built here: a BPE tokenizer trained on the built-in prompt set (ChatML template),
+random Qwen3 models made by ``transformers`` and converted with the project's own converter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_bpe_tokenizer(directory: Path, vocab_size: int = 320) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_opd.data import builtin_problems
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = [p.problem for p in builtin_problems(300, seed=0)] + ["user assistant system"]
+    backend.train_from_iterator(text, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.chat_template = CHATML
+    tok.save_pretrained(str(directory))
+
+
+def save_hf_qwen3(directory: Path, layers: int, seed: int, vocab: int, scale: float) -> None:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, scale)
+    model.save_pretrained(str(directory))
+
+
+def perturb_hf(src: Path, dst: Path, noise: float, seed: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * noise)
+    model.save_pretrained(str(dst))
+
+
+def convert(hf_dir: Path, out: Path) -> None:
+    """The project's converter in its own process (it initializes Megatron at TP1)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "convert_hf_to_megatron.py"),
+            "--hf-dir",
+            str(hf_dir),
+            "--save",
+            str(out),
+            "--dtype",
+            "fp32",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+
+
+def make_pair(root: Path, student_layers: int = 2, perturbed_copy: bool = False) -> dict:
+    """``root/teacher`` and ``root/student`` Megatron checkpoints sharing ``root/tokenizer``.
+
+    ``perturbed_copy``: the student is the teacher (same shape) plus Gaussian noise; otherwise a
+    ``student_layers``-layer random model beside a 4-layer teacher.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    tok_dir = root / "tokenizer"
+    save_bpe_tokenizer(tok_dir)
+    vocab = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab_size = len(vocab) + 3
+    hf_teacher, hf_student = root / "hf_teacher", root / "hf_student"
+    t_layers = student_layers if perturbed_copy else 4
+    save_hf_qwen3(hf_teacher, t_layers, seed=1, vocab=vocab_size, scale=0.25)
+    if perturbed_copy:
+        perturb_hf(hf_teacher, hf_student, noise=0.25, seed=2)
+    else:
+        save_hf_qwen3(hf_student, student_layers, seed=2, vocab=vocab_size, scale=0.25)
+    for hf in (hf_teacher, hf_student):
+        for f in tok_dir.iterdir():
+            (hf / f.name).write_bytes(f.read_bytes())
+    convert(hf_teacher, root / "teacher")
+    convert(hf_student, root / "student")
+    return {"teacher": root / "teacher", "student": root / "student", "vocab_size": vocab_size}
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 420, check: bool = True):
+    from megatron_opd.testing import free_port
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        str(ROOT / "scripts" / "pretrain_opd.py"),
+        *args,
+    ]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}"
+            f"\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
