@@ -90,6 +90,33 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def ensure_tensor_parallel_attributes(model: torch.nn.Module) -> None:
+    """Megatron-Core 0.16.1 marks a parameter as tensor-parallel (``tensor_model_parallel``,
+    ``partition_dim``) only inside its weight initializer, so a model built with
+    ``perform_initialization=False`` (as for loading a checkpoint) has TP-sharded weights that look
+    replicated: the gradient norm then counts them on TP rank 0 only and is silently wrong at
+    TP > 1. Mark them here, as the initializer would have."""
+    from megatron.core.tensor_parallel import layers
+
+    for module in model.modules():
+        if isinstance(module, layers.ColumnParallelLinear):
+            dims = {"weight": 0, "bias": 0}
+        elif isinstance(module, layers.RowParallelLinear):
+            dims = {"weight": 1}
+        elif isinstance(module, layers.VocabParallelEmbedding):
+            dims = {"weight": 0}
+        else:
+            continue
+        for name, dim in dims.items():
+            param = getattr(module, name, None)
+            if isinstance(param, torch.nn.Parameter) and not getattr(
+                param, "tensor_model_parallel", False
+            ):
+                param.tensor_model_parallel = True
+                param.partition_dim = dim
+                param.partition_stride = 1
+
+
 # --------------------------------------------------------------------------------------------
 # CPU shims
 # --------------------------------------------------------------------------------------------

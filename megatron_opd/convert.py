@@ -1,15 +1,15 @@
 """Hugging Face <-> Megatron-Core weights for Qwen3 and Llama, one tensor at a time.
 
-Import builds the GPTModel once at TP1/PP1 without initializing it, copies every parameter from the
-Hugging Face tensors it needs (read one by one from safetensors, or taken one by one from a
-``transformers`` state dict for GGUF files), and saves a ``dist_checkpointing`` checkpoint that loads
-at any TP/PP layout. Export loads such a checkpoint at TP1/PP1 and writes safetensors shards,
+Import builds the GPTModel once at TP1/PP1 without initializing it, copies every parameter from
+the Hugging Face tensors it needs (read one by one from safetensors, or taken one by one from a
+``transformers`` state dict for GGUF files), and saves a ``dist_checkpointing`` checkpoint that
+loads at any TP/PP layout. Export loads such a checkpoint at TP1/PP1 and writes safetensors shards,
 releasing each Megatron parameter once it is written. Neither holds two copies of the model.
 
 Megatron's layout (local spec), per layer ``decoder.layers.N``:
 
-* ``self_attention.linear_qkv.weight``: per query group ``g``, the rows of its ``heads/groups`` query
-  heads, then its key head, then its value head: ``[q_g0 .. q_g(p-1), k_g, v_g]`` for each ``g``.
+* ``self_attention.linear_qkv.weight``: per query group ``g``, the rows of its ``heads/groups``
+  query heads, then its key head, then its value head: ``[q_g0 .. q_g(p-1), k_g, v_g]`` per ``g``.
 * ``mlp.linear_fc1.weight``: ``[gate; up]`` (SwiGLU applies the activation to the first half).
 * the embedding and untied output layer carry ``padded_vocab_size`` rows: zeros on import, dropped
   on export.
@@ -78,13 +78,12 @@ _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 def rules(arch: models.ArchConfig) -> dict[str, Rule]:
     """Every parameter of the full (TP1/PP1) Megatron model, by its local-spec name."""
     out = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
+    qk_norms = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
+    layer_rules = [r for r in _LAYER_RULES if arch.qk_layernorm or r[0] not in qk_norms]
     for i in range(arch.num_hidden_layers):
-        for suffix, hf, kind in _LAYER_RULES:
-            if "layernorm" in suffix and suffix.startswith("self_attention") and not arch.qk_layernorm:
-                continue
-            out.append(
-                Rule(f"decoder.layers.{i}.{suffix}", tuple(f"model.layers.{i}.{h}" for h in hf), kind)
-            )
+        for suffix, hf, kind in layer_rules:
+            hf_names = tuple(f"model.layers.{i}.{h}" for h in hf)
+            out.append(Rule(f"decoder.layers.{i}.{suffix}", hf_names, kind))
     out.append(Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"))
     if not arch.tie_word_embeddings:
         out.append(Rule("output_layer.weight", ("lm_head.weight",), "vocab"))
@@ -174,7 +173,7 @@ def to_hf(
         parts = (tensor[: arch.vocab_size],)
     else:
         parts = (tensor,)
-    return [(name, t.contiguous()) for name, t in zip(rule.hf, parts)]
+    return [(name, t.contiguous()) for name, t in zip(rule.hf, parts, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,12 +181,38 @@ def to_hf(
 # ------------------------------------------------------------------------------------------------
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
 class SafetensorsWeights:
-    """A single-file or sharded safetensors checkpoint; ``get`` reads one tensor."""
+    """A single-file or sharded safetensors checkpoint; ``get`` reads one tensor.
+
+    Tensors are read with plain file reads rather than through a memory map, so a converted
+    tensor's source pages do not stay mapped into this process (with ``safe_open`` the whole
+    checkpoint ends up resident next to the model being filled).
+    """
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
         index = directory / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -204,17 +229,49 @@ class SafetensorsWeights:
         missing = [f for f in files if not (directory / f).exists()]
         if missing:
             raise FileNotFoundError(f"{directory}: missing weight files {', '.join(missing)}")
-        self._handles = {f: safe_open(str(directory / f), framework="pt") for f in files}
-        self._where = {name: f for f, h in self._handles.items() for name in h.keys()}
+        self._entries: dict[str, _Entry] = {}
+        for name in files:
+            self._entries.update(_read_safetensors_header(directory / name))
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self._entries[name].shape
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        entry = self._entries[name]
+        out = torch.empty(entry.shape, dtype=_SAFETENSORS_DTYPES[entry.dtype])
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with open(entry.path, "rb", buffering=0) as f:
+            f.seek(entry.offset)
+            done = 0
+            while done < entry.nbytes:
+                n = f.readinto(buffer[done:])
+                if not n:
+                    raise ValueError(f"{entry.path}: truncated tensor {name}")
+                done += n
+        return out
+
+
+def _read_safetensors_header(path: Path) -> dict[str, _Entry]:
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors file") from e
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        out[name] = _Entry(
+            path, info["dtype"], tuple(info["shape"]), 8 + header_len + begin, end - begin
+        )
+    return out
 
 
 class StateDictWeights:
@@ -311,34 +368,85 @@ def import_hf(
     make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
 ) -> Path:
     """Convert a Hugging Face checkpoint (or a GGUF file in ``hf_dir``) to a Megatron checkpoint."""
-    from megatron_opd import checkpointing
-
-    hf_dir, save_dir = Path(hf_dir), Path(save_dir)
+    hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"--hf-dir {hf_dir} is not a directory")
     if gguf_file:
-        source = str(hf_dir / gguf_file)
         if not (hf_dir / gguf_file).exists():
-            raise FileNotFoundError(f"--gguf-file {source} does not exist")
-        model = load_gguf_model(hf_dir, gguf_file)
-        hf_config = json.loads(model.config.to_json_string(use_diff=False))
-        generation_config = model.generation_config.to_dict()
-        weights: Any = StateDictWeights(dict(model.state_dict()))
-        del model
-    else:
-        source = str(hf_dir)
-        hf_config = _read_json(hf_dir / "config.json")
-        gen_file = hf_dir / "generation_config.json"
-        generation_config = json.loads(gen_file.read_text()) if gen_file.exists() else None
-    arch = models.ArchConfig.from_dict(hf_config, source=f"{source} config")
-    _check_hf_config(hf_config, source)
-    if not gguf_file:
-        weights = SafetensorsWeights(hf_dir)
-    check_hf_weights(weights, arch, source)
-    tokenizer = load_tokenizer(
-        tokenizer_path or hf_dir, gguf_file=None if tokenizer_path else gguf_file
+            raise FileNotFoundError(f"--gguf-file {hf_dir / gguf_file} does not exist")
+        # GGUF files hold small models: dequantized in memory by transformers, then handed over.
+        tokenizer = load_tokenizer(tokenizer_path or hf_dir / gguf_file)
+        return import_transformers_model(
+            load_gguf_model(hf_dir, gguf_file),
+            tokenizer,
+            save_dir,
+            dtype,
+            make_vocab_size_divisible_by,
+            source=str(hf_dir / gguf_file),
+        )
+    hf_config = _read_json(hf_dir / "config.json")
+    arch = models.ArchConfig.from_dict(hf_config, source=str(hf_dir / "config.json"))
+    gen_file = hf_dir / "generation_config.json"
+    generation_config = json.loads(gen_file.read_text()) if gen_file.exists() else None
+    weights = SafetensorsWeights(hf_dir)
+    _check_hf_config(hf_config, str(hf_dir))
+    check_hf_weights(weights, arch, str(hf_dir))
+    tokenizer = load_tokenizer(tokenizer_path or hf_dir)
+    return _import(
+        arch,
+        hf_config,
+        generation_config,
+        weights,
+        tokenizer,
+        save_dir,
+        dtype,
+        make_vocab_size_divisible_by,
+        str(hf_dir),
     )
 
+
+def import_transformers_model(
+    model: torch.nn.Module,
+    tokenizer,
+    save_dir: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
+    source: str = "model",
+) -> Path:
+    """Convert an in-memory ``transformers`` model (its tensors are taken one at a time)."""
+    arch = models.ArchConfig.from_dict(model.config.to_dict(), source=f"{source} config")
+    hf_config = json.loads(model.config.to_json_string(use_diff=True))  # what config.json holds
+    generation_config = model.generation_config.to_diff_dict() if model.generation_config else None
+    weights = StateDictWeights(dict(model.state_dict()))
+    _check_hf_config(hf_config, source)
+    check_hf_weights(weights, arch, source)
+    return _import(
+        arch,
+        hf_config,
+        generation_config,
+        weights,
+        tokenizer,
+        save_dir,
+        dtype,
+        make_vocab_size_divisible_by,
+        source,
+    )
+
+
+def _import(
+    arch: models.ArchConfig,
+    hf_config: dict[str, Any],
+    generation_config: Optional[dict[str, Any]],
+    weights,
+    tokenizer,
+    save_dir: str | Path,
+    dtype: torch.dtype,
+    make_vocab_size_divisible_by: int,
+    source: str,
+) -> Path:
+    from megatron_opd import checkpointing
+
+    save_dir = Path(save_dir)
     _single_process_megatron()
     config = models.transformer_config(arch, dtype=dtype, perform_initialization=False)
     chunks = models.build_model(arch, config, make_vocab_size_divisible_by)
@@ -368,6 +476,7 @@ def import_hf(
         "generation_config": generation_config,
         "source": source,
     }
+    # Written last: its presence marks a complete checkpoint.
     checkpointing.write_json_atomic(save_dir / checkpointing.META_FILE, meta)
     return save_dir
 
@@ -395,6 +504,7 @@ def load_checkpoint_model(
 ) -> tuple[list[torch.nn.Module], models.ArchConfig]:
     """This rank's model chunks at the current TP/PP layout, loaded from ``directory``."""
     from megatron.core import parallel_state
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_opd import checkpointing
 
@@ -413,10 +523,11 @@ def load_checkpoint_model(
     chunks = models.build_model(arch, config, divisor)
     try:
         checkpointing.load_model(chunks, directory, strict=False)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         raise ValueError(
             f"{directory}: the checkpoint does not match the architecture in "
-            f"{checkpointing.META_FILE}: {type(e).__name__}: {e}"
+            f"{checkpointing.META_FILE}: {reason}"
         ) from e
     return chunks, arch
 
@@ -525,4 +636,3 @@ def _hf_json_files(
         generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id}
     generation.pop("transformers_version", None)
     return {"config.json": config, "generation_config.json": generation}
-

@@ -17,12 +17,14 @@ leaves the model in the train/eval mode it found it in.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron_opd import compat
 from megatron_opd.checkpointing import unwrap
 
 
@@ -84,8 +86,17 @@ def _inference_classes():
             self.token_logprobs: Optional[torch.Tensor] = None
             self.step_logprobs: Optional[torch.Tensor] = None
 
-        def sample_from_logits(self, last_token_logits, sampling_params=None, vocab_size=None, **kw):
-            sampled = super().sample_from_logits(last_token_logits, sampling_params, vocab_size, **kw)
+        def sample_from_logits(
+            self, last_token_logits, sampling_params=None, vocab_size=None, **kw
+        ):
+            # Sample over the true vocabulary only: the padded width depends on TP, and the
+            # sampler's random draws depend on the width, so slicing keeps rollouts identical
+            # across layouts for the same seed.
+            true_vocab = self.inference_wrapped_model.vocab_size
+            last_token_logits = last_token_logits[..., :true_vocab]
+            sampled = super().sample_from_logits(
+                last_token_logits, sampling_params, vocab_size, **kw
+            )
             logprobs = F.log_softmax(last_token_logits.float(), dim=-1)
             self.step_logprobs = logprobs.gather(1, sampled.view(-1, 1).long()).view(-1)
             return sampled
@@ -115,7 +126,9 @@ def _inference_classes():
             requests = list(active_requests.values())
             length = max(len(r.prompt_tokens) for r in requests)
             length += requests[0].sampling_params.num_tokens_to_generate
-            self.token_logprobs = torch.zeros(len(requests), length, dtype=torch.float32)
+            self.token_logprobs = torch.zeros(
+                len(requests), length, dtype=torch.float32, device=compat.default_device()
+            )
             done = super().generate_all_output_tokens_static_batch(active_requests, active_streams)
             for row, request in enumerate(requests):
                 start = len(request.prompt_tokens)

@@ -282,6 +282,7 @@ def build_model(
             rotary_percent=1.0,
             vp_stage=stage,
         )
+        compat.ensure_tensor_parallel_attributes(model)
         model.to(compat.default_device())
         model.vocab_size = arch.vocab_size  # the true size; the output layer holds the padded one
         chunks.append(model)

@@ -18,11 +18,18 @@ from __future__ import annotations
 
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-# Tokens that end an assistant turn in the chat formats we meet (ChatML, Llama 3, Gemma, SentencePiece).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>")
+# Tokens that end an assistant turn in the chat formats we meet (ChatML, Llama 3, Gemma).
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+)
 
 # Files a Hugging Face tokenizer directory may consist of; copied verbatim by ``save``.
 HF_TOKENIZER_FILES = (
@@ -58,7 +65,7 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, without BOS/EOS added (special tokens written in it are parsed)."""
+        """Token ids of ``text``, no BOS/EOS added (special tokens written in it are parsed)."""
 
     @abstractmethod
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...

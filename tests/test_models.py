@@ -268,3 +268,25 @@ def test_padded_vocab_size():
     assert models.padded_vocab_size(151_936, 128, 8) == 152_576
     assert models.padded_vocab_size(49_152, 128, 3) == 49_152
     assert models.padded_vocab_size(250, 128, 2) == 256
+
+
+def test_checkpoint_built_models_keep_tensor_parallel_attributes():
+    """Megatron marks TP-sharded weights only in its initializer; a model built to be loaded
+    (perform_initialization=False) must still carry the marks, or the grad norm is wrong at TP>1."""
+    distributed.initialize(ParallelConfig(1, 1), seed=3)
+    try:
+        arch = tiny_arch()
+        marks = []
+        for init in (True, False):
+            _, chunks = _build(arch, 1, 1, perform_initialization=init)
+            marks.append(
+                {
+                    n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", -1))
+                    for n, p in chunks[0].named_parameters()
+                }
+            )
+        assert marks[0] == marks[1]
+        assert marks[1]["decoder.layers.0.self_attention.linear_proj.weight"] == (True, 1)
+        assert marks[1]["output_layer.weight"] == (True, 0)
+    finally:
+        distributed.teardown()
