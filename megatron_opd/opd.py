@@ -187,9 +187,10 @@ def score_teacher(
 
 @dataclass
 class StepResult:
-    applied: bool  # False: non-finite rewards or gradients, update skipped
+    applied: bool  # False: update skipped (non-finite values, or no token to train on)
     grad_norm: float
     report: dict[str, float]  # reward statistics and loss, on the last pipeline stage
+    empty: bool = False  # no valid response token anywhere in the step: a no-op, not a fault
 
 
 def _student_logprobs(student, items, vocab_size) -> list[Optional[torch.Tensor]]:
@@ -212,7 +213,7 @@ def _student_logprobs(student, items, vocab_size) -> list[Optional[torch.Tensor]
     return [o["out"] for o in outputs] if _is_last_stage() else [None] * len(items)
 
 
-def _all_finite(flag: bool) -> bool:
+def _on_every_rank(flag: bool) -> bool:
     """True when ``flag`` holds on every rank."""
     if not dist.is_initialized():
         return flag
@@ -253,6 +254,9 @@ def train_step(
     tp_group = parallel_state.get_tensor_model_parallel_group()
     dp_group = parallel_state.get_data_parallel_group()
     kind = reward_cfg.kind
+    if _on_every_rank(sum(int(mb.loss_mask.sum()) for mb in items) == 0):
+        # every response was only a (masked) stop token: nothing to learn from, nothing to step
+        return StepResult(False, 0.0, {}, empty=True)
     moments = None
     if kind == "zscore":
         lp_s = _student_logprobs(student, items, vocab_size)
@@ -294,7 +298,7 @@ def train_step(
             for k, v in report.items()
             if k in ("reward_mean", "loss")
         )
-    if not _all_finite(finite):
+    if not _on_every_rank(finite):
         optimizer.zero_grad()
         for c in student:
             c.zero_grad_buffer()

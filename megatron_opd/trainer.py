@@ -155,7 +155,7 @@ class Trainer:
             "response/truncated_frac": truncated / count,
             "tokens_per_sec": total / times["time/step"],
             "memory/peak_gib": peak_memory_gib(),
-            "skipped_steps": float(self.skipped_total + (not result.applied)),
+            "skipped_steps": float(self.skipped_total + (not (result.applied or result.empty))),
             **times,
         }
         for key, value in result.report.items():
@@ -165,7 +165,7 @@ class Trainer:
                 metrics["reward_by_position/" + key[len("abs_reward_pos_") :]] = value
             else:
                 metrics["reward/" + key.removeprefix("reward_")] = value
-        metrics["applied"] = float(result.applied)
+        metrics["applied"] = float(result.applied or result.empty)
         return metrics
 
     def _write_dump(self, dump: list, batch: opd.RolloutBatch) -> None:

@@ -102,7 +102,13 @@ def convert(hf_dir: Path, out: Path) -> None:
     )
 
 
-def make_pair(root: Path, student_layers: int = 2, perturbed_copy: bool = False) -> dict:
+def make_pair(
+    root: Path,
+    student_layers: int = 2,
+    perturbed_copy: bool = False,
+    scale: float = 0.25,
+    noise: float = 0.25,
+) -> dict:
     """``root/teacher`` and ``root/student`` Megatron checkpoints sharing ``root/tokenizer``.
 
     ``perturbed_copy``: the student is the teacher (same shape) plus Gaussian noise; otherwise a
@@ -115,11 +121,11 @@ def make_pair(root: Path, student_layers: int = 2, perturbed_copy: bool = False)
     vocab_size = len(vocab) + 3
     hf_teacher, hf_student = root / "hf_teacher", root / "hf_student"
     t_layers = student_layers if perturbed_copy else 4
-    save_hf_qwen3(hf_teacher, t_layers, seed=1, vocab=vocab_size, scale=0.25)
+    save_hf_qwen3(hf_teacher, t_layers, seed=1, vocab=vocab_size, scale=scale)
     if perturbed_copy:
-        perturb_hf(hf_teacher, hf_student, noise=0.25, seed=2)
+        perturb_hf(hf_teacher, hf_student, noise=noise, seed=2)
     else:
-        save_hf_qwen3(hf_student, student_layers, seed=2, vocab=vocab_size, scale=0.25)
+        save_hf_qwen3(hf_student, student_layers, seed=2, vocab=vocab_size, scale=scale)
     for hf in (hf_teacher, hf_student):
         for f in tok_dir.iterdir():
             (hf / f.name).write_bytes(f.read_bytes())

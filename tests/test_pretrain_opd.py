@@ -1,5 +1,6 @@
 """scripts/pretrain_opd.py end to end under torchrun: layouts, resume, reward kinds, learning,
-bad input. Tiny Qwen3 models and a tiny BPE tokenizer are built by the tests (tests/opd_setup.py)."""
+bad input. Tiny Qwen3 models and a tiny BPE tokenizer are built by the tests
+(tests/opd_setup.py)."""
 
 from __future__ import annotations
 
@@ -178,7 +179,9 @@ def test_every_reward_kind_logs_the_formula(pair, tmp_path):
 
 @pytest.fixture(scope="module")
 def copy_pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("copy"), student_layers=2, perturbed_copy=True)
+    # a peaked teacher (large weights) and a student close to it: OPD has a signal to follow
+    root = tmp_path_factory.mktemp("copy")
+    return make_pair(root, student_layers=2, perturbed_copy=True, scale=0.6, noise=0.15)
 
 
 def _teacher_logprob_by_step(dump_dir: Path) -> list[float]:
@@ -193,7 +196,11 @@ def _teacher_logprob_by_step(dump_dir: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_poweropd_moves_the_student_toward_the_teacher(copy_pair, tmp_path):
-    """The teacher's mean log-prob of fresh student samples rises over 30 steps."""
+    """The teacher's mean log-prob of fresh student samples rises over 30 steps.
+
+    Teacher and student share one tokenizer, so the stop token is trained too
+    (--no-opd-mask-terminal-stop): with it masked, a student that only ever hears negative rewards
+    learns to stop at once, since the one token never pushed down is the stop token."""
     gains = {}
     for kind in ("power", "log_ratio"):
         torchrun(
@@ -202,21 +209,23 @@ def test_poweropd_moves_the_student_toward_the_teacher(copy_pair, tmp_path):
                 "--load", str(copy_pair["student"]),
                 "--opd-teacher-load", str(copy_pair["teacher"]),
                 "--opd-reward", kind,
-                "--opd-alpha", "1.0",
+                "--opd-alpha", "0.5",
                 *COMMON,
-                "--global-batch-size", "8",
-                "--micro-batch-size", "8",
+                "--global-batch-size", "32",
+                "--micro-batch-size", "16",
                 "--lr", "3e-3",
                 "--train-iters", "30",
+                "--no-opd-mask-terminal-stop",
                 "--opd-dump-tokens", str(tmp_path / kind),
             ],
         )  # fmt: skip
         lp = _teacher_logprob_by_step(tmp_path / kind)
         assert len(lp) == 30
-        gains[kind] = sum(lp[-5:]) / 5 - sum(lp[:5]) / 5
-    print("teacher log-prob gain over 30 steps:", gains)
-    assert gains["power"] > 0.3, gains
-    assert gains["log_ratio"] > 0.0, gains  # vanilla OPD, run beside it
+        gains[kind] = sum(lp[-10:]) / 10 - sum(lp[:3]) / 3
+    print("teacher log-prob gain over 30 steps (last 10 vs first 3):", gains)
+    # measured: power +1.3, log_ratio +2.2 nats per token (seed 7)
+    assert gains["power"] > 0.5, gains
+    assert gains["log_ratio"] > 0.5, gains  # vanilla OPD, run beside it
 
 
 # ---------------------------------------------------------------------------------------------
