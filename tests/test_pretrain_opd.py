@@ -270,3 +270,46 @@ def test_bad_input_messages(pair, tmp_path, monkeypatch, capsys):
     meta["arch"]["vocab_size"] += 64
     (other / "megatron_opd.json").write_text(json.dumps(meta))
     assert "the teacher's vocabulary" in err("--opd-teacher-load", str(other))
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/make_student.py: a layer subset of the teacher, checked against transformers
+
+
+def _megatron_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from megatron_opd import convert, distributed, models
+
+    distributed.initialize()
+    chunks, arch = convert.load_checkpoint_model(ckpt)
+    with torch.no_grad():
+        out = chunks[0](
+            tokens, models.position_ids(*tokens.shape), models.causal_mask(tokens.shape[1])
+        )
+    return out[..., : arch.vocab_size]
+
+
+@pytest.mark.slow
+def test_make_student_keeps_the_chosen_layers(pair, tmp_path):
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "student"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/make_student.py"), "--load", str(pair["teacher"]),
+         "--save", str(out), "--layers", "0,3"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    hf = AutoModelForCausalLM.from_pretrained(str(pair["teacher"].parent / "hf_teacher")).eval()
+    hf.model.layers = torch.nn.ModuleList([hf.model.layers[0], hf.model.layers[3]])
+    hf.config.num_hidden_layers = 2
+    hf.config.layer_types = hf.config.layer_types[:2]
+    tokens = torch.randint(
+        0, pair["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        ref = hf(tokens, use_cache=False).logits
+    got = run_distributed(_megatron_logits, 1, out, tokens)[0]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    meta = json.loads((out / "megatron_opd.json").read_text())
+    assert meta["arch"]["num_hidden_layers"] == 2 and (out / "tokenizer").is_dir()
