@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install test lint demo clean
 
@@ -25,6 +26,9 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check megatron_opd scripts tests
 	$(VENV)/bin/ruff format --check megatron_opd scripts tests
+
+demo: $(VENV)/.installed
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
