@@ -37,15 +37,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     start = time.time()
-    torch.set_grad_enabled(False)
-    out = convert.import_hf(
-        args.hf_dir,
-        args.save,
-        dtype=convert.DTYPES[args.dtype],
-        gguf_file=args.gguf_file,
-        tokenizer_path=args.tokenizer,
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-    )
+    with torch.no_grad():  # scoped: tests call main() in-process
+        out = convert.import_hf(
+            args.hf_dir,
+            args.save,
+            dtype=convert.DTYPES[args.dtype],
+            gguf_file=args.gguf_file,
+            tokenizer_path=args.tokenizer,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        )
     print(f"wrote {out} in {time.time() - start:.1f} s", flush=True)
 
 

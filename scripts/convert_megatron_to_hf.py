@@ -36,14 +36,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     start = time.time()
-    torch.set_grad_enabled(False)
-    out = convert.export_hf(
-        args.load,
-        args.save,
-        dtype=convert.DTYPES[args.dtype] if args.dtype else None,
-        max_shard_size=convert.parse_size(args.max_shard_size),
-        tokenizer_path=args.tokenizer,
-    )
+    with torch.no_grad():  # scoped: tests call main() in-process
+        out = convert.export_hf(
+            args.load,
+            args.save,
+            dtype=convert.DTYPES[args.dtype] if args.dtype else None,
+            max_shard_size=convert.parse_size(args.max_shard_size),
+            tokenizer_path=args.tokenizer,
+        )
     print(f"wrote {out} in {time.time() - start:.1f} s", flush=True)
 
 

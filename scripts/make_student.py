@@ -47,6 +47,16 @@ def chosen_layers(args, total: int) -> list[int]:
     return layers
 
 
+def _copy_layers(student: torch.nn.Module, teacher_params: dict, keep: list[int]) -> None:
+    """Student layer i takes teacher layer keep[i]; everything else is copied by name."""
+    for name, param in student.named_parameters():
+        src = name
+        if name.startswith("decoder.layers."):
+            index, rest = name[len("decoder.layers.") :].split(".", 1)
+            src = f"decoder.layers.{keep[int(index)]}.{rest}"
+        param.copy_(teacher_params[src])
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     source = checkpointing.resolve_checkpoint(args.load)
@@ -55,7 +65,6 @@ def main(argv=None) -> None:
 
     distributed.initialize(distributed.ParallelConfig())
     try:
-        torch.set_grad_enabled(False)
         teacher, _ = convert.load_checkpoint_model(source)
         teacher_params = dict(teacher[0].named_parameters())
         student_arch = copy.deepcopy(arch)
@@ -65,12 +74,8 @@ def main(argv=None) -> None:
         )
         divisor = meta.get("make_vocab_size_divisible_by", 128)
         student = models.build_model(student_arch, config, divisor)
-        for name, param in student[0].named_parameters():
-            src = name
-            if name.startswith("decoder.layers."):
-                index, rest = name[len("decoder.layers.") :].split(".", 1)
-                src = f"decoder.layers.{keep[int(index)]}.{rest}"
-            param.copy_(teacher_params[src])
+        with torch.no_grad():
+            _copy_layers(student[0], teacher_params, keep)
         del teacher, teacher_params
 
         new_meta = copy.deepcopy(meta)
