@@ -144,7 +144,10 @@ class _CudaAsCpu(TorchFunctionMode):
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            return func(*args).replace("torch.", "torch.cuda.", 1)
+            name = func(*args)  # an enclosing _CudaAsCpu may have renamed it already
+            return (
+                name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+            )
         if func is torch.Tensor.to and args and _is_cuda_device(args[1] if len(args) > 1 else None):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
