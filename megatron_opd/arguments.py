@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="student in bf16 (fp32 main weights)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help="on SIGTERM (or --exit-signal), save a checkpoint after the current step and exit",
+    )
+    g.add_argument("--exit-signal", choices=("SIGTERM", "SIGUSR1", "SIGUSR2"), default="SIGTERM")
+    g.add_argument(
         "--exit-interval",
         type=int,
         default=None,
@@ -218,6 +224,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             raise ValueError(f"{flag} {path} does not exist")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
+    if args.rollout_engine == "dynamic":
+        raise ValueError(
+            "--rollout-engine dynamic is not available yet: rollouts use Megatron's static "
+            "engine (auto / static)"
+        )
     if args.eval_interval is not None and not args.eval_data:
         raise ValueError("--eval-interval needs --eval-data")
 

@@ -241,8 +241,30 @@ class Trainer:
             out[f"eval/mean/{key}"] = value
         return out
 
+    def _install_signal_handler(self) -> None:
+        import signal
+
+        self._signalled = False
+        if not self.args.exit_signal_handler:
+            return
+
+        def handler(signum, frame):
+            self._signalled = True
+
+        signal.signal(getattr(signal, self.args.exit_signal), handler)
+
+    def _exit_requested(self) -> bool:
+        """True on every rank once any rank received the exit signal."""
+        if not self.args.exit_signal_handler:
+            return False
+        flag = torch.tensor([1.0 if self._signalled else 0.0], device=compat.default_device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
     def run(self) -> None:
         args = self.args
+        self._install_signal_handler()
         try:
             while self.iteration < args.train_iters:
                 metrics = self.train_one_step()
@@ -267,6 +289,11 @@ class Trainer:
                 if args.save_interval and self.iteration % args.save_interval == 0:
                     self.save()
                 if args.exit_interval and self.iteration % args.exit_interval == 0:
+                    return
+                if self._exit_requested():
+                    if not (args.save_interval and self.iteration % args.save_interval == 0):
+                        self.save()
+                    print(f"exit signal: saved iteration {self.iteration}, exiting", flush=True)
                     return
             if args.save and (not args.save_interval or self.iteration % args.save_interval != 0):
                 self.save()

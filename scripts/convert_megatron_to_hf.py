@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from megatron_opd import convert
+from megatron_opd import checkpointing, convert
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     start = time.time()
     with torch.no_grad():  # scoped: tests call main() in-process
         out = convert.export_hf(
-            args.load,
+            checkpointing.resolve_checkpoint(args.load),  # a run's root: its latest iteration
             args.save,
             dtype=convert.DTYPES[args.dtype] if args.dtype else None,
             max_shard_size=convert.parse_size(args.max_shard_size),

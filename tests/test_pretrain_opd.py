@@ -313,3 +313,38 @@ def test_make_student_keeps_the_chosen_layers(pair, tmp_path):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
     meta = json.loads((out / "megatron_opd.json").read_text())
     assert meta["arch"]["num_hidden_layers"] == 2 and (out / "tokenizer").is_dir()
+
+
+@pytest.mark.slow
+def test_exit_signal_saves_and_stops(pair, tmp_path):
+    """SIGTERM to torchrun (as Slurm sends on preemption): the step in flight finishes, a
+    checkpoint of it is written, and the run stops."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from megatron_opd.testing import free_port
+
+    metrics, save = tmp_path / "m.jsonl", tmp_path / "ckpt"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+        f"--master-port={free_port()}", str(ROOT / "scripts/pretrain_opd.py"),
+        *_flags(pair, "--train-iters", "1000", "--save", str(save)),
+        "--metrics-file", str(metrics), "--exit-signal-handler",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 180
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.time() < deadline, "no step logged"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0].decode(errors="replace")
+    finally:
+        proc.kill()
+    steps = read_metrics(metrics)
+    assert "exit signal: saved iteration" in out
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == str(steps[-1]["step"])
+    assert steps[-1]["step"] < 1000
