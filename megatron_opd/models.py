@@ -283,6 +283,11 @@ def build_model(
             vp_stage=stage,
         )
         compat.ensure_tensor_parallel_attributes(model)
+        if config.bf16 or config.fp16:
+            # every parameter in the half type, norms included (Megatron's torch-norm fallback
+            # creates fp32 norms), as Megatron-LM's Float16Module does: the optimizer keeps fp32
+            # main copies of all of them
+            model.to(config.params_dtype)
         model.to(compat.default_device())
         model.vocab_size = arch.vocab_size  # the true size; the output layer holds the padded one
         chunks.append(model)

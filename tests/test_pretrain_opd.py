@@ -147,7 +147,22 @@ def test_every_reward_kind_logs_the_formula(pair, tmp_path):
         )  # fmt: skip
         for kind in KINDS
     }
+    # bf16 student and teacher (fp32 main weights), saved and resumed once
+    runs["power_bf16"] = _flags(
+        pair,
+        "--train-iters", "1",
+        "--bf16", "--opd-teacher-bf16",
+        "--save", str(tmp_path / "bf16_ckpt"),
+        "--metrics-file", str(tmp_path / "power_bf16.jsonl"),
+    )  # fmt: skip
+    runs["power_bf16_resumed"] = runs["power_bf16"][:]
+    runs["power_bf16_resumed"][runs["power_bf16"].index("--train-iters") + 1] = "2"
     run_distributed(_run_kinds, 1, runs, timeout=600)
+    bf16 = read_metrics(tmp_path / "power_bf16.jsonl")
+    fp32 = read_metrics(tmp_path / "power.jsonl")[0]
+    assert [r["step"] for r in bf16] == [1, 2]  # the second run resumed from iteration 1
+    # same rollouts (the bf16 sampler sees slightly different logits, so allow a few percent)
+    assert bf16[0]["loss"] == pytest.approx(fp32["loss"], rel=0.05)
     for kind in KINDS:
         logged = read_metrics(tmp_path / f"{kind}.jsonl")[0]
         dump = torch.load(tmp_path / kind / "step0000001_dp0.pt")
