@@ -1,11 +1,11 @@
 """Per-token OPD rewards as pure tensor formulas, and their step statistics.
 
-Every function takes the sampled token's log-probability under the teacher (``lp_t``) and the student
-(``lp_s``), tensors of any shape (``[seq, batch]`` in the loss), and returns an fp32 tensor of the same
-shape. Nothing here knows about process groups; the vocab-parallel op produces the log-probs and the
-loss module reduces the statistics across micro-batches and data-parallel ranks.
+Every function takes the sampled token's log-probability under the teacher (``lp_t``) and the
+student (``lp_s``), tensors of any shape (``[seq, batch]`` in the loss), and returns an fp32 tensor
+of the same shape. Nothing here knows about process groups: the vocab-parallel op produces the
+log-probs, and the loss module reduces the statistics across micro-batches and data-parallel ranks.
 
-Kinds (../shared/notes/poweropd.md):
+Kinds (PowerOPD, arXiv:2606.17199, and the baselines it compares against):
 
 * ``power``      pi_T^a - pi_S^a                    PowerOPD, bounded in [-1, 1]
 * ``boxcox``     (pi_T^a - pi_S^a) / a              -> log-ratio as a -> 0
@@ -109,7 +109,7 @@ def zscore_reward(
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """(r - mean) / std. Without ``mean``/``std`` they are taken over ``mask`` (population std);
-    for training pass the moments of the whole optimizer step (see ``loss.step_log_ratio_moments``)."""
+    in training pass the moments of the whole optimizer step (``loss.step_log_ratio_moments``)."""
     if (mean is None) != (std is None):
         raise ValueError("zscore_reward needs both mean and std, or neither")
     if mean is None:
@@ -124,7 +124,7 @@ def compute_reward(
     mask: torch.Tensor,
     zscore_moments: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """The reward of ``cfg.kind`` as fp32, zero where ``mask`` is false; never carries a gradient."""
+    """The reward of ``cfg.kind`` in fp32, zero where ``mask`` is false; never has a gradient."""
     lp_t, lp_s = lp_t.detach(), lp_s.detach()
     mask = mask.bool()
     kind = cfg.kind
@@ -187,7 +187,7 @@ def _histogram_bin_value(index: int) -> float:
 
 
 def response_positions(mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Index of each valid token among the valid tokens of its sequence (0, 1, ...) along ``dim``."""
+    """Index of each valid token among the valid tokens of its sequence along ``dim``."""
     m = mask.long()
     return m.cumsum(dim) - m
 
@@ -221,9 +221,7 @@ def reward_statistics(
         count.append(sel.sum().double())
     stats["abs_reward_by_position_sum"] = torch.stack(abs_sum)
     stats["tokens_by_position"] = torch.stack(count)
-    stats["reward_histogram"] = torch.bincount(
-        _histogram_bin(r), minlength=HISTOGRAM_BINS
-    ).double()
+    stats["reward_histogram"] = torch.bincount(_histogram_bin(r), minlength=HISTOGRAM_BINS).double()
     return stats
 
 

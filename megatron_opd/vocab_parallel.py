@@ -1,7 +1,8 @@
 """Per-token quantities from vocab-sharded logits; the only module that knows logits are sharded.
 
 With tensor parallelism rank ``k`` of the TP group holds the logits of vocabulary entries
-``[k * v/tp, (k + 1) * v/tp)`` (Megatron's ``[seq, batch, vocab/tp]`` layout; any leading dims work).
+``[k * v/tp, (k + 1) * v/tp)`` (Megatron's ``[seq, batch, vocab/tp]`` layout; any leading dims
+work).
 The output layer is padded past the true vocabulary (``models.padded_vocab_size``): columns whose
 global index is ``>= vocab_size`` are treated as -inf, so they get no probability and no gradient.
 

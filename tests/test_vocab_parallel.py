@@ -1,0 +1,223 @@
+"""The vocab-parallel ops against an unsharded float64 reference (plain log_softmax), forward and
+gradients, at world size 1 in-process and at 2 and 4 gloo ranks, with a padded vocabulary.
+
+Tolerances. fp32: 1e-5 absolute and relative. bf16 / fp16: the logits are exactly representable in
+fp32 and the reference is computed from the same rounded values, and the op accumulates in fp32,
+so the forward outputs (fp32) keep the fp32 tolerance. The gradient is returned in the input dtype:
+each element is one rounding of an fp32 value, so it is within half an ulp, 2^-9 (bf16) / 2^-12
+(fp16) relative; we allow one ulp (2^-8 / 2^-11) plus an absolute floor for fp16 subnormals (2^-24).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_opd.models import padded_vocab_size
+from megatron_opd.rewards import RewardConfig, compute_reward
+from megatron_opd.testing import run_distributed
+from megatron_opd.vocab_parallel import (
+    full_vocab_reverse_kl,
+    opd_token_terms,
+    sampled_token_logprobs,
+)
+
+VOCAB = 250  # Megatron pads it to 256 at TP1/TP2 and to 512 at TP4 (two ranks hold only padding)
+SEQ, BATCH = 7, 3  # 21 tokens: chunk sizes 4 and 5 leave a ragged last chunk
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+GRAD_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-30, torch.float16: 2.0**-24}
+
+
+def _inputs(padded: int, seed: int = 0):
+    """Full logits [s, b, padded] in fp32 (huge values in the padded columns: they must be
+    ignored), a second set for the teacher, targets and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(SEQ, BATCH, padded, generator=g) * 4
+    teacher = torch.randn(SEQ, BATCH, padded, generator=g) * 4
+    student[..., VOCAB:] = 80.0
+    teacher[..., VOCAB:] = -80.0
+    targets = torch.randint(0, VOCAB, (SEQ, BATCH), generator=g)
+    targets[0, 0], targets[1, 0] = 0, VOCAB - 1  # first and last real column
+    upstream = torch.randn(SEQ, BATCH, generator=g, dtype=torch.float64)
+    return student, teacher, targets, upstream
+
+
+def _reference_logprobs(student: torch.Tensor, targets: torch.Tensor, upstream: torch.Tensor):
+    """log_softmax over the true vocabulary in float64: (log-probs, d sum(upstream*lp)/d logits)."""
+    x = student[..., :VOCAB].double().requires_grad_()
+    lp = torch.log_softmax(x, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (lp * upstream).sum().backward()
+    grad = torch.zeros(student.shape, dtype=torch.float64)
+    grad[..., :VOCAB] = x.grad
+    return lp.detach(), grad
+
+
+def _reference_kl(student: torch.Tensor, teacher: torch.Tensor, upstream: torch.Tensor):
+    x = student[..., :VOCAB].double().requires_grad_()
+    log_s = torch.log_softmax(x, dim=-1)
+    log_t = torch.log_softmax(teacher[..., :VOCAB].double(), dim=-1)
+    kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+    (kl * upstream).sum().backward()
+    grad = torch.zeros(student.shape, dtype=torch.float64)
+    grad[..., :VOCAB] = x.grad
+    return kl.detach(), grad
+
+
+def _check_grad(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert got.dtype == dtype, what
+    torch.testing.assert_close(
+        got.double(), ref, rtol=GRAD_RTOL[dtype], atol=GRAD_ATOL[dtype], msg=what
+    )
+
+
+def _check_ops(rank: int, world: int, group, dtypes, chunk_sizes=(4, 5, 64), seed: int = 0):
+    """Run every op on this rank's shard and compare with the float64 reference."""
+    padded = padded_vocab_size(VOCAB, 128, world)
+    vp = padded // world
+    cols = slice(rank * vp, (rank + 1) * vp)
+    student, teacher, targets, upstream = _inputs(padded, seed)
+    for dtype in dtypes:
+        s_full, t_full = student.to(dtype), teacher.to(dtype)
+        ref_lp, ref_grad = _reference_logprobs(s_full, targets, upstream)
+        ref_kl, ref_kl_grad = _reference_kl(s_full, t_full, upstream)
+        for chunk in chunk_sizes:
+            for inplace in (False, True):
+                what = f"{dtype} chunk={chunk} inplace={inplace} rank={rank}/{world}"
+                leaf = s_full[..., cols].clone().requires_grad_()
+                x = leaf * 1  # a non-leaf, like a model's output
+                lp = sampled_token_logprobs(x, targets, VOCAB, group, chunk, inplace)
+                assert lp.dtype == torch.float32 and lp.shape == (SEQ, BATCH)
+                torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-5, msg=what)
+                (lp * upstream.float()).sum().backward()
+                _check_grad(leaf.grad, ref_grad[..., cols], dtype, "logprob grad " + what)
+
+                leaf = s_full[..., cols].clone().requires_grad_()
+                teacher_shard = t_full[..., cols].clone().requires_grad_()
+                kl = full_vocab_reverse_kl(
+                    leaf * 1, teacher_shard, VOCAB, group, chunk, inplace_backward=inplace
+                )
+                torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-5, atol=1e-5, msg=what)
+                (kl * upstream.float()).sum().backward()
+                _check_grad(leaf.grad, ref_kl_grad[..., cols], dtype, "kl grad " + what)
+                assert teacher_shard.grad is None, "the teacher must get no gradient"
+
+
+# ---------------------------------------------------------------------------------------------
+# World size 1, in-process (group=None: unsharded)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ops_match_reference_unsharded(dtype):
+    _check_ops(0, 1, None, [dtype])
+
+
+def test_large_logits_are_stable():
+    student, teacher, targets, upstream = _inputs(256, seed=1)
+    student, teacher = (
+        student * 200,
+        teacher * 200,
+    )  # logit gaps of thousands: exp overflows naively
+    student[..., VOCAB:] = 0.0
+    ref_lp, _ = _reference_logprobs(student, targets, upstream)
+    lp = sampled_token_logprobs(student, targets, VOCAB)
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-6, atol=1e-3)
+    kl = full_vocab_reverse_kl(student, teacher, VOCAB)
+    assert torch.isfinite(kl).all() and (kl >= -1e-3).all()
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_is_one_chunk_not_one_shard(dtype):
+    """With the in-place backward no op allocates more than chunk x vocab elements: no fp32 copy
+    of the shard, no saved softmax, no separately allocated gradient."""
+    tokens, chunk = 64, 4
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(tokens, 1, 256, generator=g)).to(dtype).requires_grad_()
+    teacher = torch.randn(tokens, 1, 256, generator=g).to(dtype)
+    targets = torch.randint(0, VOCAB, (tokens, 1), generator=g)
+    for op in ("logprobs", "kl"):
+        x = logits.detach().clone().requires_grad_()
+        mode = _LargestAllocation()
+        mode.inputs = {x.untyped_storage().data_ptr(), teacher.untyped_storage().data_ptr()}
+        with mode:
+            if op == "logprobs":
+                out = sampled_token_logprobs(x, targets, VOCAB, None, chunk, True)
+            else:
+                out = full_vocab_reverse_kl(x, teacher, VOCAB, None, chunk, True)
+            out.sum().backward()
+        assert x.grad is not None
+        assert 0 < mode.largest <= chunk * 256, (op, mode.largest)
+
+
+def test_opd_token_terms():
+    student, teacher, targets, _ = _inputs(256, seed=2)
+    mask = torch.ones(SEQ, BATCH, dtype=torch.bool)
+    mask[-2:, 1] = False
+    ref_s, _ = _reference_logprobs(student, targets, torch.zeros(SEQ, BATCH, dtype=torch.float64))
+    ref_t, _ = _reference_logprobs(teacher, targets, torch.zeros(SEQ, BATCH, dtype=torch.float64))
+    teacher_lp = sampled_token_logprobs(teacher, targets, VOCAB)
+    cfg = RewardConfig(kind="power", alpha=0.5)
+    x = student.clone().requires_grad_()
+    reward, student_lp, stats = opd_token_terms(
+        x, teacher_lp, targets, mask, cfg, None, vocab_size=VOCAB
+    )
+    assert not reward.requires_grad and student_lp.requires_grad
+    expected = compute_reward(cfg, ref_t.float(), ref_s.float(), mask)
+    torch.testing.assert_close(reward, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(student_lp.double(), ref_s, rtol=1e-5, atol=1e-5)
+    assert stats["num_tokens"].item() == mask.sum().item()
+    assert stats["reward_sum"].item() == pytest.approx(
+        expected[mask].double().sum().item(), rel=1e-5
+    )
+    # positions count along seq (dim 0 in Megatron's [s, b] layout): column 1 has 5 valid tokens
+    assert stats["tokens_by_position"][0].item() == mask.sum().item()
+
+
+def test_shape_errors():
+    x = torch.zeros(4, 2, 100)
+    with pytest.raises(ValueError, match="fewer than vocab_size 250"):
+        sampled_token_logprobs(x, torch.zeros(4, 2, dtype=torch.long), VOCAB)
+    with pytest.raises(ValueError, match="do not match"):
+        sampled_token_logprobs(torch.zeros(4, 2, 256), torch.zeros(2, 4, dtype=torch.long), VOCAB)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 and 4 gloo ranks: the shard of each rank, all-reduces over an explicitly passed group
+
+
+def _sharded_rank(dtypes):
+    dist.init_process_group("gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        _check_ops(rank, world, dist.group.WORLD, dtypes, chunk_sizes=(5,))
+        if world == 4:
+            # two TP groups of two, each with its own data: the op must reduce over its group only
+            groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+            _check_ops(rank % 2, 2, groups[rank // 2], [torch.float32], (4,), seed=10 + rank // 2)
+        dist.barrier()
+        return rank
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_ops_match_reference_sharded(world):
+    dtypes = [torch.float32, torch.bfloat16] if world == 2 else [torch.float32]
+    assert run_distributed(_sharded_rank, world, dtypes, timeout=240) == list(range(world))
