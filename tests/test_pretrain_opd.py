@@ -363,3 +363,60 @@ def test_exit_signal_saves_and_stops(pair, tmp_path):
     assert "exit signal: saved iteration" in out
     assert (save / "latest_checkpointed_iteration.txt").read_text() == str(steps[-1]["step"])
     assert steps[-1]["step"] < 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: scripts/evaluate.py end to end, and --eval-interval inside training
+
+
+@pytest.mark.slow
+def test_evaluate_script_numbers_equal_a_recount(pair, tmp_path):
+    import subprocess
+
+    from megatron_opd import evaluation
+
+    data = ROOT.parent / "shared" / "data" / "eval" / "gsm8k.jsonl"
+    spec = str(data) if data.exists() else "builtin:50"
+    out = tmp_path / "eval"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/evaluate.py"), "--load", str(pair["student"]),
+         "--data", spec, "--limit", "5", "--samples", "3", "--max-new-tokens", "8",
+         "--output", str(out), "--no-progress"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    result = json.loads((out / "results.json").read_text())
+    records = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(records) == 5 * 3
+    assert {(r["index"], r["sample"]) for r in records} == {
+        (i, j) for i in range(5) for j in range(3)
+    }
+    (name,) = result["benchmarks"]
+    recount = evaluation.scores_from_records(records, k=3)[0].as_dict()
+    for key in ("avg_at_k", "pass_at_k", "mean_response_tokens", "truncation_rate", "problems"):
+        assert result["benchmarks"][name][key] == pytest.approx(recount[key]), key
+    assert all(r["response_tokens"] <= 8 for r in records)
+    assert "| **mean** |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_eval_interval_logs_scores(pair, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    torchrun(
+        1,
+        _flags(
+            pair,
+            "--train-iters", "2",
+            "--eval-interval", "2",
+            "--eval-data", "builtin:20",
+            "--eval-limit", "3",
+            "--eval-samples", "2",
+            "--eval-max-new-tokens", "6",
+            "--metrics-file", str(metrics),
+            "--tensorboard-dir", str(tmp_path / "tb"),
+        ),
+    )  # fmt: skip
+    rows = read_metrics(metrics)
+    evals = [r for r in rows if "eval/mean/avg_at_k" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    assert 0.0 <= evals[0]["eval/builtin_20/pass_at_2"] <= 100.0
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
