@@ -84,10 +84,14 @@ def initialize(
     if compat.has_cuda():
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port() if world == 1 else 29500))
+        init_method = None  # torchrun's MASTER_ADDR / MASTER_PORT
+        if world == 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+            # a lone process: a private port, kept out of os.environ so that subprocesses
+            # (converters, evaluators) do not inherit an address that is already taken
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(
             backend=compat.distributed_backend(),
+            init_method=init_method,
             rank=rank,
             world_size=world,
             timeout=timedelta(minutes=timeout_minutes),
@@ -111,6 +115,28 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def standalone_env() -> dict[str, str]:
+    """This process's environment without the launcher's rank variables: for a subprocess that
+    must start its own world (e.g. a converter run from rank 0) rather than join this one."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")
+    }
 
 
 def is_rank0() -> bool:

@@ -77,7 +77,8 @@ def main(argv=None) -> None:
             if distributed.is_rank0() and not (ckpt / "metadata.json").exists():
                 script = Path(__file__).with_name("convert_hf_to_megatron.py")
                 cmd = [sys.executable, str(script), "--hf-dir", args.hf_dir, "--save", str(ckpt)]
-                subprocess.run(cmd + ["--dtype", "fp32"], check=True)
+                env = distributed.standalone_env()
+                subprocess.run(cmd + ["--dtype", "fp32"], check=True, env=env)
             import torch.distributed as dist
 
             dist.barrier()

@@ -7,13 +7,13 @@ random Qwen3 models made by ``transformers`` and converted with the project's ow
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from megatron_opd.distributed import standalone_env
 from megatron_opd.testing import save_bpe_tokenizer, save_hf_qwen3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def perturb_hf(src: Path, dst: Path, noise: float, seed: int) -> None:
 
 def convert(hf_dir: Path, out: Path) -> None:
     """The project's converter in its own process (it initializes Megatron at TP1)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(standalone_env(), PYTHONWARNINGS="ignore")
     subprocess.run(
         [
             sys.executable,
@@ -95,7 +95,7 @@ def torchrun(nproc: int, args: list[str], timeout: int = 420, check: bool = True
         str(ROOT / "scripts" / "pretrain_opd.py"),
         *args,
     ]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = dict(standalone_env(), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(
