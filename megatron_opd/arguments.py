@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from megatron_opd.distributed import ParallelConfig
 from megatron_opd.rewards import REWARD_KINDS
 
 
@@ -187,11 +188,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     ):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    if world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp}"
-        )
+    ParallelConfig(tp, pp).validate(world_size)
     dp = world_size // (tp * pp)
     if args.global_batch_size % (args.micro_batch_size * dp) != 0:
         raise ValueError(
