@@ -56,7 +56,7 @@ def run_method(kind: str, student: Path, teacher: Path, out: Path, args) -> list
         "--train-iters", args.steps, "--lr", "1e-4", "--lr-warmup-fraction", "0",
         "--rollout-max-new-tokens", args.new_tokens,
         "--no-opd-mask-terminal-stop",
-        "--prompt-data", "builtin:256", "--seed", "3",
+        "--prompt-data", "builtin:256", "--seed", "3", "--max-prompt-length", "256",
         "--metrics-file", metrics,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONWARNINGS="ignore")
