@@ -193,26 +193,6 @@ class StepResult:
     empty: bool = False  # no valid response token anywhere in the step: a no-op, not a fault
 
 
-def _student_logprobs(student, items, vocab_size) -> list[Optional[torch.Tensor]]:
-    from megatron.core import parallel_state
-
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-
-    def step(data_iterator, model):
-        mb = next(data_iterator)
-        logits = _run_forward(model, mb.tokens)
-
-        def collect(output):
-            lp = sampled_token_logprobs(output.detach(), mb.targets, vocab_size, tp_group)
-            return torch.zeros((), device=output.device), torch.tensor(0), {"out": lp}
-
-        return logits, collect
-
-    with torch.no_grad():
-        outputs = _schedule(student, step, items, forward_only=True)
-    return [o["out"] for o in outputs] if _is_last_stage() else [None] * len(items)
-
-
 def _on_every_rank(flag: bool) -> bool:
     """True when ``flag`` holds on every rank."""
     if not dist.is_initialized():
@@ -259,7 +239,8 @@ def train_step(
         return StepResult(False, 0.0, {}, empty=True)
     moments = None
     if kind == "zscore":
-        lp_s = _student_logprobs(student, items, vocab_size)
+        # the pre-update student's log-probs, forward only (the same pass that scores the teacher)
+        lp_s = score_teacher(student, items, vocab_size, keep_logits=False)
         if _is_last_stage():
             moments = step_log_ratio_moments(
                 teacher_out, lp_s, [mb.loss_mask for mb in items], dp_group
