@@ -14,7 +14,10 @@ Measured on Debian 12 (Slurm 22.05, munge 0.5.15), as root: start ~2 s, a 2-node
 script ~4 s. Pitfalls met: munged refuses a socket below a directory others cannot traverse;
 ``sbatch --wait`` polls slowly unless ``MinJobAge`` is small, and can return while a requeued job
 waits for its next start (use :meth:`SlurmCluster.wait_gone` across requeues); a requeued job is
-held back ~2 minutes (its begin time) unless released with ``scontrol update StartTime=now``.
+held back for the credential lifetime + 1 s (its begin time; ~2 minutes by default, so the cluster
+sets ``cred_expire=5``). Releasing it early with ``scontrol update StartTime=now`` races the
+revocation of its old credential: a start within the same second is killed ("Job credential
+revoked").
 """
 
 from __future__ import annotations
@@ -289,7 +292,11 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire: a job step credential's lifetime, and how long Slurm holds a requeued
+            # job back (its begin time: cred_expire + 1 s; the default 120 s, the minimum 5 s). A
+            # requeued job released earlier can start within the second its old credential was
+            # revoked and is killed as "Job credential revoked" (seen in CI)
+            f"AuthInfo=socket={self.munge_socket},cred_expire=5",
             f"StateSaveLocation={r}/state/ctld",
             f"SlurmdSpoolDir={r}/state/d/%n",
             f"SlurmctldPidFile={r}/run/slurmctld.pid",
