@@ -24,8 +24,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q --timeout 900 -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check megatron_opd scripts tests
-	$(VENV)/bin/ruff format --check megatron_opd scripts tests
+	$(VENV)/bin/ruff check megatron_opd scripts tests examples
+	$(VENV)/bin/ruff format --check megatron_opd scripts tests examples
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py $(DEMO_ARGS)

@@ -59,6 +59,36 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def reset_peak_memory() -> None:
+    """Open a new window for :func:`peak_memory_bytes`: CUDA's allocator peak, or on CPU the
+    process's peak resident set (Linux resets VmHWM through /proc/self/clear_refs)."""
+    if has_cuda():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the window stays the whole process
+        pass
+
+
+def peak_memory_bytes() -> int:
+    """The peak since :func:`reset_peak_memory`: tensors allocated on the GPU, or on CPU the whole
+    process's peak RSS (interpreter and libraries included)."""
+    if has_cuda():
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def distributed_backend() -> str:
     return "nccl" if has_cuda() else "gloo"
 

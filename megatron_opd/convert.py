@@ -444,9 +444,6 @@ def _import(
     make_vocab_size_divisible_by: int,
     source: str,
 ) -> Path:
-    from megatron_opd import checkpointing
-
-    save_dir = Path(save_dir)
     _single_process_megatron()
     config = models.transformer_config(arch, dtype=dtype, perform_initialization=False)
     chunks = models.build_model(arch, config, make_vocab_size_divisible_by)
@@ -460,16 +457,46 @@ def _import(
             filled.add(rule.megatron)
     assert filled == set(mapping), sorted(set(mapping) - filled)
 
+    return write_model_checkpoint(
+        chunks,
+        arch,
+        tokenizer,
+        save_dir,
+        make_vocab_size_divisible_by,
+        source,
+        hf_config=hf_config,
+        generation_config=generation_config,
+    )
+
+
+def write_model_checkpoint(
+    chunks: list[torch.nn.Module],
+    arch: models.ArchConfig,
+    tokenizer,
+    save_dir: str | Path,
+    make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
+    source: str = "model",
+    hf_config: Optional[dict[str, Any]] = None,
+    generation_config: Optional[dict[str, Any]] = None,
+) -> Path:
+    """A weights-only checkpoint that ``--load`` / ``--opd-teacher-load`` read: the model chunks
+    (dist checkpoint, any layout on load), the tokenizer, and the metadata file, written last."""
+    from megatron_opd import checkpointing
+
+    save_dir = Path(save_dir)
+    dtype = chunks[0].config.params_dtype
     checkpointing.save_model(chunks, save_dir)
-    del chunks
     tokenizer.save(save_dir / CHECKPOINT_TOKENIZER_DIR)
+    hf_config = dict(hf_config) if hf_config is not None else arch.to_hf_dict()
     for key in ("quantization_config", "transformers_version"):
         hf_config.pop(key, None)
     meta = {
         "format": META_FORMAT,
         "arch": arch.to_dict(),
         "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
-        "padded_vocab_size": padded,
+        "padded_vocab_size": models.padded_vocab_size(
+            arch.vocab_size, make_vocab_size_divisible_by, 1
+        ),
         "params_dtype": _DTYPE_NAMES[dtype],
         "tokenizer": CHECKPOINT_TOKENIZER_DIR,
         "hf_config": hf_config,

@@ -37,7 +37,7 @@ def _require(obj: Any, keys: Sequence[str], where: str) -> None:
             raise ValueError(f"{where}: missing key {key!r}")
 
 
-def _with_instruction(text: str) -> str:
+def with_instruction(text: str) -> str:
     text = text.rstrip()
     return text if BOXED_INSTRUCTION in text else f"{text}\n{BOXED_INSTRUCTION}"
 
@@ -89,7 +89,7 @@ def load_problems(path: str | Path, add_instruction: bool = True) -> list[Proble
             _require(obj, ("problem", "answer"), where)
             problem, answer = obj["problem"], str(obj["answer"])
         if add_instruction:
-            problem = _with_instruction(problem)
+            problem = with_instruction(problem)
         out.append(Problem(problem, answer, name))
     return out
 
@@ -141,7 +141,7 @@ def builtin_problems(n: int, seed: int = 0, add_instruction: bool = True) -> lis
     for _ in range(n):
         text, answer = _word_problem(rng)
         out.append(
-            Problem(_with_instruction(text) if add_instruction else text, str(answer), "builtin")
+            Problem(with_instruction(text) if add_instruction else text, str(answer), "builtin")
         )
     return out
 

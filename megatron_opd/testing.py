@@ -122,8 +122,11 @@ CHATML = (
 )
 
 
-def save_bpe_tokenizer(directory, vocab_size: int = 320) -> None:
-    """A byte-level BPE trained on the built-in prompt set, with ChatML specials and template."""
+def save_bpe_tokenizer(
+    directory, vocab_size: int = 320, corpus=None, split_digits: bool = False
+) -> None:
+    """A byte-level BPE with ChatML specials and template, trained on ``corpus`` (default: the
+    built-in prompt set). ``split_digits``: every digit its own token, as in Llama/Qwen."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -131,7 +134,12 @@ def save_bpe_tokenizer(directory, vocab_size: int = 320) -> None:
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     backend = Tokenizer(models.BPE(unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -139,8 +147,9 @@ def save_bpe_tokenizer(directory, vocab_size: int = 320) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    text = [p.problem for p in builtin_problems(300, seed=0)] + ["user assistant system"]
-    backend.train_from_iterator(text, trainer)
+    if corpus is None:
+        corpus = [p.problem for p in builtin_problems(300, seed=0)]
+    backend.train_from_iterator([*corpus, "user assistant system"], trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )

@@ -3,7 +3,6 @@ checkpoint, one call per arrow (``megatron_opd.opd`` owns the stages)."""
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,6 @@ class NonFiniteError(RuntimeError):
 def _sync() -> None:
     if compat.has_cuda():
         torch.cuda.synchronize()
-
-
-def peak_memory_gib() -> float:
-    if compat.has_cuda():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class Trainer:
@@ -95,8 +88,8 @@ class Trainer:
 
     def train_one_step(self) -> dict[str, float]:
         args = self.args
-        times: dict[str, float] = {}
 
+        compat.reset_peak_memory()  # the step's own peak: evaluation between steps is not in it
         t0 = time.perf_counter()
         seed = args.seed * 1_000_003 + self.iteration * 7919 + self.dp_rank
         batch = opd.rollout(
@@ -154,7 +147,7 @@ class Trainer:
             "response/max_len": longest.item(),
             "response/truncated_frac": truncated / count,
             "tokens_per_sec": total / times["time/step"],
-            "memory/peak_gib": peak_memory_gib(),
+            "memory/peak_gib": compat.peak_memory_bytes() / 2**30,
             "skipped_steps": float(self.skipped_total + (not (result.applied or result.empty))),
             **times,
         }

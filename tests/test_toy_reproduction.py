@@ -1,0 +1,204 @@
+"""examples/toy_reproduction: the miniature sweep end to end, every reported number recounted.
+
+``run.py --quick`` trains a (tiny) teacher and student from scratch, runs vanilla and PowerOPD
+(alpha 5) through ``scripts/pretrain_opd.py`` for a few steps, and writes the table, the claims and
+the plots. The test recounts the table from each run's metrics file and the per-token dumps with
+its own formulas, checks that the runs differ only in their reward flags, and that the models the
+script saved are real Megatron checkpoints that ``--load`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "examples" / "toy_reproduction"
+sys.path.insert(0, str(HERE))
+
+import run as toy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    from megatron_opd.distributed import standalone_env
+
+    out = tmp_path_factory.mktemp("toy")
+    env = dict(standalone_env(), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "run.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), proc.stdout
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def _dumped_rewards(run_dir: Path, method: str) -> tuple[list[float], list[float]]:
+    """|reward| of every token at response positions < 16 and >= 16, by this test's formulas."""
+    early, late = [], []
+    for path in sorted((run_dir / "tokens").glob("step*.pt")):
+        for mb in torch.load(path)["micro_batches"]:
+            lp_t, lp_s, mask = mb["lp_t"].double(), mb["lp_s"].double(), mb["mask"].bool()
+            if method == "vanilla":
+                r = lp_t - lp_s
+            else:
+                assert method == "power_5"
+                r = torch.exp(5 * lp_t) - torch.exp(5 * lp_s)
+            for row in range(mask.shape[0]):
+                values = r[row][mask[row]].abs().tolist()
+                early += values[:16]
+                late += values[16:]
+    return early, late
+
+
+@pytest.mark.slow
+def test_quick_sweep_numbers_recount(sweep):
+    out, results, stdout = sweep
+    cfg = toy.sweep_config(toy.parse_args(["--quick"]))
+    assert set(results["methods"]) == {"vanilla", "power_5"}
+    runs = {r["method"]: r for r in results["runs"]}
+    assert all(r["returncode"] == 0 for r in runs.values()), runs
+
+    # the runs share every flag but the reward's, which come last
+    def shared(run: dict) -> list[str]:
+        own = toy.METHODS[run["method"]]
+        assert run["flags"][-len(own) :] == own
+        return [f.replace(f"{run['method']}_seed", "RUN_seed") for f in run["flags"][: -len(own)]]
+
+    assert shared(runs["vanilla"]) == shared(runs["power_5"])
+    assert "--no-opd-mask-terminal-stop" in runs["vanilla"]["flags"]
+
+    for method, entry in results["methods"].items():
+        run_dir = out / "runs" / f"{method}_seed1"
+        rows = _rows(run_dir)
+        train = [r for r in rows if "grad_norm" in r]
+        evals = [r for r in rows if "eval/mean/avg_at_k" in r]
+        assert [r["step"] for r in train] == list(range(1, cfg.steps + 1))
+        assert [r["step"] for r in evals] == list(range(2, cfg.steps + 1, 2))
+        grad = [r["grad_norm"] for r in train]
+        assert entry["grad_norm_max"] == pytest.approx(max(grad), rel=1e-12)
+        assert entry["grad_norm_median"] == pytest.approx(statistics.median(grad), rel=1e-12)
+        assert entry["avg_at_k"] == pytest.approx(evals[-1]["eval/mean/avg_at_k"])
+        assert entry["pass_at_k"] == pytest.approx(evals[-1]["eval/mean/pass_at_k"])
+        assert entry["seconds_per_step"] == pytest.approx(
+            statistics.fmean(r["time/step"] for r in train[1:])
+        )
+        assert entry["peak_memory_gib"] == max(r["memory/peak_gib"] for r in train) > 0.1
+        # Avg@2 of 8 problems: a multiple of 100 / 16
+        assert (entry["avg_at_k"] * 16 / 100) == pytest.approx(round(entry["avg_at_k"] * 0.16))
+
+        early, late = _dumped_rewards(run_dir, method)
+        assert len(early) + len(late) == sum(r["reward/num_tokens"] for r in train)
+        assert entry["abs_reward_first16"] == pytest.approx(statistics.fmean(early), rel=1e-6)
+        if late:
+            assert entry["abs_reward_rest"] == pytest.approx(statistics.fmean(late), rel=1e-6)
+    # PowerOPD's reward is bounded by 1; the log-ratio's is not
+    assert results["methods"]["power_5"]["abs_reward_first16"] <= 1.0
+
+    claims = {c["claim"][:2]: c for c in results["claims"]}
+    assert set(claims) == {"1.", "2."}  # the others need methods the miniature does not run
+    v, p = results["methods"]["vanilla"], results["methods"]["power_5"]
+    ratio = claims["1."]["measured"]["max_ratio"]["power_5"]
+    assert ratio == pytest.approx(v["grad_norm_max"] / p["grad_norm_max"])
+    assert claims["1."]["verdict"] == (
+        "reproduced" if ratio >= 100 else "partly" if ratio >= 10 else "not reproduced"
+    )
+    early_more = v["abs_reward_first16"] > v["abs_reward_rest"]
+    assert claims["2."]["verdict"] == ("reproduced" if early_more else "not reproduced")
+
+    md = (out / "results.md").read_text()
+    assert "| vanilla |" in md and "| power_5 |" in md and "## Claims" in md
+    for name in ("grad_norm", "accuracy", "reward_by_position", "length_vs_alpha"):
+        png = (out / "plots" / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
+    assert "vanilla_seed1: ok" in stdout
+
+
+@pytest.mark.slow
+def test_quick_sweep_models_are_megatron_checkpoints(sweep):
+    out, results, _ = sweep
+    from megatron_opd import convert
+
+    start = results["start"]
+    t_arch, t_meta = convert.read_checkpoint(out / "models" / "teacher")
+    s_arch, _ = convert.read_checkpoint(out / "models" / "student")
+    assert (t_arch.num_hidden_layers, s_arch.num_hidden_layers) == (3, 2)
+    assert t_arch.hidden_size > s_arch.hidden_size
+    assert start["teacher"]["params"] > 4 * start["student"]["params"]
+    assert t_arch.vocab_size == s_arch.vocab_size == t_meta["hf_config"]["vocab_size"]
+    assert start["gap_avg_at_k"] == pytest.approx(
+        start["teacher"]["avg_at_k"] - start["student"]["avg_at_k"]
+    )
+    # train and held-out problems are disjoint
+    train = {json.loads(x)["problem"] for x in (out / "models" / "train.jsonl").open()}
+    held = {json.loads(x)["problem"] for x in (out / "models" / "heldout.jsonl").open()}
+    assert len(held) == 8 and not train & held
+
+
+def test_claims_follow_the_numbers():
+    def entry(**kw):
+        base = {key: float("nan") for key, _, _ in toy.COLUMNS}
+        out = {**base, "seeds": [1, 2], "failed": [], **kw}
+        for key, _, _ in toy.COLUMNS:  # two seeds, 1 apart unless given
+            out.setdefault(key + "_per_seed", [out[key] - 0.5, out[key] + 0.5])
+        return out
+
+    table = {
+        "vanilla": entry(grad_norm_max=1000.0, grad_norm_median=50.0, avg_at_k=10.0,
+                         abs_reward_first16=3.0, abs_reward_rest=1.0, eval_response_len=40.0,
+                         rollout_response_len=40.0, seconds_per_step=1.0, peak_memory_gib=1.0),
+        "clip": entry(grad_norm_max=20.0, avg_at_k=20.0, seconds_per_step=1.0,
+                      peak_memory_gib=1.0),
+        "full_vocab_kl": entry(seconds_per_step=2.0, peak_memory_gib=1.5),
+        "power_5": entry(grad_norm_max=1.0, grad_norm_median=0.5, avg_at_k=30.0,
+                         eval_response_len=30.0, rollout_response_len=31.0,
+                         seconds_per_step=1.0, peak_memory_gib=1.0),
+        "power_0.1": entry(grad_norm_max=5.0, grad_norm_median=1.0, avg_at_k=15.0,
+                           eval_response_len=35.0, rollout_response_len=36.0,
+                           seconds_per_step=1.0, peak_memory_gib=1.0),
+    }  # fmt: skip
+
+    def verdicts():
+        claims = {c["claim"][:2]: c for c in toy.check_claims(table)}
+        return claims, [claims[k]["verdict"] for k in ("1.", "2.", "3.", "4.", "5.")]
+
+    claims, got = verdicts()
+    assert got == ["reproduced"] * 5
+    assert claims["1."]["measured"]["max_ratio"] == {"power_0.1": 200.0, "power_5": 1000.0}
+    assert claims["3."]["measured"]["alphas_above_both"] == ["power_5"]
+    assert claims["3."]["measured"]["margin_over_best_baseline"] == 10.0
+    assert claims["4."]["measured"]["alphas"] == [0.1, 5.0]
+    assert claims["4."]["measured"]["spearman_eval"] == pytest.approx(-1.0)
+    assert claims["5."]["measured"]["time_ratio_sampled_over_full"] == pytest.approx(0.5)
+
+    table["power_5"]["grad_norm_max"] = 50.0  # 20x below vanilla: one order of magnitude
+    table["power_5"]["avg_at_k_per_seed"] = [10.0, 50.0]  # a margin of 10 within 20 + 0.5
+    table["power_5"]["eval_response_len"] = 34.0  # falls, but by < 5%
+    table["full_vocab_kl"]["peak_memory_gib"] = 0.5
+    claims, got = verdicts()
+    assert got == ["partly", "reproduced", "partly", "partly", "partly"]
+
+    table["power_5"]["grad_norm_max"] = 500.0
+    table["vanilla"]["abs_reward_rest"] = 4.0
+    table["power_5"]["avg_at_k"] = 5.0
+    table["power_0.1"]["avg_at_k"] = 5.0
+    table["power_5"]["eval_response_len"] = 50.0
+    table["power_5"]["rollout_response_len"] = 50.0
+    table["full_vocab_kl"]["seconds_per_step"] = 0.5
+    claims, got = verdicts()
+    assert got == ["not reproduced"] * 5
+    assert math.isclose(claims["2."]["measured"]["ratio"], 0.75)
