@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "examples" / "toy_reproduction"
 sys.path.insert(0, str(HERE))
 
+import report  # noqa: E402
 import run as toy  # noqa: E402
 
 
@@ -151,9 +152,9 @@ def test_quick_sweep_models_are_megatron_checkpoints(sweep):
 
 def test_claims_follow_the_numbers():
     def entry(**kw):
-        base = {key: float("nan") for key, _, _ in toy.COLUMNS}
+        base = {key: float("nan") for key, _, _ in report.COLUMNS}
         out = {**base, "seeds": [1, 2], "failed": [], **kw}
-        for key, _, _ in toy.COLUMNS:  # two seeds, 1 apart unless given
+        for key, _, _ in report.COLUMNS:  # two seeds, 1 apart unless given
             out.setdefault(key + "_per_seed", [out[key] - 0.5, out[key] + 0.5])
         return out
 
@@ -173,7 +174,7 @@ def test_claims_follow_the_numbers():
     }  # fmt: skip
 
     def verdicts():
-        claims = {c["claim"][:2]: c for c in toy.check_claims(table)}
+        claims = {c["claim"][:2]: c for c in report.check_claims(table)}
         return claims, [claims[k]["verdict"] for k in ("1.", "2.", "3.", "4.", "5.")]
 
     claims, got = verdicts()
