@@ -110,11 +110,16 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` under a temporary name, then rename: readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------

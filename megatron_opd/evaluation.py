@@ -8,7 +8,6 @@ the main thread), and the records are gathered so every rank returns the same sc
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 
 from megatron_opd import data, grading
+from megatron_opd.checkpointing import write_text_atomic
 from megatron_opd.generation import generate
 
 
@@ -190,15 +190,9 @@ def write_outputs(
         "mean": summary(scores),
         **(extra or {}),
     }
-    _write_atomic(out / "results.json", json.dumps(result, indent=2))
-    _write_atomic(out / "results.md", markdown_table(scores, k))
-    _write_atomic(out / "completions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "results.md", markdown_table(scores, k))
+    write_text_atomic(out / "completions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _progress(it, enabled: bool, name: str, cfg: EvalConfig):

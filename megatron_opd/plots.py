@@ -14,7 +14,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [r for r in rows if "grad_norm" in r]  # evaluation lines carry no training numbers
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +25,7 @@ def _pyplot():
 
 def plot_run(metrics_path: str | Path, out_dir: str | Path, title: str = "") -> list[Path]:
     """reward_by_position.png, grad_norm.png and response_length.png; returns their paths."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = read_metrics(metrics_path)
     if not rows:
         raise ValueError(f"{metrics_path} has no training steps to plot")
@@ -43,7 +43,7 @@ def plot_run(metrics_path: str | Path, out_dir: str | Path, title: str = "") -> 
     ax.set_ylabel("mean |reward|")
     ax.set_title(f"{title} reward by position".strip())
     ax.legend()
-    written.append(_save(fig, out / "reward_by_position.png"))
+    written.append(save_figure(fig, out / "reward_by_position.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, [r["grad_norm"] for r in rows], marker=".")
@@ -51,7 +51,7 @@ def plot_run(metrics_path: str | Path, out_dir: str | Path, title: str = "") -> 
     ax.set_xlabel("step")
     ax.set_ylabel("gradient norm (before clipping)")
     ax.set_title(f"{title} gradient norm".strip())
-    written.append(_save(fig, out / "grad_norm.png"))
+    written.append(save_figure(fig, out / "grad_norm.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, [r["response/mean_len"] for r in rows], marker=".", label="mean")
@@ -60,7 +60,7 @@ def plot_run(metrics_path: str | Path, out_dir: str | Path, title: str = "") -> 
     ax.set_ylabel("response length (tokens)")
     ax.set_title(f"{title} response length".strip())
     ax.legend()
-    written.append(_save(fig, out / "response_length.png"))
+    written.append(save_figure(fig, out / "response_length.png"))
     return written
 
 
@@ -69,10 +69,10 @@ def _mean(values: Sequence) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     tmp.replace(path)
     return path

@@ -14,7 +14,6 @@ Written under ``--out``: ``tokenizer/``, ``teacher/``, ``student/`` (checkpoints
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -31,7 +30,7 @@ import task  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from megatron_opd import convert, data, distributed, evaluation, models  # noqa: E402
+from megatron_opd import checkpointing, convert, data, distributed, evaluation, models  # noqa: E402
 from megatron_opd.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -208,9 +207,7 @@ def main(argv=None) -> dict:
     finally:
         distributed.teardown()
     report["gap_avg_at_k"] = report["teacher"]["avg_at_k"] - report["student"]["avg_at_k"]
-    tmp = out / "models.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "models.json")
+    checkpointing.write_json_atomic(out / "models.json", report)
     return report
 
 

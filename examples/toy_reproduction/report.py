@@ -205,9 +205,9 @@ def _spearman(xs, ys) -> float:
 
 
 def make_plots(results: list[dict], start: dict, cfg, out: Path) -> list[Path]:
-    from megatron_opd.plots import _pyplot, _save
+    from megatron_opd.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     ok = [r for r in results if r["returncode"] == 0]
     color = {m: f"C{i % 10}" for i, m in enumerate(cfg.methods)}  # a method's colour in every plot
@@ -231,7 +231,7 @@ def make_plots(results: list[dict], start: dict, cfg, out: Path) -> list[Path]:
     ax.set_ylabel("gradient norm before clipping (mean over seeds)")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Gradient norm per step")
-    written.append(_save(fig, out / "grad_norm.png"))
+    written.append(save_figure(fig, out / "grad_norm.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, (x, y) in per_method("avg_at_k", "eval_step").items():
@@ -242,7 +242,7 @@ def make_plots(results: list[dict], start: dict, cfg, out: Path) -> list[Path]:
     ax.set_ylabel(f"held-out Avg@{cfg.eval_samples} (mean over seeds)")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Accuracy per step")
-    written.append(_save(fig, out / "accuracy.png"))
+    written.append(save_figure(fig, out / "accuracy.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     shown = [m for m in cfg.methods if m == "vanilla" or m.startswith("power_")]
@@ -262,7 +262,7 @@ def make_plots(results: list[dict], start: dict, cfg, out: Path) -> list[Path]:
         ax.set_xlabel("response position (tokens)")
         ax.legend(fontsize=7)
     fig.suptitle("Reward by response position, all steps: vanilla vs PowerOPD")
-    written.append(_save(fig, out / "reward_by_position.png"))
+    written.append(save_figure(fig, out / "reward_by_position.png"))
 
     table = aggregate(results, cfg)
     alphas = [(float(m.split("_", 1)[1]), table[m]) for m in table if m.startswith("power_")]
@@ -281,7 +281,7 @@ def make_plots(results: list[dict], start: dict, cfg, out: Path) -> list[Path]:
     ax.set_ylabel("mean response length (tokens)")
     ax.legend()
     ax.set_title("Response length against α")
-    written.append(_save(fig, out / "length_vs_alpha.png"))
+    written.append(save_figure(fig, out / "length_vs_alpha.png"))
     return written
 
 

@@ -36,6 +36,8 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 import report  # noqa: E402
 
+from megatron_opd.checkpointing import write_json_atomic, write_text_atomic  # noqa: E402
+
 ALPHAS = (0.1, 0.5, 1.0, 5.0, 50.0)
 BASELINES = {
     "vanilla": ["--opd-reward", "log_ratio"],
@@ -211,10 +213,10 @@ def run_one(cfg: SweepConfig, models: Path, out: Path, method: str, seed: int, t
     result = {"method": method, "seed": seed, "flags": flags, "returncode": rc}
     result["wall_seconds"] = time.perf_counter() - start
     if rc == 0:
-        result.update(summarize_run(run_dir, method, cfg))
+        result.update(summarize_run(run_dir, flags, cfg))
     else:
         result["error"] = _tail(run_dir / "train.log")
-    _write_json(result_file, result)
+    write_json_atomic(result_file, result)
     status = "ok" if rc == 0 else f"FAILED (exit {rc})"
     print(f"  {name}: {status} in {result['wall_seconds']:.0f} s", flush=True)
     return result
@@ -228,30 +230,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def reward_config(method: str):
-    """The reward formula a method's flags select (what the dumps are re-scored with)."""
-    from megatron_opd.rewards import RewardConfig
-
-    flags = METHODS[method]
-    opts = dict(zip(flags[::2], flags[1::2], strict=True))
-    return RewardConfig(
-        kind=opts["--opd-reward"],
-        alpha=float(opts.get("--opd-alpha", 1.0)),
-        clip_min=float(opts.get("--opd-clip-min", -1.0)),
-        clip_max=float(opts.get("--opd-clip-max", 1.0)),
-        tanh_temperature=float(opts.get("--opd-tanh-temperature", 5.0)),
-    )
-
-
-def reward_by_position(run_dir: Path, method: str, width: int) -> dict[str, list[float]]:
+def reward_by_position(run_dir: Path, flags: list[str], width: int) -> dict[str, list[float]]:
     """Mean reward and mean |reward| at each response position over every step's tokens, from
     the per-token log-probs the run dumped (``--opd-dump-tokens``). For full_vocab_kl, which has
     no sampled-token reward, the log-ratio."""
     import torch
 
+    from megatron_opd import arguments
     from megatron_opd.rewards import compute_reward, masked_moments, response_positions
 
-    cfg = reward_config(method)
+    cfg = arguments.reward_config(arguments.parse_args(flags))  # the formula the run trained with
     total = torch.zeros(width, dtype=torch.float64)
     total_abs = torch.zeros(width, dtype=torch.float64)
     count = torch.zeros(width, dtype=torch.float64)
@@ -283,7 +271,7 @@ def _ratio_early_late(by_pos: dict[str, list[float]]) -> tuple[float, float]:
     return early, late
 
 
-def summarize_run(run_dir: Path, method: str, cfg: SweepConfig) -> dict:
+def summarize_run(run_dir: Path, flags: list[str], cfg: SweepConfig) -> dict:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in rows if "grad_norm" in r]
     evals = [r for r in rows if "eval/mean/avg_at_k" in r]
@@ -291,7 +279,7 @@ def summarize_run(run_dir: Path, method: str, cfg: SweepConfig) -> dict:
         raise RuntimeError(f"{run_dir}: {len(train)} training steps and {len(evals)} evaluations")
     grad = [r["grad_norm"] for r in train]
     final = evals[-1]
-    by_pos = reward_by_position(run_dir, method, cfg.max_new_tokens)
+    by_pos = reward_by_position(run_dir, flags, cfg.max_new_tokens)
     early, late = _ratio_early_late(by_pos)
     return {
         "avg_at_k": final["eval/mean/avg_at_k"],
@@ -319,18 +307,6 @@ def summarize_run(run_dir: Path, method: str, cfg: SweepConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv=None) -> dict:
@@ -364,9 +340,9 @@ def main(argv=None) -> dict:
             for r in results
         ],  # fmt: skip
     }
-    _write_json(out / "results.json", summary)
+    write_json_atomic(out / "results.json", summary)
     text = report.report_markdown(table, claims, start, cfg, results)
-    _write_text(out / "results.md", text)
+    write_text_atomic(out / "results.md", text)
     print("\n" + text)
     print("plots: " + ", ".join(str(p) for p in plots))
     failed = [f"{r['method']}_seed{r['seed']}" for r in results if r["returncode"] != 0]

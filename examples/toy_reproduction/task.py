@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_opd.checkpointing import write_text_atomic
 from megatron_opd.data import BOXED_INSTRUCTION
 
 
@@ -58,11 +59,8 @@ def problems(n: int, seed: int, cfg: TaskConfig = TaskConfig()) -> list[list[int
 def write_problems(path: Path, items: list[list[int]]) -> Path:
     """``{problem, answer}`` jsonl, written under a temporary name and renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for terms in items:
-            f.write(json.dumps({"problem": problem_text(terms), "answer": str(sum(terms))}) + "\n")
-    tmp.replace(path)
+    rows = ({"problem": problem_text(t), "answer": str(sum(t))} for t in items)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
