@@ -14,6 +14,14 @@ buffer of ``chunk_size x vocab/tp`` plus a few ``[tokens]`` vectors: no fp32 cop
 saved softmax. The backward recomputes the softmax of each chunk over this shard and scales it by
 the shard's share of the probability mass, a saved ``[tokens]`` vector.
 
+Precision at large logits: logits of magnitude 30-100 have an fp32 spacing of ~1e-5, as large as a
+confident token's whole log-prob. So no large number is subtracted from another after the
+reductions: every logit is taken relative to the (local, then global) max before anything is
+summed or all-reduced, which is exact near the max; the target's own term is left out of the sum
+so that a likely token's log-prob is ``-log1p(rest / exp(target - max))`` (full relative precision,
+where ``log(1 + tiny)`` would round to 0). The owner of the target subtracts the global max from it
+before the SUM, so this costs no extra collective.
+
 ``group`` is the TP process group, passed explicitly; ``None`` means the logits are not sharded
 (no torch.distributed needed). Inputs may be fp32, bf16 or fp16; accumulation is fp32 and the
 outputs are fp32.
@@ -91,9 +99,19 @@ def _local_target(targets: torch.Tensor, start: int, n_valid: int):
 
 
 def _local_logsumexp_terms(
-    x: torch.Tensor, n_valid: int, chunk: int, buf: torch.Tensor
+    x: torch.Tensor,
+    n_valid: int,
+    chunk: int,
+    buf: torch.Tensor,
+    owned: torch.Tensor,
+    col: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: (max over this shard's valid columns, sum of exp(x - that max)), fp32."""
+    """Per row: (max over this shard's valid columns, sum of exp(x - that max) over them), fp32.
+
+    The sum leaves out the target's own term on the rank that owns it: the caller adds it back
+    from the target logit, so that for a likely target log p = -log1p(rest / exp(target - max))
+    keeps full relative precision, where log(sum) would round 1 + tiny to 1.
+    """
     n = x.shape[0]
     m = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
     s = torch.zeros(n, dtype=torch.float32, device=x.device)
@@ -105,6 +123,8 @@ def _local_logsumexp_terms(
         mc = xc.amax(dim=1).float()
         torch.sub(xc, mc.unsqueeze(1), out=e)
         e.exp_()
+        c = col[i : i + chunk].unsqueeze(1)
+        e.scatter_(1, c, torch.where(owned[i : i + chunk].unsqueeze(1), 0.0, e.gather(1, c)))
         m[i : i + chunk] = mc
         torch.sum(e, dim=1, out=s[i : i + chunk])
     return m, s
@@ -129,16 +149,30 @@ class _SampledTokenLogprobs(torch.autograd.Function):
         owned, col = _local_target(targets, start, n_valid)
         chunk = max(1, min(chunk_size, x.shape[0]))
         buf = torch.empty(chunk, n_valid, dtype=torch.float32, device=x.device)
-        m, s = _local_logsumexp_terms(x, n_valid, chunk, buf)
-        target_logit = torch.where(owned, x.gather(1, col.unsqueeze(1)).squeeze(1).float(), 0.0)
-        # one MAX, then one SUM of (rescaled sum-exp, target logit: nonzero on its owner only)
+        m, rest = _local_logsumexp_terms(x, n_valid, chunk, buf, owned, col)
+        target_logit = x.gather(1, col.unsqueeze(1)).squeeze(1).float()
+        # One MAX, then one SUM of (rescaled sum-exp without the target, target logit minus the
+        # global max: nonzero on its owner only). The owner subtracts the max before the SUM
+        # rather than after the log: at logits of 30-100 the difference of two such fp32
+        # numbers loses ~1e-5 absolute, all of a confident token's log-prob, while x - max is
+        # exact for the argmax (0) and for any logit within a factor 2 of it.
         gmax = _all_reduce(m.clone(), dist.ReduceOp.MAX, group)
-        local = s * torch.exp(m - gmax)
-        summed = _all_reduce(torch.stack([local, target_logit]), dist.ReduceOp.SUM, group)
-        lse = gmax + summed[0].log()
-        logprob = summed[1] - lse
+        local_rest = rest * torch.exp(m - gmax)
+        target_rel = torch.where(owned, target_logit - gmax, 0.0)
+        summed = _all_reduce(torch.stack([local_rest, target_rel]), dist.ReduceOp.SUM, group)
+        rest_all, target_rel = summed[0], summed[1]
+        target_exp = target_rel.exp()
+        total = rest_all + target_exp
+        # log p = target_rel - log(total) = -log1p(rest / target_exp). The second form keeps full
+        # relative precision when p >= 1/2 (where the ratio is <= 1, so it cannot overflow); the
+        # first is as precise when p < 1/2, where |log p| > 0.69.
+        logprob = torch.where(
+            target_exp >= rest_all,
+            -torch.log1p(rest_all / target_exp),
+            target_rel - total.log(),
+        )
         # this shard's share of the probability mass: softmax = local softmax x share
-        share = local / summed[0]
+        share = (local_rest + torch.where(owned, target_exp, 0.0)) / total
         ctx.save_for_backward(logits, targets, share)
         ctx.shard = (start, n_valid, chunk)
         ctx.inplace_backward = inplace_backward
@@ -227,37 +261,45 @@ class _FullVocabReverseKL(torch.autograd.Function):
                 ea, eb = es[: j - i], et[: j - i]
                 ms[i:j] = a.amax(dim=1).float()
                 mt[i:j] = b.amax(dim=1).float()
-                torch.sub(a, ms[i:j].unsqueeze(1), out=ea)
-                ea.exp_()
-                torch.sum(ea, dim=1, out=ss[i:j])
                 torch.sub(b, mt[i:j].unsqueeze(1), out=eb)
                 eb.exp_()
                 torch.sum(eb, dim=1, out=st[i:j])
-                # sum_v exp(x_s - m_s) (x_s - x_t): the student-weighted logit gap
-                eb.copy_(a)
-                eb.sub_(b)
+                # sum_v exp(x_s - m_s) ((x_s - m_s) - (x_t - m_t)): the student-weighted logit
+                # gap with each logit taken relative to its row's max first, which is exact near
+                # the max, where the weight is; (x_s - x_t) - (m_s - m_t) would cancel two large
+                # rounded numbers
+                torch.sub(b, mt[i:j].unsqueeze(1), out=eb)
+                torch.sub(a, ms[i:j].unsqueeze(1), out=ea)
+                torch.sub(ea, eb, out=eb)
+                ea.exp_()
+                torch.sum(ea, dim=1, out=ss[i:j])
                 eb.mul_(ea)
                 torch.sum(eb, dim=1, out=w[i:j])
         # a rank without valid columns has m = -inf and sums 0: exp(m - gmax) = 0 keeps them 0
         gmax = _all_reduce(torch.stack([ms, mt]), dist.ReduceOp.MAX, group)
         scale_s, scale_t = torch.exp(ms - gmax[0]), torch.exp(mt - gmax[1])
         local_s = ss * scale_s
+        # the gap relative to the global maxima: 0 on the rank that holds both
+        shift_gap = (ms - gmax[0]) - (mt - gmax[1]) if n_valid > 0 else torch.zeros_like(ms)
         summed = _all_reduce(
-            torch.stack([local_s, st * scale_t, w * scale_s]), dist.ReduceOp.SUM, group
+            torch.stack([local_s, st * scale_t, (w + ss * shift_gap) * scale_s]),
+            dist.ReduceOp.SUM,
+            group,
         )
-        lse_s = gmax[0] + summed[0].log()
-        lse_t = gmax[1] + summed[1].log()
-        # KL = E_S[log pi_S - log pi_T] = E_S[x_s - x_t] - (lse_s - lse_t)
-        kl = summed[2] / summed[0] - (lse_s - lse_t)
-        # log pi_S - log pi_T - KL = x_s - x_t - shift; pi_S = local softmax x share
-        ctx.save_for_backward(student, teacher, local_s / summed[0], lse_s - lse_t + kl)
+        # KL = E_S[log pi_S - log pi_T] = E_S[(x_s - gmax_s) - (x_t - gmax_t)] - log(sum_s / sum_t)
+        log_ratio_sums = summed[0].log() - summed[1].log()
+        kl = summed[2] / summed[0] - log_ratio_sums
+        # log pi_S - log pi_T - KL = (x_s - gmax_s) - (x_t - gmax_t) - shift;
+        # pi_S = local softmax x share
+        shift = log_ratio_sums + kl
+        ctx.save_for_backward(student, teacher, local_s / summed[0], gmax, shift)
         ctx.shard = (n_valid, chunk)
         ctx.inplace_backward = inplace_backward
         return kl.view(student.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_output):
-        student, teacher, share, shift = ctx.saved_tensors
+        student, teacher, share, gmax, shift = ctx.saved_tensors
         n_valid, chunk = ctx.shard
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
@@ -267,7 +309,7 @@ class _FullVocabReverseKL(torch.autograd.Function):
         g = grad_output.reshape(-1).float()
         n = xs.shape[0]
         direct = xs.dtype == torch.float32 and n_valid == xs.shape[1]
-        both_fp32 = xs.dtype == xt.dtype == torch.float32
+        gmax_s, gmax_t = gmax[0].unsqueeze(1), gmax[1].unsqueeze(1)
         coef = (g * share).unsqueeze(1)
         offset = -(shift.unsqueeze(1) * coef)
         if n_valid > 0:
@@ -277,21 +319,16 @@ class _FullVocabReverseKL(torch.autograd.Function):
                 j = min(i + chunk, n)
                 a, b = xs[i:j, :n_valid], xt[i:j, :n_valid]
                 d = gap[: j - i]
-                # (x_s - x_t - shift) * g * share, before ``out`` may overwrite ``a``; a
-                # low-precision difference would be rounded, so those are upcast first
-                if both_fp32:
-                    torch.sub(a, b, out=d)
-                else:
-                    d.copy_(a)
-                    d.sub_(b)
+                out = grad[i:j] if direct else buf[: j - i]
+                # ((x_s - gmax_s) - (x_t - gmax_t) - shift) * g * share: as in the forward, each
+                # logit relative to its max first (in fp32, whatever the input dtype); ``out``
+                # may be ``a`` itself, which is then no longer needed: softmax(x_s - gmax_s) is
+                # softmax(x_s)
+                torch.sub(b, gmax_t[i:j], out=d)
+                torch.sub(a, gmax_s[i:j], out=out)
+                torch.sub(out, d, out=d)
                 torch.addcmul(offset[i:j], d, coef[i:j], out=d)
-                if direct:
-                    out = grad[i:j]
-                    _softmax_rows(xs[i:j], out)
-                else:
-                    out = buf[: j - i]
-                    out.copy_(a)
-                    _softmax_rows(out, out)
+                _softmax_rows(out, out)
                 out.mul_(d)
                 if not direct:
                     grad[i:j, :n_valid].copy_(out)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_opd.models import padded_vocab_size
-from megatron_opd.rewards import RewardConfig, compute_reward
+from megatron_opd.rewards import RewardConfig, compute_reward, power_reward
 from megatron_opd.testing import run_distributed
 from megatron_opd.vocab_parallel import (
     full_vocab_reverse_kl,
@@ -257,3 +257,136 @@ def _sharded_rank(dtypes):
 def test_ops_match_reference_sharded(world):
     dtypes = [torch.float32, torch.bfloat16] if world == 2 else [torch.float32]
     assert run_distributed(_sharded_rank, world, dtypes, timeout=240) == list(range(world))
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision at large logits (issue 11): logits of magnitude 30-100, where a confident token's
+# log-prob (~ -1e-5) is far below the rounding of the logits themselves (ulp(64) = 7.6e-6). The
+# yardstick is the fp32 formulation a user would write, torch.log_softmax then gather; the ops
+# must be no worse than 2x its error against float64, in the log-probs, the power reward at
+# alpha = 5 and 500, the full-vocab KL and the gradients.
+
+LARGE_ROWS = 32  # [s, b] = [8, 4]; the first half of the rows confident, the second not
+
+
+def _large_logit_inputs(padded: int, seed: int):
+    """(student, teacher, targets, upstream): fp32 logits ``[8, 4, padded]`` of magnitude
+    30-100 (either sign). Confident rows: one top logit, shared by student and teacher and used as
+    the target, 8-20 nats above the rest (log p from about -1e-7 to -1e-2). Unconfident rows:
+    logits spread by 3 nats around the magnitude, a random target."""
+    g = torch.Generator().manual_seed(seed)
+    n, half = LARGE_ROWS, LARGE_ROWS // 2
+    targets = torch.randint(0, VOCAB, (n,), generator=g)
+
+    def logits():
+        level = (30 + 70 * torch.rand(n, 1, generator=g)) * torch.where(
+            torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0
+        )
+        x = torch.empty(n, padded)
+        margin = 8 + 12 * torch.rand(half, 1, generator=g)
+        x[:half] = level[:half] - margin - 2 * torch.rand(half, padded, generator=g)
+        x[:half].scatter_(1, targets[:half, None], level[:half])
+        x[half:] = level[half:] + 3 * torch.randn(half, padded, generator=g)
+        x[:, VOCAB:] = 100.0  # padding: must be ignored
+        return x.view(8, 4, padded)
+
+    student, teacher = logits(), logits()
+    upstream = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    return student, teacher, targets.view(8, 4), upstream
+
+
+def _errors_against_float64(lp, kl, grad_lp, grad_kl, ref):
+    """Max absolute errors per quantity, confident and unconfident rows apart."""
+    conf = torch.arange(LARGE_ROWS).view(8, 4) < LARGE_ROWS // 2
+    lp_s, lp_t = lp
+    out = {}
+    for rows, name in ((conf, "confident"), (~conf, "unconfident")):
+        out[f"logprob {name}"] = max(
+            (lp_s.double() - ref["lp_s"])[rows].abs().max().item(),
+            (lp_t.double() - ref["lp_t"])[rows].abs().max().item(),
+        )
+        for alpha in (5.0, 500.0):
+            r = power_reward(lp_t, lp_s, alpha).double()
+            out[f"power a={alpha:g} {name}"] = (r - ref[alpha])[rows].abs().max().item()
+        out[f"kl {name}"] = (kl.double() - ref["kl"])[rows].abs().max().item()
+        out[f"logprob grad {name}"] = (grad_lp.double() - ref["grad_lp"])[rows].abs().max().item()
+        out[f"kl grad {name}"] = (grad_kl.double() - ref["grad_kl"])[rows].abs().max().item()
+    return out
+
+
+def _log_softmax_terms(student, teacher, targets, upstream, dtype):
+    """log_softmax then gather, the KL from two log_softmax, and their gradients, in ``dtype``,
+    over the true vocabulary: the float64 reference, or the fp32 yardstick."""
+    x = student[..., :VOCAB].to(dtype).requires_grad_()
+    log_s = torch.log_softmax(x, dim=-1)
+    log_t = torch.log_softmax(teacher[..., :VOCAB].to(dtype), dim=-1)
+    lp_s = log_s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    lp_t = log_t.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+    (grad_lp,) = torch.autograd.grad((lp_s * upstream.to(dtype)).sum(), x, retain_graph=True)
+    (grad_kl,) = torch.autograd.grad((kl * upstream.to(dtype)).sum(), x)
+    return (lp_s.detach(), lp_t.detach()), kl.detach(), grad_lp, grad_kl
+
+
+def _check_large_logits(rank: int, world: int, group, seed: int = 3) -> dict:
+    """The ops on this rank's shard and the fp32 yardstick, both against float64; returns
+    {quantity: (op error, yardstick error)}."""
+    padded = padded_vocab_size(VOCAB, 128, world)
+    vp = padded // world
+    cols = slice(rank * vp, (rank + 1) * vp)
+    student, teacher, targets, upstream = _large_logit_inputs(padded, seed)
+    lp64, kl64, grad_lp64, grad_kl64 = _log_softmax_terms(
+        student, teacher, targets, upstream, torch.float64
+    )
+    ref = {"lp_s": lp64[0], "lp_t": lp64[1], "kl": kl64, "grad_lp": grad_lp64}
+    ref["grad_kl"] = grad_kl64
+    for alpha in (5.0, 500.0):
+        ref[alpha] = torch.exp(alpha * lp64[1]) - torch.exp(alpha * lp64[0])
+    fp32 = _errors_against_float64(
+        *_log_softmax_terms(student, teacher, targets, upstream, torch.float32), ref
+    )
+
+    x = student[..., cols].clone().requires_grad_()
+    lp_s = sampled_token_logprobs(x, targets, VOCAB, group, chunk_size=5)
+    (lp_s * upstream.float()).sum().backward()
+    lp_t = sampled_token_logprobs(teacher[..., cols], targets, VOCAB, group, chunk_size=5)
+    y = student[..., cols].clone().requires_grad_()
+    kl = full_vocab_reverse_kl(y, teacher[..., cols], VOCAB, group, chunk_size=5)
+    (kl * upstream.float()).sum().backward()
+    # gradients: this rank's columns of the true vocabulary
+    own = slice(rank * vp, min((rank + 1) * vp, VOCAB))
+    n_own = own.stop - own.start
+    ops = _errors_against_float64(
+        (lp_s.detach(), lp_t),
+        kl.detach(),
+        x.grad[..., :n_own],
+        y.grad[..., :n_own],
+        dict(ref, grad_lp=ref["grad_lp"][..., own], grad_kl=ref["grad_kl"][..., own]),
+    )
+    return {k: (ops[k], fp32[k]) for k in ops}
+
+
+def _assert_no_worse_than_fp32_log_softmax(errors: dict) -> None:
+    worse = {k: v for k, v in errors.items() if not v[0] <= 2 * v[1]}
+    assert not worse, "op error above 2x the fp32 log_softmax error: " + ", ".join(
+        f"{k}: {op:.3g} vs {ref:.3g}" for k, (op, ref) in worse.items()
+    )
+
+
+def test_large_logit_precision_unsharded():
+    errors = _check_large_logits(0, 1, None)
+    _assert_no_worse_than_fp32_log_softmax(errors)
+
+
+def _large_logit_rank():
+    dist.init_process_group("gloo")
+    try:
+        return _check_large_logits(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_large_logit_precision_sharded():
+    for errors in run_distributed(_large_logit_rank, 2, timeout=120):
+        _assert_no_worse_than_fp32_log_softmax(errors)
