@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -215,7 +216,9 @@ class SafetensorsWeights:
     def __init__(self, directory: Path):
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no 'weight_map'")
             files = sorted(set(weight_map.values()))
         elif (directory / "model.safetensors").exists():
             files = ["model.safetensors"]
@@ -349,9 +352,16 @@ def _single_process_megatron() -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; errors name the file."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    return json.loads(path.read_text())
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def _check_hf_config(raw: dict[str, Any], source: str) -> None:
@@ -387,7 +397,7 @@ def import_hf(
     hf_config = _read_json(hf_dir / "config.json")
     arch = models.ArchConfig.from_dict(hf_config, source=str(hf_dir / "config.json"))
     gen_file = hf_dir / "generation_config.json"
-    generation_config = json.loads(gen_file.read_text()) if gen_file.exists() else None
+    generation_config = _read_json(gen_file) if gen_file.exists() else None
     weights = SafetensorsWeights(hf_dir)
     _check_hf_config(hf_config, str(hf_dir))
     check_hf_weights(weights, arch, str(hf_dir))
@@ -512,7 +522,13 @@ def read_checkpoint(directory: str | Path) -> tuple[models.ArchConfig, dict[str,
     """The architecture and metadata of a checkpoint written by this project."""
     from megatron_opd import checkpointing
 
-    meta = checkpointing.read_meta(directory)
+    meta_file = Path(directory) / checkpointing.META_FILE
+    try:
+        meta = checkpointing.read_meta(directory)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_file} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file} holds a JSON {type(meta).__name__}, not an object")
     if "arch" not in meta:
         raise ValueError(f"{directory}/{checkpointing.META_FILE} has no 'arch' entry")
     return models.ArchConfig.from_dict(meta["arch"], source=str(directory)), meta
@@ -552,11 +568,46 @@ def load_checkpoint_model(
         checkpointing.load_model(chunks, directory, strict=False)
     except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        damaged = damaged_checkpoint_files(directory)
+        if damaged:
+            raise ValueError(
+                f"{directory}: the checkpoint is damaged, a file is truncated or corrupt: "
+                f"{'; '.join(damaged)} ({reason})"
+            ) from e
         raise ValueError(
             f"{directory}: the checkpoint does not match the architecture in "
             f"{checkpointing.META_FILE}: {reason}"
         ) from e
     return chunks, arch
+
+
+def damaged_checkpoint_files(directory: str | Path) -> list[str]:
+    """The files of a dist checkpoint that are missing, empty, or shorter than its ``.metadata``
+    says (what a crash or a full disk leaves), each with what is wrong; ``[]`` when none is.
+
+    Only sizes are checked: a file of the right size with wrong bytes is not found here."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    directory = Path(directory)
+    try:
+        storage = FileSystemReader(str(directory)).read_metadata().storage_data
+    except Exception as e:
+        return [f".metadata is unreadable ({type(e).__name__})"]
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    out = []
+    for name, size in sorted(needed.items()):
+        path = directory / name
+        if not path.exists():
+            out.append(f"{name} is missing")
+        elif path.stat().st_size < size:
+            out.append(f"{name} is truncated ({path.stat().st_size} of {size} bytes)")
+    for name in ("common.pt", "metadata.json"):
+        if (directory / name).exists() and (directory / name).stat().st_size == 0:
+            out.append(f"{name} is empty")
+    return out
 
 
 class _ShardWriter:
@@ -618,8 +669,14 @@ def export_hf(
     max_shard_size: int = 5 * 2**30,
     tokenizer_path: Optional[str | Path] = None,
 ) -> Path:
-    """Write a Hugging Face checkpoint (config, generation config, safetensors, tokenizer)."""
-    load_dir, save_dir = Path(load_dir), Path(save_dir)
+    """Write a Hugging Face checkpoint (config, generation config, safetensors, tokenizer).
+
+    The export is written to ``<save_dir>.tmp`` and then swapped in, so ``save_dir`` holds exactly
+    its weights: an earlier export's weight files there (another sharding) are removed, and said
+    so; other files in ``save_dir`` are kept."""
+    load_dir, save_dir = Path(load_dir), Path(save_dir).absolute()
+    if save_dir.exists() and not save_dir.is_dir():
+        raise ValueError(f"--save {save_dir} exists and is not a directory")
     arch, meta = read_checkpoint(load_dir)
     tokenizer_src = Path(tokenizer_path) if tokenizer_path else load_dir / meta.get("tokenizer", "")
     if not tokenizer_path and not meta.get("tokenizer"):
@@ -629,8 +686,11 @@ def export_hf(
     _single_process_megatron()
     chunks, _ = load_checkpoint_model(load_dir)
     out_dtype = dtype or checkpoint_dtype(load_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(save_dir, max_shard_size)
+    tmp = save_dir.with_name(save_dir.name + ".tmp")
+    if tmp.exists():  # left by an export that crashed
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    writer = _ShardWriter(tmp, max_shard_size)
     mapping = rules(arch)
     for name, param in list(chunks[0].named_parameters()):
         rule = mapping[canonical_name(name)]
@@ -642,10 +702,65 @@ def export_hf(
     writer.finish()
     del chunks
 
-    tokenizer.save(save_dir)
+    tokenizer.save(tmp)
     for name, obj in _hf_json_files(arch, meta, out_dtype).items():
-        (save_dir / name).write_text(json.dumps(obj, indent=2) + "\n")
+        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    stale = _swap_in_export(tmp, save_dir)
+    if stale:
+        print(
+            f"removed {len(stale)} weight file(s) of an earlier export from {save_dir}: "
+            + ", ".join(stale),
+            flush=True,
+        )
     return save_dir
+
+
+def _is_weight_file(name: str) -> bool:
+    """Files that hold (or index) a Hugging Face model's weights: an export owns all of them."""
+    return (
+        name.endswith(".safetensors")
+        or name == "model.safetensors.index.json"
+        or (name.startswith("pytorch_model") and (name.endswith(".bin") or name.endswith(".json")))
+    )
+
+
+def _swap_in_export(tmp: Path, save_dir: Path) -> list[str]:
+    """Make the finished export in ``tmp`` the contents of ``save_dir``; return the names of the
+    weight files of an earlier export that it drops.
+
+    Everything else already in ``save_dir`` that the export does not rewrite (a README, say) is
+    linked (or copied) into ``tmp`` first; then two renames swap the directories, so a reader, or
+    a crash, sees either the old export or the new one, never a mix of their weights."""
+    if not save_dir.exists():
+        os.replace(tmp, save_dir)
+        return []
+    stale = []
+    for entry in sorted(save_dir.iterdir()):
+        if (tmp / entry.name).exists():
+            continue
+        if _is_weight_file(entry.name):
+            stale.append(entry.name)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, tmp / entry.name)
+    old = save_dir.with_name(save_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(save_dir, old)
+    os.replace(tmp, save_dir)
+    shutil.rmtree(old)
+    return stale
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _hf_json_files(

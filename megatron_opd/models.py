@@ -92,7 +92,14 @@ class ArchConfig:
             if raw.get(name) is None:
                 raise ValueError(f"{source}: missing required field {name!r}")
         rope = raw.get("rope_parameters") or {}
-        if "rope_theta" not in raw and "rope_theta" in rope:
+        if "rope_theta" in raw and "rope_theta" in rope:
+            # transformers reads one and this project would read the other: refuse to guess
+            if float(raw["rope_theta"]) != float(rope["rope_theta"]):
+                raise ValueError(
+                    f"{source}: rope_theta {raw['rope_theta']} and rope_parameters.rope_theta "
+                    f"{rope['rope_theta']} disagree; keep one of them"
+                )
+        elif "rope_theta" in rope:
             raw["rope_theta"] = rope["rope_theta"]
         scaling = raw.get("rope_scaling") or rope
         if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
@@ -117,9 +124,15 @@ class ArchConfig:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            raw = yaml.safe_load(text)
+            try:
+                raw = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
         else:
-            raw = json.loads(text)
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from e
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of architecture fields")
         return cls.from_dict(raw, source=str(path))
@@ -178,6 +191,12 @@ def validate_layout(
         raise ValueError(
             f"--tensor-model-parallel-size {tp} does not divide num_key_value_heads (query groups) "
             f"{arch.num_key_value_heads}"
+        )
+    if arch.intermediate_size % tp != 0:
+        # else Megatron fails later, inside ColumnParallelLinear, naming neither
+        raise ValueError(
+            f"--tensor-model-parallel-size {tp} does not divide intermediate_size (the MLP's "
+            f"ffn hidden size) {arch.intermediate_size}"
         )
     if pp > arch.num_hidden_layers:
         raise ValueError(
@@ -278,7 +297,7 @@ def build_model(
             ),
             share_embeddings_and_output_weights=arch.tie_word_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(arch.rope_theta),
+            rotary_base=float(arch.rope_theta),  # not int(): 10000.5 is a valid base
             rotary_percent=1.0,
             vp_stage=stage,
         )

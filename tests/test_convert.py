@@ -313,6 +313,60 @@ def test_scripts_round_trip_bf16(tiny, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize(
+    "first_shard_size", [None, 40_000], ids=["unsharded_first", "sharded_first"]
+)
+def test_reexport_into_the_same_directory_leaves_only_the_new_weights(
+    tiny, tmp_path, capsys, first_shard_size
+):
+    """An export over an earlier one (the other sharding, and bf16 weights, so that a stale file
+    would change the logits) leaves exactly the files of a fresh export, plus the user's own."""
+    from transformers import AutoModelForCausalLM
+
+    case = tiny["qwen3_untied"]
+    second_shard_size = 40_000 if first_shard_size is None else 5 * 2**30
+    target = tmp_path / "hf"
+    convert.export_hf(
+        case.megatron_dir, target, dtype=torch.bfloat16, max_shard_size=first_shard_size or 2**40
+    )
+    (target / "README.md").write_text("the user's notes")
+    capsys.readouterr()
+    convert.export_hf(case.megatron_dir, target, max_shard_size=second_shard_size)
+    log = capsys.readouterr().out
+    fresh = convert.export_hf(
+        case.megatron_dir, tmp_path / "fresh", max_shard_size=second_shard_size
+    )
+    expected = {p.name for p in fresh.iterdir()} | {"README.md"}
+    assert {p.name for p in target.iterdir()} == expected
+    assert (target / "README.md").read_text() == "the user's notes"
+    assert not (tmp_path / "hf.tmp").exists() and not (tmp_path / "hf.old").exists()
+    stale = "model.safetensors" if first_shard_size is None else "model.safetensors.index.json"
+    assert stale not in expected
+    (line,) = [ln for ln in log.splitlines() if "earlier export" in ln]
+    assert stale in line and str(target) in line
+    reloaded = AutoModelForCausalLM.from_pretrained(str(target)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(case.tokens).logits, case.logits)
+
+
+def test_non_integer_rope_theta_matches_hf(tmp_path):
+    """rope_theta 10000.5 reaches Megatron's rotary embedding as it is (it was cut to 10000)."""
+    spec = dict(TINY["qwen3_untied"], rope_theta=10_000.5)
+    model = tiny_hf_model(spec, seed=7)
+    model.save_pretrained(str(tmp_path / "hf"))
+    save_tiny_tokenizer(tmp_path / "hf")
+    tokens = torch.randint(0, 100, (1, 96), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        # the same weights with the base the truncation gave (7e-4 here): the check below sees it
+        truncated = tiny_hf_model(dict(spec, rope_theta=10_000.0), seed=7)(tokens).logits
+    atol = 1e-5
+    assert (truncated - expected).abs().max() > 10 * atol
+    megatron_dir = convert.import_hf(tmp_path / "hf", tmp_path / "megatron", dtype=torch.float32)
+    logits = megatron_logits(load_megatron(megatron_dir)[0], tokens)
+    torch.testing.assert_close(logits[..., :100], expected, rtol=0, atol=atol)
+
+
 # ------------------------------------------------------------------------------------------------
 # Clear errors
 # ------------------------------------------------------------------------------------------------
@@ -512,3 +566,40 @@ def test_smollm2_in_memory_import_equals_file_import(smollm2):
     for key, tensor in first.items():
         if isinstance(tensor, torch.Tensor):
             assert torch.equal(second[key], tensor), key
+
+
+def _one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_invalid_json_files_are_named(tiny, tmp_path):
+    hf_dir = _copy_hf(tiny["qwen3_untied"], tmp_path)
+    (hf_dir / "config.json").write_text('{"model_type": "qwen3",')
+    with pytest.raises(ValueError, match=r"hf/config.json is not valid JSON") as excinfo:
+        convert.import_hf(hf_dir, tmp_path / "out")
+    _one_line(excinfo)
+
+    megatron_dir = tmp_path / "megatron"
+    shutil.copytree(tiny["qwen3_untied"].megatron_dir, megatron_dir)
+    (megatron_dir / "megatron_opd.json").write_text("not json")
+    with pytest.raises(
+        ValueError, match=r"megatron/megatron_opd.json is not valid JSON"
+    ) as excinfo:
+        convert.read_checkpoint(megatron_dir)
+    _one_line(excinfo)
+
+
+def test_truncated_shard_is_reported_as_damage(tiny, tmp_path):
+    megatron_dir = tmp_path / "megatron"
+    shutil.copytree(tiny["qwen3_untied"].megatron_dir, megatron_dir)
+    shard = max(megatron_dir.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError) as excinfo:
+        load_megatron(megatron_dir)
+    message = _one_line(excinfo)
+    assert message.startswith(f"{megatron_dir}: ")
+    assert f"{shard.name} is truncated ({len(data) // 2} of" in message
+    assert "does not match the architecture" not in message

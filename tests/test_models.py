@@ -226,6 +226,26 @@ def test_tp_must_divide_query_groups():
         models.validate_layout(arch, 2, 1)
 
 
+def test_tp_must_divide_intermediate_size():
+    """Else Megatron fails while building: '160 is not divisible by 3 when instantiating
+    ColumnParallelLinear', naming no flag."""
+    arch = models.ArchConfig(
+        model_type="qwen3",
+        vocab_size=10,
+        hidden_size=48,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+    )
+    models.validate_layout(arch, 2, 1)  # 160 / 2: fine
+    with pytest.raises(
+        ValueError,
+        match=r"--tensor-model-parallel-size 3 does not divide intermediate_size .* 160",
+    ):
+        models.validate_layout(arch, 3, 1)
+
+
 def test_pp_larger_than_layers():
     with pytest.raises(ValueError, match="--pipeline-model-parallel-size 8 is larger than"):
         models.validate_layout(tiny_arch(layers=4), 1, 8)
@@ -290,3 +310,28 @@ def test_checkpoint_built_models_keep_tensor_parallel_attributes():
         assert marks[1]["output_layer.weight"] == (True, 0)
     finally:
         distributed.teardown()
+
+
+def test_rope_theta_conflict_is_refused(tmp_path):
+    import json
+
+    raw = tiny_arch().to_hf_dict()
+    raw["rope_parameters"] = {"rope_type": "default", "rope_theta": raw["rope_theta"]}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert models.ArchConfig.from_file(tmp_path) == tiny_arch()  # agreeing: fine
+    raw["rope_parameters"]["rope_theta"] = 10_000.0
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError) as excinfo:
+        models.ArchConfig.from_file(tmp_path)
+    message = str(excinfo.value)
+    assert message.startswith(f"{tmp_path / 'config.json'}: rope_theta 1000000.0 and ")
+    assert "rope_parameters.rope_theta 10000.0 disagree" in message and "\n" not in message
+
+
+def test_invalid_architecture_files_are_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3", ')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON: "):
+        models.ArchConfig.from_file(tmp_path)
+    (tmp_path / "arch.yaml").write_text("model_type: [qwen3\n")
+    with pytest.raises(ValueError, match=r"arch.yaml is not valid YAML: "):
+        models.ArchConfig.from_file(tmp_path / "arch.yaml")
