@@ -571,8 +571,8 @@ def load_checkpoint_model(
         damaged = damaged_checkpoint_files(directory)
         if damaged:
             raise ValueError(
-                f"{directory}: the checkpoint is damaged, a file is truncated or corrupt: "
-                f"{'; '.join(damaged)} ({reason})"
+                f"{directory}: the checkpoint is damaged (a file is truncated or corrupt): "
+                f"{'; '.join(damaged)}; restore or re-save it ({reason})"
             ) from e
         raise ValueError(
             f"{directory}: the checkpoint does not match the architecture in "
@@ -686,7 +686,7 @@ def export_hf(
     _single_process_megatron()
     chunks, _ = load_checkpoint_model(load_dir)
     out_dtype = dtype or checkpoint_dtype(load_dir)
-    tmp = save_dir.with_name(save_dir.name + ".tmp")
+    tmp = _export_tmp_dir(save_dir)
     if tmp.exists():  # left by an export that crashed
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -724,26 +724,52 @@ def _is_weight_file(name: str) -> bool:
     )
 
 
+def _export_tmp_dir(save_dir: Path) -> Path:
+    """Where an export is written before it replaces ``save_dir``: beside it, or inside it when
+    it is a mount point (a container's volume, say), which cannot be renamed."""
+    if os.path.ismount(save_dir):
+        return save_dir / ".export.tmp"
+    return save_dir.with_name(save_dir.name + ".tmp")
+
+
 def _swap_in_export(tmp: Path, save_dir: Path) -> list[str]:
     """Make the finished export in ``tmp`` the contents of ``save_dir``; return the names of the
     weight files of an earlier export that it drops.
 
     Everything else already in ``save_dir`` that the export does not rewrite (a README, say) is
     linked (or copied) into ``tmp`` first; then two renames swap the directories, so a reader, or
-    a crash, sees either the old export or the new one, never a mix of their weights."""
+    a crash, sees either the old export or the new one, never a mix of their weights. A ``tmp``
+    inside ``save_dir`` (a mount point) is moved in file by file instead, after all the old weight
+    files are deleted: a crash in between leaves too few weights, not a mix."""
     if not save_dir.exists():
         os.replace(tmp, save_dir)
         return []
+    in_place = tmp.parent == save_dir
     stale = []
     for entry in sorted(save_dir.iterdir()):
-        if (tmp / entry.name).exists():
+        if entry == tmp or (tmp / entry.name).exists():
             continue
         if _is_weight_file(entry.name):
             stale.append(entry.name)
+        elif in_place:
+            continue
         elif entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
         else:
             _link_or_copy(entry, tmp / entry.name)
+    if in_place:
+        # every old weight file goes before any new one comes in, the index first, so that no
+        # reader follows it to shards that are gone
+        old_weights = [p for p in save_dir.iterdir() if p != tmp and _is_weight_file(p.name)]
+        for path in sorted(old_weights, key=lambda p: not p.name.endswith(".json")):
+            path.unlink()
+        for entry in sorted(tmp.iterdir()):
+            target = save_dir / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        tmp.rmdir()
+        return stale
     old = save_dir.with_name(save_dir.name + ".old")
     if old.exists():
         shutil.rmtree(old)

@@ -349,6 +349,42 @@ def test_reexport_into_the_same_directory_leaves_only_the_new_weights(
         assert torch.equal(reloaded(case.tokens).logits, case.logits)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["swap", "mount_point"])
+def test_swap_in_export_keeps_only_the_new_weights(tmp_path, in_place):
+    """Both ways an export replaces a directory: a swap of directories, or (a mount point, which
+    cannot be renamed) file by file from a temporary directory inside it."""
+    target = tmp_path / "hf"
+    (target / "notes").mkdir(parents=True)
+    old = {
+        "model-00001-of-00002.safetensors": "old shard",
+        "model-00002-of-00002.safetensors": "old shard",
+        "model.safetensors.index.json": "old index",
+        "pytorch_model.bin": "older weights",
+        "config.json": "old config",
+        "README.md": "kept",
+        "notes/a.txt": "kept too",
+    }
+    for name, text in old.items():
+        (target / name).write_text(text)
+    tmp = target / ".export.tmp" if in_place else tmp_path / "hf.tmp"
+    tmp.mkdir()
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        (tmp / name).write_text("new")
+    stale = convert._swap_in_export(tmp, target)
+    assert stale == sorted(n for n in old if n.endswith((".safetensors", ".bin", "index.json")))
+    files = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
+    assert files == {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "notes/a.txt",
+    }
+    assert (target / "config.json").read_text() == "new"
+    assert (target / "notes" / "a.txt").read_text() == "kept too"
+    assert not tmp.exists() and not (tmp_path / "hf.old").exists()
+
+
 def test_non_integer_rope_theta_matches_hf(tmp_path):
     """rope_theta 10000.5 reaches Megatron's rotary embedding as it is (it was cut to 10000)."""
     spec = dict(TINY["qwen3_untied"], rope_theta=10_000.5)
