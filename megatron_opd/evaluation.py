@@ -74,8 +74,10 @@ def evaluate(
     benchmarks: dict[str, list[data.Problem]],
     cfg: EvalConfig,
     progress: bool = True,
+    keep_token_ids: bool = False,
 ) -> tuple[list[grading.BenchmarkScore], list[dict[str, Any]]]:
-    """Scores per benchmark (in the given order) and one record per completion."""
+    """Scores per benchmark (in the given order) and one record per completion (with
+    ``keep_token_ids`` its ``response_ids``, for ``gap.evaluate_gap`` to reuse)."""
     cfg.validate()
     dp_rank, dp_size, dp_group = _dp_info()
     records: list[dict[str, Any]] = []
@@ -113,6 +115,7 @@ def evaluate(
                     "correct": grading.grade(text, prompts.problems[i].answer),
                     "response_tokens": len(gen.tokens),
                     "truncated": gen.truncated,
+                    **({"response_ids": gen.tokens} if keep_token_ids else {}),
                 }
             )
         if dp_size > 1:
