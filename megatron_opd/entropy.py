@@ -35,17 +35,20 @@ def vocab_parallel_entropy(
     n = x.shape[0]
     gmax = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
     if n_valid > 0:
-        for i in range(0, n, chunk_size):
-            gmax[i : i + chunk_size] = x[i : i + chunk_size, :n_valid].amax(dim=1).float()
+        gmax = x[:, :n_valid].amax(dim=1).float()
     if world > 1:
         dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
     sums = torch.zeros(2, n, dtype=torch.float32, device=x.device)
     if n_valid > 0:
+        shifted = torch.empty(min(chunk_size, n), n_valid, dtype=torch.float32, device=x.device)
+        e = torch.empty_like(shifted)
         for i in range(0, n, chunk_size):
-            shifted = x[i : i + chunk_size, :n_valid].float() - gmax[i : i + chunk_size, None]
-            e = shifted.exp()
-            sums[0, i : i + chunk_size] = e.sum(dim=1)
-            sums[1, i : i + chunk_size] = (e * shifted).sum(dim=1)
+            rows = min(chunk_size, n - i)
+            sh, ex = shifted[:rows], e[:rows]
+            torch.sub(x[i : i + rows, :n_valid], gmax[i : i + rows, None], out=sh)
+            torch.exp(sh, out=ex)
+            sums[0, i : i + rows] = ex.sum(dim=1)
+            sums[1, i : i + rows] = torch.linalg.vecdot(ex, sh)
     if world > 1:
         dist.all_reduce(sums, group=group)
     return (sums[0].log() - sums[1] / sums[0]).view(logits_shard.shape[:-1])
