@@ -239,3 +239,35 @@ def test_gap_watch_windows_and_noise():
     fired = [i for i in range(20) if rising.update(1.0 + 0.2 * (i // 2), i)]
     assert fired == [7]  # the 4th window (steps 6, 7) is the 3rd rise in a row
     assert not gap.GapWatch("x").update(float("nan"), 0)
+
+
+def test_training_report_has_the_students_entropy_on_the_loss_tokens():
+    """opd_loss_func's report: student_entropy = mean entropy over the masked tokens (float64
+    reference), for a sampled-token reward and for full-vocab KL."""
+    from megatron_opd.loss import opd_loss_func, reduce_reports
+    from megatron_opd.rewards import RewardConfig
+
+    g = torch.Generator().manual_seed(3)
+    vocab, b, s = 40, 2, 6
+    logits = torch.randn(b, s, 48, generator=g) * 4
+    targets = torch.randint(0, vocab, (b, s), generator=g)
+    mask = torch.rand(b, s, generator=g) > 0.3
+    lp = torch.log_softmax(logits[..., :vocab].double(), -1)
+    expected = (-(lp.exp() * lp).sum(-1))[mask].mean().item()
+    teacher_logits = torch.randn(b, s, 48, generator=g)
+    for kind in ("power", "full_vocab_kl"):
+        loss_func = opd_loss_func(
+            targets=targets,
+            loss_mask=mask,
+            reward_cfg=RewardConfig(kind=kind, alpha=1.0),
+            vocab_size=vocab,
+            tp_group=None,
+            teacher_logprobs=torch.log_softmax(teacher_logits[..., :vocab], -1)
+            .gather(-1, targets.unsqueeze(-1))
+            .squeeze(-1),
+            teacher_logits=teacher_logits,
+            inplace_backward=False,
+        )
+        _, _, stats = loss_func(logits.clone().requires_grad_())
+        report = reduce_reports([stats])
+        assert report["student_entropy"] == pytest.approx(expected, rel=1e-5), kind
