@@ -200,7 +200,8 @@ def main(argv=None) -> None:
             run(cmd, logs / f"train_{method}.log")
         runs[method] = metrics
     curves = gap_curves(runs)
-    plot = plot_gap(curves, out / "plots" / "gap.png", title=f"student {args.student_layers}/30")
+    labelled = {METHODS[m]: rows for m, rows in curves.items()}
+    plot = plot_gap(labelled, out / "plots" / "gap.png", title=f"student {args.student_layers}/30")
     table = summary(curves, args)
     (out / "summary.md").write_text(table)
     print("\n" + table)
