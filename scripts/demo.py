@@ -18,8 +18,8 @@ measure how far the student is from its teacher before and after.
    plots the gap over training to ``<out>/plots/gap.png``.
 
 Why these settings (learning rate, batch, alpha, Adam): docs/learning-dynamics.md. One run's
-numbers: docs/demo.md. About 10 minutes on 2 uncontended CPU cores; everything lands in ``--out``,
-finished stages are reused.
+numbers: docs/demo.md. About 12-15 minutes on 2 free CPU cores (estimated); everything lands
+in ``--out``, finished stages are reused.
 """
 
 from __future__ import annotations
