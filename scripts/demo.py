@@ -15,7 +15,8 @@ measure how far the student is from its teacher before and after.
    per-token KL(pi_S || pi_T) of the student's own samples at temperature 1, the teacher's NLL of
    them) and Avg@k;
 5. prints the gap before and after for the three methods side by side, with every setting, and
-   plots the gap over training to ``<out>/plots/gap.png``.
+   plots the gap over training to ``<out>/plots/gap.png`` (and each run's reward by position,
+   gradient norm and response length to ``<out>/plots/<method>/``).
 
 Why these settings (learning rate, batch, alpha, Adam): docs/learning-dynamics.md. One run's
 numbers: docs/demo.md. About 12-15 minutes on 2 free CPU cores (estimated); everything lands
@@ -185,7 +186,7 @@ def main(argv=None) -> None:
         )  # fmt: skip
     heldout = write_heldout(out / "heldout.jsonl", args.eval_problems)
 
-    from megatron_opd.plots import plot_gap
+    from megatron_opd.plots import plot_gap, plot_run
 
     print(settings_line(args), flush=True)
     runs = {}
@@ -200,6 +201,8 @@ def main(argv=None) -> None:
             run(cmd, logs / f"train_{method}.log")
         runs[method] = metrics
     curves = gap_curves(runs)
+    for method, metrics in runs.items():  # reward by position, grad norm, length per method
+        plot_run(metrics, out / "plots" / method, title=METHODS[method])
     labelled = {METHODS[m]: rows for m, rows in curves.items()}
     plot = plot_gap(labelled, out / "plots" / "gap.png", title=f"student {args.student_layers}/30")
     table = summary(curves, args)
