@@ -159,6 +159,19 @@ def summary(scores: Sequence[grading.BenchmarkScore]) -> dict[str, float]:
     }
 
 
+def metrics(scores: Sequence[grading.BenchmarkScore], k: int) -> dict[str, float]:
+    """Flat ``eval/<benchmark>/<key>`` numbers for the metrics logger, and ``eval/mean/*``."""
+    out = {}
+    for s in scores:
+        out[f"eval/{s.name}/avg_at_{k}"] = s.avg_at_k
+        out[f"eval/{s.name}/pass_at_{k}"] = s.pass_at_k
+        out[f"eval/{s.name}/mean_len"] = s.mean_response_tokens
+        out[f"eval/{s.name}/truncated_pct"] = s.truncation_rate
+    for key, value in summary(scores).items():
+        out[f"eval/mean/{key}"] = value
+    return out
+
+
 def markdown_table(scores: Sequence[grading.BenchmarkScore], k: int) -> str:
     lines = [
         f"| benchmark | problems | Avg@{k} | Pass@{k} | mean length | truncated % |",

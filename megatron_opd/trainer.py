@@ -232,14 +232,7 @@ class Trainer:
             progress=False,
             keep_token_ids=args.eval_gap,
         )
-        out = {}
-        for s in scores:
-            out[f"eval/{s.name}/avg_at_{cfg.samples}"] = s.avg_at_k
-            out[f"eval/{s.name}/pass_at_{cfg.samples}"] = s.pass_at_k
-            out[f"eval/{s.name}/mean_len"] = s.mean_response_tokens
-            out[f"eval/{s.name}/truncated_pct"] = s.truncation_rate
-        for key, value in evaluation.summary(scores).items():
-            out[f"eval/mean/{key}"] = value
+        out = evaluation.metrics(scores, cfg.samples)
         if args.eval_gap:
             out.update(self.gap_watch.evaluate(self, cfg, records))
         return out

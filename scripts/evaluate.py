@@ -49,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--teacher", type=str, default=None, help="teacher checkpoint: report the gap")
+    p.add_argument("--metrics-file", type=str, default=None, help="append the numbers (jsonl)")
+    p.add_argument("--tensorboard-dir", type=str, default=None)
+    p.add_argument("--wandb-project", type=str, default=None)
+    p.add_argument("--wandb-exp-name", type=str, default=None)
     p.add_argument(
         "--micro-batch-size", type=int, default=4, help="rows per forward pass of the gap"
     )
@@ -152,6 +156,10 @@ def main(argv=None) -> None:
             extra.update(teacher=str(teacher_ckpt), gap=summaries)
         for r in records:
             r.pop("response_ids")
+        numbers = evaluation.metrics(scores, cfg.samples)
+        if gap_records is not None:
+            numbers.update(gap.metrics(extra["gap"]))
+        _log(args, checkpointing.read_meta(ckpt).get("iteration", 0), numbers)
         if distributed.is_rank0():
             evaluation.write_outputs(args.output, scores, records, cfg.samples, extra)
             print(evaluation.markdown_table(scores, cfg.samples), flush=True)
@@ -164,6 +172,23 @@ def main(argv=None) -> None:
                 print(text, flush=True)
     finally:
         distributed.teardown()
+
+
+def _log(args, step: int, numbers: dict) -> None:
+    """Tensorboard, wandb and the metrics file, at the checkpoint's training iteration."""
+    if not (args.metrics_file or args.tensorboard_dir or args.wandb_project):
+        return
+    from megatron_opd.metrics_logger import MetricsLogger
+
+    logger = MetricsLogger(
+        tensorboard_dir=args.tensorboard_dir,
+        wandb_project=args.wandb_project,
+        wandb_exp_name=args.wandb_exp_name,
+        metrics_file=args.metrics_file,
+        config=vars(args),
+    )
+    logger.log(step, numbers, console=False)
+    logger.close()
 
 
 def _jsonl(rows) -> str:

@@ -94,9 +94,15 @@ def test_evaluate_teacher_gap_equals_hf_float64_recount_tp1(pair, tmp_path):
     out = tmp_path / "eval"
     _evaluate_script().main(
         ["--load", str(pair["student"]), "--teacher", str(pair["teacher"]), *EVAL,
-         "--temperature", "1.0", "--micro-batch-size", "3", "--output", str(out), "--no-progress"]
+         "--temperature", "1.0", "--micro-batch-size", "3", "--output", str(out), "--no-progress",
+         "--metrics-file", str(tmp_path / "m.jsonl"), "--tensorboard-dir", str(tmp_path / "tb")]
     )  # fmt: skip
-    _assert_equal_to_recount(pair, out)
+    result = _assert_equal_to_recount(pair, out)
+    (logged,) = read_metrics(tmp_path / "m.jsonl")
+    assert logged["step"] == 0  # a converted checkpoint: iteration 0
+    assert logged["gap/mean/kl_per_token"] == result["gap"]["mean"]["kl_per_token"]
+    assert logged["eval/mean/avg_at_k"] == result["mean"]["avg_at_k"]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     completions = [
         json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()
     ]
