@@ -19,7 +19,7 @@ measure how far the student is from its teacher before and after.
    gradient norm and response length to ``<out>/plots/<method>/``).
 
 Why these settings (learning rate, batch, alpha, Adam): docs/learning-dynamics.md. One run's
-numbers: docs/demo.md. About 12-15 minutes on 2 free CPU cores (estimated); everything lands
+numbers: docs/demo.md. About 10 minutes on 2 free CPU cores (estimated); everything lands
 in ``--out``, finished stages are reused.
 """
 
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    p.add_argument("--student-layers", type=int, default=8)
+    p.add_argument("--student-layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--global-batch-size", type=int, default=8)
     p.add_argument("--micro-batch-size", type=int, default=4)
