@@ -137,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, default=None, help="problems per benchmark")
     g.add_argument("--eval-temperature", type=float, default=0.6)
     g.add_argument("--eval-max-new-tokens", type=int, default=4096)
+    g.add_argument(
+        "--eval-at-start", action="store_true", help="also evaluate before the first step"
+    )
+    g.add_argument(
+        "--eval-gap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also report the distillation gap (KL to the teacher) on the held-out prompts",
+    )
+    g.add_argument(
+        "--eval-teacher",
+        type=str,
+        default=None,
+        help="teacher checkpoint of the held-out gap (default: --opd-teacher-load's)",
+    )
     return p
 
 
@@ -228,6 +243,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         )
     if args.eval_interval is not None and not args.eval_data:
         raise ValueError("--eval-interval needs --eval-data")
+    if args.eval_teacher is not None and not Path(args.eval_teacher).exists():
+        raise ValueError(f"--eval-teacher {args.eval_teacher} does not exist")
 
 
 def reward_config(args: argparse.Namespace):

@@ -74,8 +74,10 @@ def evaluate(
     benchmarks: dict[str, list[data.Problem]],
     cfg: EvalConfig,
     progress: bool = True,
+    keep_token_ids: bool = False,
 ) -> tuple[list[grading.BenchmarkScore], list[dict[str, Any]]]:
-    """Scores per benchmark (in the given order) and one record per completion."""
+    """Scores per benchmark (in the given order) and one record per completion (with
+    ``keep_token_ids`` its ``response_ids``, for ``gap.evaluate_gap`` to reuse)."""
     cfg.validate()
     dp_rank, dp_size, dp_group = _dp_info()
     records: list[dict[str, Any]] = []
@@ -113,6 +115,7 @@ def evaluate(
                     "correct": grading.grade(text, prompts.problems[i].answer),
                     "response_tokens": len(gen.tokens),
                     "truncated": gen.truncated,
+                    **({"response_ids": gen.tokens} if keep_token_ids else {}),
                 }
             )
         if dp_size > 1:
@@ -154,6 +157,19 @@ def summary(scores: Sequence[grading.BenchmarkScore]) -> dict[str, float]:
         "mean_response_tokens": sum(s.mean_response_tokens for s in scores) / n,
         "truncation_rate": sum(s.truncation_rate for s in scores) / n,
     }
+
+
+def metrics(scores: Sequence[grading.BenchmarkScore], k: int) -> dict[str, float]:
+    """Flat ``eval/<benchmark>/<key>`` numbers for the metrics logger, and ``eval/mean/*``."""
+    out = {}
+    for s in scores:
+        out[f"eval/{s.name}/avg_at_{k}"] = s.avg_at_k
+        out[f"eval/{s.name}/pass_at_{k}"] = s.pass_at_k
+        out[f"eval/{s.name}/mean_len"] = s.mean_response_tokens
+        out[f"eval/{s.name}/truncated_pct"] = s.truncation_rate
+    for key, value in summary(scores).items():
+        out[f"eval/mean/{key}"] = value
+    return out
 
 
 def markdown_table(scores: Sequence[grading.BenchmarkScore], k: int) -> str:

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import rewards
+from megatron_opd.entropy import vocab_parallel_entropy
 from megatron_opd.rewards import RewardConfig
 from megatron_opd.vocab_parallel import (
     DEFAULT_CHUNK_SIZE,
@@ -167,6 +168,9 @@ def opd_loss_func(
             )
             loss_sum = -torch.where(mask, reward * student_lp, 0.0).sum()
         stats["loss_sum"] = loss_sum.detach().double()
+        # the student's entropy on its own samples: the early sign of a collapsing student
+        entropy = vocab_parallel_entropy(output_tensor.detach(), vocab_size, tp_group, chunk_size)
+        stats["entropy_sum"] = torch.where(mask, entropy, 0.0).sum().double()
         num_tokens = mask.sum().to(torch.int)
         return loss_sum, num_tokens, stats
 
@@ -218,4 +222,7 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], dp_group=None) -> dic
                 n = merged[k].numel()
                 merged[k] = flat[offset : offset + n].view_as(merged[k])
                 offset += n
-    return rewards.summarize_statistics(merged)
+    out = rewards.summarize_statistics(merged)
+    if "entropy_sum" in merged and out["num_tokens"] > 0:
+        out["student_entropy"] = merged["entropy_sum"].item() / out["num_tokens"]
+    return out

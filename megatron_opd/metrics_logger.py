@@ -22,6 +22,10 @@ CONSOLE_KEYS = (
     "tokens_per_sec",
     "eval/mean/avg_at_k",
     "eval/mean/pass_at_k",
+    "gap/mean/kl_per_token",
+    "gap/mean/teacher_nll_per_token",
+    "gap/mean/log_ratio_mean",
+    "student/entropy",
 )
 
 

@@ -76,3 +76,27 @@ def save_figure(fig, path: Path) -> Path:
     pyplot().close(fig)
     tmp.replace(path)
     return path
+
+
+GAP_PANELS = (
+    ("gap/mean/kl_per_token", "held-out KL(π_S‖π_T) per token"),
+    ("gap/mean/teacher_nll_per_token", "teacher NLL per token"),
+)
+
+
+def plot_gap(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
+    """The held-out gap over training, one line per run: ``{label: evaluation rows}``, each row
+    a metrics-file line with ``step`` and ``gap/mean/*`` (``megatron_opd.gap.metrics``)."""
+    plt = pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(GAP_PANELS), figsize=(11, 4))
+    for ax, (key, label) in zip(axes, GAP_PANELS, strict=True):
+        for name, rows in curves.items():
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_title(f"{title} {label}".strip(), fontsize=10)
+        ax.legend()
+    return save_figure(fig, path)

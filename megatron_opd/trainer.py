@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_opd import checkpointing, compat, data, opd
+from megatron_opd import checkpointing, compat, data, gap, opd
 from megatron_opd.arguments import reward_config
 from megatron_opd.metrics_logger import MetricsLogger
 
@@ -74,6 +74,7 @@ class Trainer:
             from megatron_opd import evaluation
 
             self.eval_benchmarks = evaluation.load_benchmarks(args.eval_data, args.eval_limit)
+        self.gap_watch = gap.TrainingGapWatch(teacher, args)
 
     # ------------------------------------------------------------------------------------------
 
@@ -154,6 +155,8 @@ class Trainer:
         for key, value in result.report.items():
             if key == "loss":
                 metrics["loss"] = value
+            elif key == "student_entropy":
+                metrics["student/entropy"] = value
             elif key.startswith("abs_reward_pos_"):
                 metrics["reward_by_position/" + key[len("abs_reward_pos_") :]] = value
             else:
@@ -221,17 +224,17 @@ class Trainer:
             system_prompt=args.system_prompt,
             seed=args.seed,
         )
-        scores, _ = evaluation.evaluate(
-            self.student, self.tokenizer, self.eval_benchmarks, cfg, progress=False
+        scores, records = evaluation.evaluate(
+            self.student,
+            self.tokenizer,
+            self.eval_benchmarks,
+            cfg,
+            progress=False,
+            keep_token_ids=args.eval_gap,
         )
-        out = {}
-        for s in scores:
-            out[f"eval/{s.name}/avg_at_{cfg.samples}"] = s.avg_at_k
-            out[f"eval/{s.name}/pass_at_{cfg.samples}"] = s.pass_at_k
-            out[f"eval/{s.name}/mean_len"] = s.mean_response_tokens
-            out[f"eval/{s.name}/truncated_pct"] = s.truncation_rate
-        for key, value in evaluation.summary(scores).items():
-            out[f"eval/mean/{key}"] = value
+        out = evaluation.metrics(scores, cfg.samples)
+        if args.eval_gap:
+            out.update(self.gap_watch.evaluate(self, cfg, records))
         return out
 
     def _install_signal_handler(self) -> None:
@@ -259,6 +262,8 @@ class Trainer:
         args = self.args
         self._install_signal_handler()
         try:
+            if args.eval_interval and args.eval_at_start and self.iteration == 0:
+                self.logger.log(0, self.evaluate(), console=True)  # the starting point
             while self.iteration < args.train_iters:
                 metrics = self.train_one_step()
                 applied = metrics.pop("applied") == 1.0
@@ -270,6 +275,7 @@ class Trainer:
                     self.consecutive_skips += 1
                 if self.iteration % args.log_interval == 0 or not applied:
                     self.logger.log(self.iteration, metrics)
+                self.gap_watch.step(self.iteration, metrics)
                 if self.consecutive_skips >= args.opd_max_consecutive_skips:
                     self.save()  # the weights are the last good ones: skipped steps changed nothing
                     raise NonFiniteError(

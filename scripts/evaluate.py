@@ -8,6 +8,13 @@
 ``iter_*`` directory, or its root with ``latest_checkpointed_iteration.txt``), loaded at any TP/PP
 layout. ``--hf-dir`` takes a Hugging Face directory instead (converted once, on rank 0, into
 ``<output>/megatron``). Writes ``results.json``, ``results.md`` and ``completions.jsonl``.
+
+``--teacher CKPT`` adds the distillation gap (``megatron_opd.gap``) on the same held-out prompts:
+for the student's own samples at temperature 1 (the Avg@k samples when ``--temperature 1``,
+otherwise ``--samples`` fresh ones per problem), the exact per-token KL(pi_S || pi_T) over the full
+vocabulary, the teacher's NLL per token, the mean sampled log-ratio, the student's entropy and the
+response length; in ``results.json`` (``"gap"``), ``results.md`` and ``gap.jsonl`` (per sample,
+with its token ids). The teacher loads at the same TP/PP layout and must share the vocabulary.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
@@ -40,7 +48,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--teacher", type=str, default=None, help="teacher checkpoint: report the gap")
+    p.add_argument("--metrics-file", type=str, default=None, help="append the numbers (jsonl)")
+    p.add_argument("--tensorboard-dir", type=str, default=None)
+    p.add_argument("--wandb-project", type=str, default=None)
+    p.add_argument("--wandb-exp-name", type=str, default=None)
+    p.add_argument(
+        "--micro-batch-size", type=int, default=4, help="rows per forward pass of the gap"
+    )
     return p.parse_args(argv)
+
+
+def check_teacher(args, student_ckpt: Optional[Path]) -> None:
+    """One ValueError naming --teacher before any model is built."""
+    from megatron_opd import checkpointing, convert
+
+    if args.micro_batch_size < 1:
+        raise ValueError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
+    if not Path(args.teacher).exists():
+        raise ValueError(f"--teacher {args.teacher} does not exist")
+    t_arch, _ = convert.read_checkpoint(checkpointing.resolve_checkpoint(args.teacher))
+    if student_ckpt is None:  # --hf-dir: converted later, checked by the vocab-parallel ops
+        return
+    s_arch, _ = convert.read_checkpoint(student_ckpt)
+    if t_arch.vocab_size != s_arch.vocab_size:
+        raise ValueError(
+            f"--teacher: its vocabulary ({t_arch.vocab_size} tokens) differs from the student's "
+            f"({s_arch.vocab_size})"
+        )
 
 
 def main(argv=None) -> None:
@@ -61,6 +96,15 @@ def main(argv=None) -> None:
     )
     cfg.validate()
     benchmarks = evaluation.load_benchmarks(args.data, args.limit)  # bad files fail before models
+    if args.teacher:
+        from megatron_opd import checkpointing
+
+        try:
+            student = checkpointing.resolve_checkpoint(args.load) if args.load else None
+            check_teacher(args, student)
+        except (ValueError, OSError) as e:
+            print(f"evaluate.py: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     distributed.initialize(
         distributed.ParallelConfig(
@@ -89,15 +133,68 @@ def main(argv=None) -> None:
             c.eval()
         tokenizer = load_tokenizer(ckpt)
         scores, records = evaluation.evaluate(
-            chunks, tokenizer, benchmarks, cfg, progress=not args.no_progress
+            chunks, tokenizer, benchmarks, cfg, progress=not args.no_progress, keep_token_ids=True
         )
-        if distributed.is_rank0():
-            evaluation.write_outputs(
-                args.output, scores, records, cfg.samples, {"checkpoint": str(ckpt)}
+        extra = {"checkpoint": str(ckpt)}
+        gap_records = None
+        if args.teacher:
+            from megatron_opd import gap
+
+            teacher_ckpt = checkpointing.resolve_checkpoint(args.teacher)
+            teacher, _ = convert.load_checkpoint_model(teacher_ckpt)
+            reusable = gap.samples_are_reusable(cfg.temperature, cfg.top_p)
+            summaries, gap_records = gap.evaluate_gap(
+                chunks,
+                teacher,
+                tokenizer,
+                benchmarks,
+                cfg,
+                convert.read_checkpoint(ckpt)[0].vocab_size,
+                records=records if reusable else None,
+                micro_batch_size=args.micro_batch_size,
             )
+            extra.update(teacher=str(teacher_ckpt), gap=summaries)
+        for r in records:
+            r.pop("response_ids")
+        numbers = evaluation.metrics(scores, cfg.samples)
+        if gap_records is not None:
+            numbers.update(gap.metrics(extra["gap"]))
+        _log(args, checkpointing.read_meta(ckpt).get("iteration", 0), numbers)
+        if distributed.is_rank0():
+            evaluation.write_outputs(args.output, scores, records, cfg.samples, extra)
             print(evaluation.markdown_table(scores, cfg.samples), flush=True)
+            if gap_records is not None:
+                text = gap.markdown_table(extra["gap"])
+                out = Path(args.output)
+                evaluation.write_text_atomic(out / "gap.jsonl", _jsonl(gap_records))
+                md = out / "results.md"
+                evaluation.write_text_atomic(md, md.read_text() + "\n" + text)
+                print(text, flush=True)
     finally:
         distributed.teardown()
+
+
+def _log(args, step: int, numbers: dict) -> None:
+    """Tensorboard, wandb and the metrics file, at the checkpoint's training iteration."""
+    if not (args.metrics_file or args.tensorboard_dir or args.wandb_project):
+        return
+    from megatron_opd.metrics_logger import MetricsLogger
+
+    logger = MetricsLogger(
+        tensorboard_dir=args.tensorboard_dir,
+        wandb_project=args.wandb_project,
+        wandb_exp_name=args.wandb_exp_name,
+        metrics_file=args.metrics_file,
+        config=vars(args),
+    )
+    logger.log(step, numbers, console=False)
+    logger.close()
+
+
+def _jsonl(rows) -> str:
+    import json
+
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 if __name__ == "__main__":
