@@ -339,6 +339,8 @@ def _generate_dynamic(
     wrapped = VocabMaskedWrapper(model, wrapper_config, context, vocab_size=vocab_size)
     wrapped.prep_model_for_inference()
     controller = TextGenerationController(wrapped, _MegatronTokenizer(tokenizer, tokenizer.pad_id))
+    if seed is not None:
+        controller.sampling_rng.manual_seed(seed)
     engine = DynamicInferenceEngine(controller, context, random_seed=int(seed or 0))
     device = compat.default_device()
     for request_id, prompt in enumerate(prompts):
