@@ -298,8 +298,6 @@ def project(paths, prompts: Path, args, nproc: int, layout: str, root: Path) -> 
         cmd += ["--max-tokens-per-micro-batch", args.max_tokens_per_micro_batch]
     _run(cmd, root / f"project_{layout}.log")
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    for r in rows:
-        r["sequence/mean_len"] = r["response/mean_len"]  # completed below from the prompts
     return {"rows": rows}
 
 
