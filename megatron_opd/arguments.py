@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=32, help="responses per optimizer step")
+    g.add_argument(
+        "--max-tokens-per-micro-batch",
+        type=int,
+        default=None,
+        help="group each step's sequences by length into micro-batches of at most this many "
+        "(padded) tokens, for the teacher pass and the student step; replaces "
+        "--micro-batch-size rows",
+    )
     g.add_argument("--train-iters", type=int, default=1500)
     g.add_argument("--lr", type=float, default=5e-7)
     g.add_argument("--min-lr", type=float, default=0.0)
@@ -237,14 +245,29 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
     if args.rollout_engine == "dynamic":
-        raise ValueError(
-            "--rollout-engine dynamic is not available yet: rollouts use Megatron's static "
-            "engine (auto / static)"
-        )
+        from megatron_opd.generation import dynamic_engine_unavailable
+
+        reason = dynamic_engine_unavailable()
+        if reason:
+            raise ValueError(f"--rollout-engine dynamic: {reason}")
+    _validate_token_budget(args)
     if args.eval_interval is not None and not args.eval_data:
         raise ValueError("--eval-interval needs --eval-data")
     if args.eval_teacher is not None and not Path(args.eval_teacher).exists():
         raise ValueError(f"--eval-teacher {args.eval_teacher} does not exist")
+
+
+def _validate_token_budget(args: argparse.Namespace) -> None:
+    budget = getattr(args, "max_tokens_per_micro_batch", None)
+    if budget is None:
+        return
+    if budget < 1:
+        raise ValueError(f"--max-tokens-per-micro-batch must be >= 1, got {budget}")
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        raise ValueError(
+            "--max-tokens-per-micro-batch cannot be combined with "
+            "--num-layers-per-virtual-pipeline-stage (variable shapes need the 1F1B schedule)"
+        )
 
 
 def reward_config(args: argparse.Namespace):

@@ -2,7 +2,7 @@
 
 This is the only module in the project that knows about either. ``apply()`` is idempotent and is
 called by :func:`megatron_opd.distributed.initialize` (and by anything that builds Megatron objects
-before that). With CUDA present it changes nothing.
+before that). With CUDA present it changes only the inference path noted at the end.
 
 Megatron-Core 0.16.1 hard-codes CUDA in a handful of places (paths relative to ``megatron/core``):
 
@@ -17,6 +17,11 @@ Megatron-Core 0.16.1 hard-codes CUDA in a handful of places (paths relative to `
 * ``inference/communication_utils.py`` asserts ``tensor.is_cuda`` before pipeline sends.
 * gloo cannot be trusted with batched p2p: interleaved pipelines produce wrong losses with
   ``batch_p2p_comm=True``. :func:`transformer_config_overrides` forces it off.
+
+On every platform, two changes of inference behaviour (speed only, the same numbers up to float
+rounding): the static KV cache stores rotary-embedded keys instead of re-rotating the whole cache
+at every decode step (:func:`_install_static_cache_rotary`), and a decode step's grouped-query
+attention reads the cache without expanding it per head (:func:`_install_grouped_decode_attention`).
 """
 
 from __future__ import annotations
@@ -340,12 +345,120 @@ def _apply_cpu_inference_shims() -> None:
             _wrap_attr(cls, name)
 
 
+# --------------------------------------------------------------------------------------------
+# Inference: rotary embeddings applied once per key (both platforms)
+
+
+def _install_static_cache_rotary() -> None:
+    """Megatron-Core 0.16.1's static KV cache (``transformer/attention.py``,
+    ``_adjust_key_value_for_inference`` without ``flash_decode``) stores keys *before* rotary and
+    hands back the whole cache with the rotary table up to the current position, so every decode
+    step re-rotates every cached key of every layer (``apply_rotary_pos_emb`` over ``[s, b, g, d]``:
+    cos, sin, a rotate-half ``cat`` and two products per element; ~40% of a decode step on the
+    SmolLM2 student). Rotating only the new keys before they are cached and passing no key
+    rotary table back gives the same keys (position ``i`` is rotated by angle ``i`` either way, by
+    the same elementwise ops), at O(1) instead of O(s) per step. The dynamic engine already
+    caches rotated keys; ``flash_decode`` has its own path; both are left alone."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer import attention
+
+    cls = attention.Attention
+    original = cls._adjust_key_value_for_inference
+    if getattr(original, "_megatron_opd_rotary", False):
+        return
+    concentration = attention._yarn_get_concentration_factor_from_config
+
+    @functools.wraps(original)
+    def adjust(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+        context = (
+            inference_context if inference_context is not None else kwargs.get("inference_params")
+        )
+        if (
+            context is None
+            or not context.is_static_batching()
+            or self.config.flash_decode
+            or not isinstance(rotary_pos_emb, tuple)
+            or rotary_pos_emb[1] is None
+        ):
+            return original(
+                self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+            )
+        start = context.sequence_len_offset
+        key = apply_rotary_pos_emb(
+            key,
+            rotary_pos_emb[1][start : start + key.size(0)],
+            config=self.config,
+            mscale=concentration(self.config),
+            cp_group=self.pg_collection.cp,
+        )
+        out = original(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+        query, key, value, (q_pos_emb, _), mask_type, block_table = out
+        return query, key, value, (q_pos_emb, None), mask_type, block_table
+
+    adjust._megatron_opd_rotary = True
+    cls._adjust_key_value_for_inference = adjust
+
+
+def _install_grouped_decode_attention() -> None:
+    """Megatron-Core 0.16.1's local ``DotProductAttention`` (the spec used without
+    transformer-engine) expands grouped-query keys and values to every query head with
+    ``repeat_interleave`` and then copies them again into ``bmm``'s layout: at a decode step
+    (one query per sequence, the whole KV cache as keys) that is two copies of ``heads / groups``
+    times the cache per layer, more memory traffic than the attention itself. For exactly that
+    case (inference, one query position, no mask to apply, plain softmax) the queries of a group
+    attend to the group's keys in one batched matmul instead; everything else goes to Megatron's
+    code. The products and the softmax are the same; only the summation order within the
+    matmuls may differ (float rounding)."""
+    from megatron.core.transformer import dot_product_attention as dpa
+
+    cls = dpa.DotProductAttention
+    original = cls.forward
+    if getattr(original, "_megatron_opd_grouped", False):
+        return
+
+    @functools.wraps(original)
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, *args, **kwargs):
+        heads = self.num_attention_heads_per_partition
+        groups = self.num_query_groups_per_partition
+        softmax = self.scale_mask_softmax
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or query.size(0) != 1
+            or heads == groups
+            or args
+            or any(v is not None for v in kwargs.values())
+            or self.softmax_offset is not None
+            or softmax.scale is not None
+            or softmax.window_size is not None
+            or (attention_mask is not None and bool(attention_mask.any()))
+        ):
+            return original(
+                self, query, key, value, attention_mask, attn_mask_type, *args, **kwargs
+            )
+        _, b, _, hn = query.shape
+        r = heads // groups
+        q = query.view(b, groups, r, hn)  # [1, b, np, hn] with head h = g * r + j
+        scores = torch.matmul(q, key.permute(1, 2, 3, 0)).mul_(self.softmax_scale)  # [b, g, r, sk]
+        if softmax.input_in_float16 and softmax.softmax_in_fp32:
+            scores = scores.float()
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        context = torch.matmul(probs, value.permute(1, 2, 0, 3))  # [b, g, r, hn]
+        return context.reshape(1, b, heads * hn)
+
+    forward._megatron_opd_grouped = True
+    cls.forward = forward
+
+
 def apply() -> None:
-    """Make Megatron-Core usable on this platform. Idempotent; a no-op with CUDA."""
+    """Make Megatron-Core usable on this platform. Idempotent; with CUDA only the two inference
+    changes (module docstring) apply."""
     global _APPLIED
     if _APPLIED:
         return
     check_megatron_core_version()
     if not has_cuda():
         _apply_cpu_shims()
+    _install_static_cache_rotary()
+    _install_grouped_decode_attention()
     _APPLIED = True

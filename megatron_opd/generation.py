@@ -8,7 +8,9 @@ rollouts need and the stock controller lacks:
   never sampled and carry no probability;
 * several stop tokens (the controller knows one), and the stop token kept in the output;
 * the log-probability of each generated token, computed from the last-position logits only (the
-  stock ``return_log_probs`` materializes ``[batch, prompt, vocab]`` logits at prefill);
+  stock ``return_log_probs`` materializes ``[batch, prompt, vocab]`` logits at prefill), and only
+  when asked for (``return_logprobs``): training rollouts do not read them, and a full-vocabulary
+  ``log_softmax`` per step is measurable next to a small model's decode step;
 * a truncation flag (``max_new_tokens`` reached without a stop token).
 
 It runs on every rank of the model-parallel group (TP and PP ranks all return the same result) and
@@ -35,7 +37,7 @@ class Generation:
     ``tokens``: the generated ids, the stop token included when one ended the sequence.
     ``logprobs``: log p(token | prefix) for each of ``tokens`` under the model's softmax at
     temperature 1 over the true vocabulary (not the tempered / filtered sampling distribution), so
-    it is comparable with a training forward pass.
+    it is comparable with a training forward pass; empty unless ``return_logprobs``.
     ``truncated``: ``max_new_tokens`` was reached without a stop token.
     """
 
@@ -80,8 +82,11 @@ def _inference_classes():
             return logits
 
     class RolloutController(SimpleTextGenerationController):
-        def __init__(self, *args, stop_token_ids: Sequence[int], **kwargs):
+        def __init__(
+            self, *args, stop_token_ids: Sequence[int], return_logprobs: bool = True, **kwargs
+        ):
             super().__init__(*args, **kwargs)
+            self.return_logprobs = return_logprobs
             self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
             self.token_logprobs: Optional[torch.Tensor] = None
             self.step_logprobs: Optional[torch.Tensor] = None
@@ -97,8 +102,9 @@ def _inference_classes():
             sampled = super().sample_from_logits(
                 last_token_logits, sampling_params, vocab_size, **kw
             )
-            logprobs = F.log_softmax(last_token_logits.float(), dim=-1)
-            self.step_logprobs = logprobs.gather(1, sampled.view(-1, 1).long()).view(-1)
+            if self.return_logprobs:
+                logprobs = F.log_softmax(last_token_logits.float(), dim=-1)
+                self.step_logprobs = logprobs.gather(1, sampled.view(-1, 1).long()).view(-1)
             return sampled
 
         def update_generation_status(
@@ -113,7 +119,8 @@ def _inference_classes():
             # Same bookkeeping as Megatron's, with a set of stop ids, and the stop token counted
             # in the generated length (Megatron drops it).
             position = current_context_end_position
-            self.token_logprobs[:, position] = self.step_logprobs
+            if self.return_logprobs:
+                self.token_logprobs[:, position] = self.step_logprobs
             latest = updated_prompts_tokens[:, position]
             stops = torch.isin(latest, self.stop_ids.to(latest.device)) & generation_started
             generated_sequence_lengths += ~is_generation_done_tensor & generation_started
@@ -132,7 +139,7 @@ def _inference_classes():
             done = super().generate_all_output_tokens_static_batch(active_requests, active_streams)
             for row, request in enumerate(requests):
                 start = len(request.prompt_tokens)
-                n = int(request.generated_length)
+                n = int(request.generated_length) if self.return_logprobs else 0
                 request.token_logprobs = self.token_logprobs[row, start : start + n].tolist()
             return done
 
@@ -166,6 +173,8 @@ def generate(
     vocab_size: Optional[int] = None,
     max_batch_size: Optional[int] = None,
     seed: Optional[int] = None,
+    return_logprobs: bool = True,
+    engine: str = "static",
 ) -> list[Generation]:
     """Continue each prompt with up to ``max_new_tokens`` tokens; one :class:`Generation` each.
 
@@ -175,6 +184,9 @@ def generate(
     ``greedy`` takes the argmax and ignores the sampling knobs; otherwise sampling at
     ``temperature`` with at most one of ``top_k`` / ``top_p``. ``seed`` seeds the sampler (give each
     data-parallel rank its own); model-parallel ranks must pass the same one.
+    ``return_logprobs=False`` leaves each ``Generation.logprobs`` empty and skips their cost.
+    ``engine``: ``"static"`` (the default; every platform) or ``"dynamic"`` (Megatron-Core's
+    continuous-batching engine; CUDA and flash-attn only, see :func:`dynamic_engine_unavailable`).
     """
     from megatron.core import parallel_state
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -210,6 +222,12 @@ def generate(
     max_length = max(len(p) for p in prompts_token_ids) + max_new_tokens
 
     VocabMaskedWrapper, RolloutController = _inference_classes()
+    if engine not in ("static", "dynamic"):
+        raise ValueError(f"unknown rollout engine {engine!r}; use static or dynamic")
+    if engine == "dynamic":
+        reason = dynamic_engine_unavailable()
+        if reason:
+            raise ValueError(f"--rollout-engine dynamic: {reason}")
     wrapper_config = InferenceWrapperConfig(
         hidden_size=config.hidden_size,
         params_dtype=config.params_dtype,
@@ -218,6 +236,19 @@ def generate(
         inference_max_requests=batch,
         inference_max_seq_length=max_length,
     )
+    if engine == "dynamic":
+        params = SamplingParams(
+            temperature=1.0 if greedy else float(temperature),
+            top_k=1 if greedy else int(top_k),
+            top_p=0.0 if greedy else float(top_p),
+            num_tokens_to_generate=max_new_tokens,
+            return_log_probs=return_logprobs,
+            skip_prompt_log_probs=True,
+        )
+        return _generate_dynamic(
+            model, tokenizer, prompts_token_ids, params, stop_token_ids, wrapper_config,
+            vocab_size, seed,
+        )  # fmt: skip
     context = StaticInferenceContext(batch, max_length)
     wrapped = VocabMaskedWrapper(model, wrapper_config, context, vocab_size=vocab_size)
     controller = RolloutController(
@@ -225,6 +256,7 @@ def generate(
         _MegatronTokenizer(tokenizer, tokenizer.pad_id),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         stop_token_ids=stop_token_ids,
+        return_logprobs=return_logprobs,
     )
     if seed is not None:
         controller.sampling_rng.manual_seed(seed)
@@ -263,3 +295,82 @@ def generate(
         truncated = not tokens or tokens[-1] not in stops
         out.append(Generation(tokens, list(request.token_logprobs), truncated))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron-Core's dynamic (continuous-batching) engine
+
+
+def dynamic_engine_unavailable() -> Optional[str]:
+    """Why the dynamic engine cannot run here (``None`` when it can): Megatron-Core 0.16.1's
+    ``DynamicInferenceEngine`` needs CUDA and flash-attn >= 2.7.3 (``transformer/attention.py``)."""
+    if not compat.has_cuda():
+        return "Megatron-Core's dynamic engine needs CUDA; use --rollout-engine static on CPU"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "Megatron-Core's dynamic engine needs flash-attn; use --rollout-engine static"
+    return None
+
+
+def _generate_dynamic(
+    model, tokenizer, prompts, params, stop_token_ids, wrapper_config, vocab_size, seed
+) -> list[Generation]:
+    """Continuous batching: a finished sequence leaves the batch at once and its KV blocks go to
+    the next request, so no step computes a sequence that is done. Stop tokens: the first is the
+    engine's ``termination_id``; the others are one-token stop words (finished one step later,
+    the stop token kept, as in the static path)."""
+    from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+    from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
+    from megatron.core.inference.inference_request import DynamicInferenceRequest
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController,
+    )
+
+    VocabMaskedWrapper, _ = _inference_classes()
+    stops = sorted(set(int(t) for t in stop_token_ids))
+    params.termination_id = stops[0] if stops else -1
+    context = DynamicInferenceContext.from_config(
+        inference_config=wrapper_config,
+        model=model,
+        max_batch_size=wrapper_config.inference_max_requests,
+        buffer_size_gb=DYNAMIC_KV_BUFFER_GB,
+    )
+    wrapped = VocabMaskedWrapper(model, wrapper_config, context, vocab_size=vocab_size)
+    wrapped.prep_model_for_inference()
+    controller = TextGenerationController(wrapped, _MegatronTokenizer(tokenizer, tokenizer.pad_id))
+    if seed is not None:
+        controller.sampling_rng.manual_seed(seed)
+    engine = DynamicInferenceEngine(controller, context, random_seed=int(seed or 0))
+    device = compat.default_device()
+    for request_id, prompt in enumerate(prompts):
+        request = DynamicInferenceRequest(
+            request_id=request_id,
+            prompt_tokens=torch.tensor([int(t) for t in prompt], dtype=torch.int64, device=device),
+            sampling_params=params,
+        )
+        # the public add_request takes stop *words* (text); our stops are token ids already
+        request.stop_word_ids = [[s] for s in stops[1:]]
+        engine._add_request(request)
+    was_training = model.training
+    records = []
+    try:
+        while engine.has_unfinished_requests():
+            records.extend(engine.step_modern()["finished_request_records"])
+    finally:
+        model.train(was_training)
+    by_id = {}
+    for record in records:
+        request = record.merge()
+        by_id[request.request_id] = request
+    out = []
+    for request_id in range(len(prompts)):
+        request = by_id[request_id]
+        tokens = [int(t) for t in request.generated_tokens]
+        logprobs = [float(x) for x in (request.generated_log_probs or [])]
+        truncated = not tokens or tokens[-1] not in stops
+        out.append(Generation(tokens, logprobs, truncated))
+    return out
+
+
+DYNAMIC_KV_BUFFER_GB = 4.0  # the engine's KV block pool; rollouts of small models need little

@@ -32,6 +32,7 @@ class RolloutConfig:
     top_p: float = 0.0
     top_k: int = 0
     batch_size: Optional[int] = None
+    engine: str = "static"  # or "dynamic": CUDA + flash-attn only
 
 
 @dataclass
@@ -66,6 +67,8 @@ def rollout(
         top_p=cfg.top_p,
         seed=seed,
         max_batch_size=cfg.batch_size,
+        return_logprobs=False,  # the training pass recomputes them; nothing reads these
+        engine=cfg.engine,
     )
     lengths = [len(p) + len(g.tokens) for p, g in zip(prompts, gens, strict=True)]
     # one spare position: the last input position has no target
@@ -86,12 +89,21 @@ class MicroBatch:
     tokens: torch.Tensor  # [b, s] inputs
     targets: torch.Tensor  # [b, s] token at i + 1
     loss_mask: torch.Tensor  # [b, s] bool: target is a trained response token
+    rows: Optional[torch.Tensor] = None  # [b] the rollout rows it holds (token budgets only)
 
 
 def micro_batches(
-    batch: RolloutBatch, micro_batch_size: int, mask_terminal_stop: bool, pad_id: int
+    batch: RolloutBatch,
+    micro_batch_size: int,
+    mask_terminal_stop: bool,
+    pad_id: int,
+    max_tokens: Optional[int] = None,
 ) -> list[MicroBatch]:
+    """``micro_batch_size`` rows each, padded to the step's longest; with ``max_tokens``, rows
+    grouped by length into micro-batches of at most that many positions (see ``batching``)."""
     device = models_device()
+    if max_tokens is not None:
+        return _token_budget_micro_batches(batch, max_tokens, mask_terminal_stop, device)
     seq = batch.tokens.shape[1] - 1
     tokens = batch.tokens[:, :-1]
     targets = batch.tokens[:, 1:]
@@ -111,6 +123,52 @@ def micro_batches(
     return out
 
 
+def _token_budget_micro_batches(batch, max_tokens, mask_terminal_stop, device):
+    from megatron_opd.batching import token_budget_groups
+
+    lengths = batch.prompt_lengths + batch.response_lengths
+    out = []
+    for rows in token_budget_groups(lengths, max_tokens):
+        seq = int(lengths[rows].max())
+        tokens = batch.tokens[rows, : seq + 1]  # one spare column: the last target
+        mask = build_loss_mask(
+            batch.prompt_lengths[rows],
+            batch.response_lengths[rows],
+            batch.truncated[rows],
+            seq,
+            mask_terminal_stop,
+        )
+        out.append(
+            MicroBatch(
+                tokens[:, :-1].contiguous().to(device),
+                tokens[:, 1:].contiguous().to(device),
+                mask.to(device),
+                rows,
+            )
+        )
+    return out
+
+
+def padding_fraction(batch: RolloutBatch, items: list[MicroBatch]) -> tuple[int, int]:
+    """(pad positions, all positions) in the inputs of ``items``, this rank's share of the step."""
+    from megatron_opd.batching import padding_counts
+
+    lengths = batch.prompt_lengths + batch.response_lengths
+    shapes = [tuple(mb.tokens.shape) for mb in items]
+    return padding_counts(lengths, [s for _, s in shapes], [b for b, _ in shapes])
+
+
+def dump_in_rollout_order(dump: list, items: list[MicroBatch], batch: RolloutBatch) -> list:
+    """A token dump of token-budget micro-batches as one entry in the rollout's row order and
+    width (the padded path's layout); other dumps unchanged."""
+    if not dump or items[0].rows is None:
+        return dump
+    from megatron_opd.batching import scatter_rows
+
+    width = batch.tokens.shape[1] - 1
+    return scatter_rows(dump, [mb.rows for mb in items], batch.tokens.shape[0], width)
+
+
 def models_device() -> torch.device:
     from megatron_opd import compat
 
@@ -128,21 +186,36 @@ def _run_forward(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def _schedule(chunks, step_fn, items: list, forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
     seq = items[0].tokens.shape[1]
     mbs = items[0].tokens.shape[0]
-    if any(mb.tokens.shape != (mbs, seq) for mb in items):
-        raise ValueError("every micro-batch of a step needs the same shape")
+    config = get_model_config(chunks[0])
+    variable = any(mb.tokens.shape != (mbs, seq) for mb in items)
+    if variable and len(chunks) > 1:
+        # the interleaved schedule sends to both neighbours in one batched exchange, which is
+        # where gloo mismatches messages (docs/findings.md); its shape exchange does the same
+        raise ValueError(
+            "micro-batches of different shapes (--max-tokens-per-micro-batch) need "
+            "--num-layers-per-virtual-pipeline-stage unset"
+        )
     iterator = iter(items) if len(chunks) == 1 else [iter(items) for _ in chunks]
-    return get_forward_backward_func()(
-        forward_step_func=step_fn,
-        data_iterator=iterator,
-        model=chunks,
-        num_microbatches=len(items),
-        seq_length=seq,
-        micro_batch_size=mbs,
-        forward_only=forward_only,
-    )
+    # With shapes that differ per micro-batch, each pipeline send is preceded by its shape
+    # (p2p_communication._communicate_shapes); seq_length / micro_batch_size are then unused.
+    saved = config.variable_seq_lengths
+    config.variable_seq_lengths = saved or variable
+    try:
+        return get_forward_backward_func()(
+            forward_step_func=step_fn,
+            data_iterator=iterator,
+            model=chunks,
+            num_microbatches=len(items),
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+    finally:
+        config.variable_seq_lengths = saved
 
 
 def _is_last_stage() -> bool:

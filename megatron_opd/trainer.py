@@ -68,6 +68,7 @@ class Trainer:
             temperature=args.rollout_temperature,
             top_p=0.0 if args.rollout_top_p >= 1.0 else args.rollout_top_p,
             top_k=args.rollout_top_k,
+            engine="dynamic" if args.rollout_engine == "dynamic" else "static",
         )
         self.eval_benchmarks = None
         if args.eval_interval:
@@ -97,8 +98,13 @@ class Trainer:
             self.student, self.tokenizer, self.step_prompts(), self.rollout_cfg, seed
         )
         items = opd.micro_batches(
-            batch, args.micro_batch_size, args.opd_mask_terminal_stop, self.tokenizer.pad_id
+            batch,
+            args.micro_batch_size,
+            args.opd_mask_terminal_stop,
+            self.tokenizer.pad_id,
+            getattr(args, "max_tokens_per_micro_batch", None),
         )
+        padding = opd.padding_fraction(batch, items)
         _sync()
         t1 = time.perf_counter()
         teacher_out = opd.score_teacher(
@@ -118,20 +124,21 @@ class Trainer:
             dump,
         )
         if dump:
-            self._write_dump(dump, batch)
+            self._write_dump(opd.dump_in_rollout_order(dump, items, batch), batch)
         _sync()
         t3 = time.perf_counter()
         times = {"time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/train": t3 - t2}
         times["time/step"] = t3 - t0
-        return self._metrics(batch, result, times)
+        return self._metrics(batch, result, times, padding)
 
-    def _metrics(self, batch: opd.RolloutBatch, result: opd.StepResult, times) -> dict:
+    def _metrics(self, batch: opd.RolloutBatch, result: opd.StepResult, times, padding) -> dict:
         lengths = batch.response_lengths.double()
         local = torch.tensor(
             [
                 lengths.sum().item(),
                 float(len(lengths)),
                 float(batch.truncated.sum()),
+                *map(float, padding),
             ],
             dtype=torch.float64,
             device=compat.default_device(),
@@ -140,7 +147,7 @@ class Trainer:
         if self.dp_size > 1:
             dist.all_reduce(local, group=self.dp_group)
             dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.dp_group)
-        total, count, truncated = local.tolist()
+        total, count, truncated, pad, positions = local.tolist()
         metrics: dict[str, Any] = {
             "grad_norm": result.grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -148,6 +155,7 @@ class Trainer:
             "response/max_len": longest.item(),
             "response/truncated_frac": truncated / count,
             "tokens_per_sec": total / times["time/step"],
+            "batch/padding_frac": pad / max(positions, 1.0),
             "memory/peak_gib": compat.peak_memory_bytes() / 2**30,
             "skipped_steps": float(self.skipped_total + (not (result.applied or result.empty))),
             **times,

