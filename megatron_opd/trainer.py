@@ -171,6 +171,7 @@ class Trainer:
         path = out / f"step{self.iteration + 1:07d}_dp{self.dp_rank}.pt"
         payload = {
             "micro_batches": dump,
+            "tokens": batch.tokens,  # [B, S]: prompt + response, right-padded
             "response_lengths": batch.response_lengths,
             "truncated": batch.truncated,
         }
