@@ -14,7 +14,7 @@ every layout, so that a user error surfaces before any weight is loaded.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +35,24 @@ class Inputs:
     teacher_meta: dict
     tokenizer: Any
     prompts: data.PromptSet
+    teachers: list[TeacherInput] = field(default_factory=list)  # every teacher, in flag order
+
+    @property
+    def own_teacher_layout(self) -> bool:
+        """True when a teacher leaves the student's grid (or there are several): the teachers
+        run on their own groups (``megatron_opd.teacher``)."""
+        return len(self.teachers) > 1 or any(t.own_layout for t in self.teachers)
+
+
+@dataclass
+class TeacherInput:
+    name: str  # "teacher" alone, "teacher<k>" with several
+    directory: Path
+    arch: models.ArchConfig
+    meta: dict
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    own_layout: bool  # a layout flag was given and differs from the student's
 
 
 def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
@@ -50,42 +68,22 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
             resume_root = Path(root)
             break
     student_dir = checkpointing.resolve_checkpoint(resume_root or args.load)
-    teacher_dir = checkpointing.resolve_checkpoint(args.opd_teacher_load)
-    for flag, path in (("--load", student_dir), ("--opd-teacher-load", teacher_dir)):
-        if not (path / checkpointing.META_FILE).exists():
-            raise ValueError(
-                f"{flag} {path} has no {checkpointing.META_FILE}: convert it with "
-                "scripts/convert_hf_to_megatron.py"
-            )
-    s_arch, s_meta = convert.read_checkpoint(student_dir)
-    t_arch, t_meta = convert.read_checkpoint(teacher_dir)
-    if s_arch.vocab_size != t_arch.vocab_size:
+    if not (student_dir / checkpointing.META_FILE).exists():
         raise ValueError(
-            f"--opd-teacher-load: the teacher's vocabulary ({t_arch.vocab_size} tokens) differs "
-            f"from the student's ({s_arch.vocab_size}); OPD needs a shared tokenizer"
+            f"--load {student_dir} has no {checkpointing.META_FILE}: convert it with "
+            "scripts/convert_hf_to_megatron.py"
         )
+    s_arch, s_meta = convert.read_checkpoint(student_dir)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     vpp = virtual_stages(args, s_arch)
     models.validate_layout(s_arch, tp, pp, vpp)
-    try:
-        models.validate_layout(t_arch, tp, pp)
-    except ValueError as e:
-        raise ValueError(f"teacher: {e}") from None
-    if args.opd_reward == "full_vocab_kl":
-        padded = [
-            models.padded_vocab_size(
-                arch.vocab_size, meta.get("make_vocab_size_divisible_by", 128), tp
-            )
-            for arch, meta in ((t_arch, t_meta), (s_arch, s_meta))
-        ]
-        if padded[0] != padded[1]:
-            raise ValueError(
-                f"--opd-reward full_vocab_kl needs equal padded vocabularies (teacher "
-                f"{padded[0]}, student {padded[1]}): convert both with the same "
-                "--make-vocab-size-divisible-by"
-            )
+    teachers = check_teachers(args, world_size, s_arch, s_meta)
+    t_arch = teachers[0].arch
+    t_meta = teachers[0].meta
     context = args.max_prompt_length + args.rollout_max_new_tokens
-    limit = min(s_arch.max_position_embeddings, t_arch.max_position_embeddings)
+    limit = min(
+        [s_arch.max_position_embeddings] + [t.arch.max_position_embeddings for t in teachers]
+    )
     if context > limit:
         raise ValueError(
             f"--max-prompt-length {args.max_prompt_length} + --rollout-max-new-tokens "
@@ -99,9 +97,110 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
             f"--prompt-data has {len(prompts)} usable prompts, fewer than one step needs "
             f"(--global-batch-size {args.global_batch_size})"
         )
+    check_routing(prompts, teachers, args.prompt_data)
+    check_teacher_tokenizers(teachers, tokenizer, prompts)
     return Inputs(
-        student_dir, resume_root, teacher_dir, s_arch, s_meta, t_arch, t_meta, tokenizer, prompts
+        student_dir,
+        resume_root,
+        teachers[0].directory,
+        s_arch,
+        s_meta,
+        t_arch,
+        t_meta,
+        tokenizer,
+        prompts,
+        teachers,
     )
+
+
+def check_teachers(
+    args: argparse.Namespace, world_size: int, s_arch: models.ArchConfig, s_meta: dict
+) -> list[TeacherInput]:
+    """Every ``--opd-teacher-load`` with its layout, checked against the student's."""
+    from megatron_opd import convert, teacher
+
+    paths = arguments.teacher_loads(args)
+    layouts = arguments.teacher_layouts(args)
+    student_layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    out = []
+    for k, (path, layout) in enumerate(zip(paths, layouts, strict=True)):
+        name = "teacher" if len(paths) == 1 else f"teacher{k}"
+        directory = checkpointing.resolve_checkpoint(path)
+        if not (directory / checkpointing.META_FILE).exists():
+            raise ValueError(
+                f"--opd-teacher-load {directory} has no {checkpointing.META_FILE}: convert it "
+                "with scripts/convert_hf_to_megatron.py"
+            )
+        arch, meta = convert.read_checkpoint(directory)
+        if s_arch.vocab_size != arch.vocab_size:
+            raise ValueError(
+                f"--opd-teacher-load {path}: the {name}'s vocabulary ({arch.vocab_size} tokens) "
+                f"differs from the student's ({s_arch.vocab_size}); OPD needs a shared tokenizer"
+            )
+        own = layout != student_layout
+        if own:
+            teacher.check_layout(arch, *layout, world_size, name)
+        else:
+            try:
+                models.validate_layout(arch, *layout)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        out.append(TeacherInput(name, directory, arch, meta, *layout, own))
+    if args.opd_reward == "full_vocab_kl":
+        if len(out) > 1 or out[0].own_layout:
+            raise ValueError(
+                "--opd-reward full_vocab_kl needs one teacher on the student's layout: it reads "
+                "the teacher's vocab-sharded logits [b, s, v/tp] in the student's TP sharding, "
+                "which another layout would have to move (b x s x v floats); unset "
+                f"{teacher.TP_FLAG} / {teacher.PP_FLAG} or pick a sampled-token reward"
+            )
+        padded = [
+            models.padded_vocab_size(
+                arch.vocab_size, meta.get("make_vocab_size_divisible_by", 128), student_layout[0]
+            )
+            for arch, meta in ((out[0].arch, out[0].meta), (s_arch, s_meta))
+        ]
+        if padded[0] != padded[1]:
+            raise ValueError(
+                f"--opd-reward full_vocab_kl needs equal padded vocabularies (teacher "
+                f"{padded[0]}, student {padded[1]}): convert both with the same "
+                "--make-vocab-size-divisible-by"
+            )
+    return out
+
+
+def check_routing(prompts: data.PromptSet, teachers: list[TeacherInput], source: str) -> None:
+    """With several teachers every prompt names one (``teacher`` field); indices in range."""
+    n = len(teachers)
+    for i, p in enumerate(prompts.problems):
+        if p.teacher is None and n > 1:
+            raise ValueError(
+                f"--prompt-data {source}: prompt {i} has no 'teacher' field; with {n} "
+                "--opd-teacher-load checkpoints every prompt names its teacher (0-based)"
+            )
+        if p.teacher is not None and p.teacher >= n:
+            raise ValueError(
+                f"--prompt-data {source}: prompt {i} routes to teacher {p.teacher}, but "
+                f"--opd-teacher-load names {n}"
+            )
+
+
+def check_teacher_tokenizers(teachers: list[TeacherInput], tokenizer, prompts) -> None:
+    """A teacher that ships a tokenizer must tokenize like the student's (ids, stop tokens)."""
+    from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR
+
+    probe = "\n".join(p.problem for p in prompts.problems[:4]) + " 0123 ?!"
+    want = (tokenizer.vocab_size, sorted(tokenizer.stop_token_ids), tokenizer.encode(probe))
+    for t in teachers:
+        if not (t.directory / CHECKPOINT_TOKENIZER_DIR).is_dir():
+            continue
+        other = load_tokenizer(t.directory)
+        got = (other.vocab_size, sorted(other.stop_token_ids), other.encode(probe))
+        if got != want:
+            raise ValueError(
+                f"--opd-teacher-load {t.directory}: the {t.name}'s tokenizer differs from the "
+                "student's; every teacher must share the student's tokenizer"
+            )
 
 
 def virtual_stages(args: argparse.Namespace, arch: models.ArchConfig) -> Optional[int]:
@@ -196,12 +295,22 @@ def build_student(args: argparse.Namespace, inputs: Inputs):
 
 
 def build_teacher(args: argparse.Namespace, inputs: Inputs):
-    """Frozen, eval mode, no optimizer state; bf16 with ``--opd-teacher-bf16``."""
+    """Frozen, eval mode, no optimizer state; bf16 with ``--opd-teacher-bf16``.
+
+    One teacher on the student's grid: its chunks (scored with Megatron's global groups).
+    Otherwise a :class:`megatron_opd.teacher.TeacherSet`, every teacher on its own groups."""
     import torch
 
-    from megatron_opd import convert
+    from megatron_opd import convert, teacher
 
     dtype = torch.bfloat16 if args.opd_teacher_bf16 else None
+    if inputs.own_teacher_layout:
+        return teacher.build_teachers(
+            [t.directory for t in inputs.teachers],
+            [(t.tensor_parallel_size, t.pipeline_parallel_size) for t in inputs.teachers],
+            dtype,
+            args.distributed_timeout_minutes,
+        )
     chunks, _ = convert.load_checkpoint_model(inputs.teacher_dir, dtype=dtype)
     for c in chunks:
         c.eval()
