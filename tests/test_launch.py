@@ -27,7 +27,7 @@ def _hf_logprobs(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
     """[B, S-1] float64 log-prob of token i+1 given the prefix, from the transformers model."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float64).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float64).eval()
     with torch.no_grad():
         logits = model(tokens, use_cache=False).logits.double()
     return torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
