@@ -9,8 +9,11 @@ Each step: the student samples one response per prompt with its own weights (no 
 the frozen teacher scores the sampled tokens in a forward-only pipeline pass; the reward
 r = pi_T^alpha - pi_S^alpha (or a baseline, ``--opd-reward``) is held constant and the loss
 -sum(r * log pi_S) / N over the step's response tokens is minimized with one optimizer step.
-Student and teacher are Megatron GPTModels on the same TP x PP grid; each is read from its own
-checkpoint directory (written by ``scripts/convert_hf_to_megatron.py`` or by this script).
+Student and teacher are Megatron GPTModels, each read from its own checkpoint directory (written
+by ``scripts/convert_hf_to_megatron.py`` or by this script), by default on the same TP x PP grid;
+``--opd-teacher-tensor-model-parallel-size`` / ``--opd-teacher-pipeline-model-parallel-size`` give
+the teacher its own layout on the same ranks, and ``--opd-teacher-load A B`` several teachers, each
+prompt routed by its ``teacher`` field.
 
 Resuming: ``--save`` holding a checkpoint resumes from it (requeued jobs pass the same flags);
 otherwise ``--load`` is a converted checkpoint (weights only) or a run to continue (add
