@@ -33,7 +33,7 @@ def build_checkpoints(root: Path, hidden: int, layers: int) -> tuple[Path, Path]
     save_bpe_tokenizer(tok)
     vocab = 323
     save_hf_qwen3(root / "hf_student", layers=2, seed=2, vocab=vocab, scale=0.25)
-    heads = max(4, hidden // 128)
+    heads = 8  # divides by TP 2, 4, 8
     config = Qwen3Config(
         vocab_size=vocab,
         hidden_size=hidden,
