@@ -97,7 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("on-policy distillation")
-    g.add_argument("--opd-teacher-load", type=str, default=None, help="teacher checkpoint")
+    g.add_argument(
+        "--opd-teacher-load",
+        type=str,
+        nargs="+",
+        default=None,
+        help="teacher checkpoint(s); with several, each prompt's 'teacher' field picks one "
+        "(0-based, in this order)",
+    )
+    g.add_argument(
+        "--opd-teacher-tensor-model-parallel-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the teacher's own TP size (one value, or one per teacher); default the student's",
+    )
+    g.add_argument(
+        "--opd-teacher-pipeline-model-parallel-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the teacher's own PP size (one value, or one per teacher); default the student's",
+    )
     g.add_argument("--opd-reward", choices=REWARD_KINDS, default="power")
     g.add_argument("--opd-alpha", type=float, default=5.0, help="PowerOPD exponent, > 0")
     g.add_argument("--opd-clip-min", type=float, default=-1.0)
@@ -239,7 +260,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--load (the student checkpoint) is required")
     if args.opd_teacher_load is None:
         raise ValueError("--opd-teacher-load (the teacher checkpoint) is required")
-    for flag, path in (("--load", args.load), ("--opd-teacher-load", args.opd_teacher_load)):
+    paths = [("--load", args.load)] + [("--opd-teacher-load", t) for t in teacher_loads(args)]
+    for flag, path in paths:
         if not Path(path).exists():
             raise ValueError(f"{flag} {path} does not exist")
     if args.save_interval is not None and args.save is None:
@@ -280,3 +302,29 @@ def reward_config(args: argparse.Namespace):
         clip_max=args.opd_clip_max,
         tanh_temperature=args.opd_tanh_temperature,
     )
+
+
+def teacher_loads(args: argparse.Namespace) -> list[str]:
+    """``--opd-teacher-load`` as a list (a YAML config may give one string)."""
+    value = args.opd_teacher_load
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def teacher_layouts(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(TP, PP) of each teacher: one value of ``--opd-teacher-*-model-parallel-size`` for all,
+    one per teacher, or the student's."""
+    n = len(teacher_loads(args))
+    out = []
+    for flag, values, default in (
+        ("--opd-teacher-tensor-model-parallel-size", args.opd_teacher_tensor_model_parallel_size,
+         args.tensor_model_parallel_size),
+        ("--opd-teacher-pipeline-model-parallel-size",
+         args.opd_teacher_pipeline_model_parallel_size, args.pipeline_model_parallel_size),
+    ):  # fmt: skip
+        values = [values] if isinstance(values, int) else list(values or [default])
+        if len(values) not in (1, n):
+            raise ValueError(
+                f"{flag} takes one value or one per --opd-teacher-load ({n}), got {len(values)}"
+            )
+        out.append(values * n if len(values) == 1 else values)
+    return list(zip(*out, strict=True))

@@ -27,6 +27,7 @@ class Problem:
     problem: str
     answer: str
     source: str = ""
+    teacher: Optional[int] = None  # index into --opd-teacher-load this prompt is scored by
 
 
 def _require(obj: Any, keys: Sequence[str], where: str) -> None:
@@ -90,8 +91,18 @@ def load_problems(path: str | Path, add_instruction: bool = True) -> list[Proble
             problem, answer = obj["problem"], str(obj["answer"])
         if add_instruction:
             problem = with_instruction(problem)
-        out.append(Problem(problem, answer, name))
+        out.append(Problem(problem, answer, name, _teacher_field(obj, where)))
     return out
+
+
+def _teacher_field(obj: dict, where: str) -> Optional[int]:
+    """The optional ``teacher`` routing field: a 0-based index into --opd-teacher-load."""
+    value = obj.get("teacher")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: 'teacher' must be a 0-based teacher index, got {value!r}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------

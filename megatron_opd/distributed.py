@@ -106,6 +106,99 @@ def initialize(
     set_seeds(seed)
 
 
+@dataclass
+class ModelGrid:
+    """A model's own TP x PP x DP grid over the whole world, built apart from ``parallel_state``
+    (a teacher on another layout than the student's). Ranks are laid out as Megatron's default
+    order ``tp-dp-pp``: ``rank = tp_rank + TP * (dp_rank + DP * pp_rank)``."""
+
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp: dist.ProcessGroup
+    pp: dist.ProcessGroup
+    dp: dist.ProcessGroup
+    mp: dist.ProcessGroup  # TP x PP: one replica of the model, the ranks that score together
+    embd: dist.ProcessGroup  # first and last pipeline stage (tied embeddings)
+    cp: dist.ProcessGroup  # this rank alone (no context parallelism)
+    mp_ranks: tuple[int, ...]  # global ranks of ``mp``, ascending
+
+    def rank_of(self, tp_rank: int, pp_rank: int, dp_rank: Optional[int] = None) -> int:
+        dp_rank = self.dp_rank if dp_rank is None else dp_rank
+        return tp_rank + self.tp_size * (dp_rank + self.dp_size * pp_rank)
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def pg_collection(self):
+        """Megatron-Core's ``ProcessGroupCollection`` of this grid, for GPTModel and the
+        pipeline schedules."""
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        return ProcessGroupCollection(
+            tp=self.tp,
+            pp=self.pp,
+            mp=self.mp,
+            embd=self.embd,
+            pos_embd=None,
+            cp=self.cp,
+            tp_cp=self.tp,
+            dp=self.dp,
+            dp_cp=self.dp,
+        )
+
+
+def build_model_grid(
+    tensor_parallel_size: int, pipeline_parallel_size: int, timeout_minutes: int = 30
+) -> ModelGrid:
+    """Process groups of a TP x PP grid over all ranks (DP = world / (TP x PP)), every group
+    created on every rank in the same order, as ``torch.distributed.new_group`` requires.
+
+    Megatron's ``HyperCommGrid`` does this enumeration too but needs ``einops``, which is not a
+    dependency of this project; the arithmetic is the one line in :class:`ModelGrid`."""
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % (tp * pp) != 0:
+        raise ValueError(f"world size {world} is not divisible by TP {tp} x PP {pp}")
+    dp = world // (tp * pp)
+    timeout = timedelta(minutes=timeout_minutes)
+
+    def at(t: int, d: int, p: int) -> int:
+        return t + tp * (d + dp * p)
+
+    def mine(rank_lists: list[list[int]]) -> dist.ProcessGroup:
+        found = None
+        for ranks in rank_lists:
+            group = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                found = group
+        assert found is not None, (rank, rank_lists)
+        return found
+
+    pp_lists = [[at(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    t_rank, d_rank, p_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
+    mp_lists = [sorted(at(t, d, p) for p in range(pp) for t in range(tp)) for d in range(dp)]
+    return ModelGrid(
+        tp_size=tp,
+        pp_size=pp,
+        dp_size=dp,
+        tp_rank=t_rank,
+        pp_rank=p_rank,
+        dp_rank=d_rank,
+        tp=mine([[at(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)]),
+        pp=mine(pp_lists),
+        dp=mine([[at(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)]),
+        mp=mine(mp_lists),
+        embd=mine([sorted({ranks[0], ranks[-1]}) for ranks in pp_lists]),
+        cp=mine([[r] for r in range(world)]),
+        mp_ranks=tuple(mp_lists[d_rank]),
+    )
+
+
 def teardown() -> None:
     """Destroy Megatron's groups and the default process group (safe to call twice)."""
     from megatron.core import parallel_state

@@ -272,8 +272,12 @@ def build_model(
     config,
     make_vocab_size_divisible_by: int = 128,
     max_sequence_length: Optional[int] = None,
+    pg_collection: Any = None,
 ) -> list[torch.nn.Module]:
-    """The GPTModel chunks of this pipeline stage (one per virtual stage), on the default device."""
+    """The GPTModel chunks of this pipeline stage (one per virtual stage), on the default device.
+
+    ``pg_collection``: the model's own process groups (a teacher on its own grid); by default
+    Megatron's global ones (``parallel_state``)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -289,17 +293,18 @@ def build_model(
             transformer_layer_spec=layer_spec(arch),
             vocab_size=vocab,
             max_sequence_length=max_sequence_length or arch.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(
-                ignore_virtual=False, vp_stage=stage
-            ),
-            post_process=parallel_state.is_pipeline_last_stage(
-                ignore_virtual=False, vp_stage=stage
-            ),
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+            if pg_collection is None
+            else pg_collection.pp.rank() == 0,
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+            if pg_collection is None
+            else pg_collection.pp.rank() == pg_collection.pp.size() - 1,
             share_embeddings_and_output_weights=arch.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=float(arch.rope_theta),  # not int(): 10000.5 is a valid base
             rotary_percent=1.0,
             vp_stage=stage,
+            pg_collection=pg_collection,
         )
         compat.ensure_tensor_parallel_attributes(model)
         if config.bf16 or config.fp16:

@@ -169,6 +169,16 @@ def dump_in_rollout_order(dump: list, items: list[MicroBatch], batch: RolloutBat
     return scatter_rows(dump, [mb.rows for mb in items], batch.tokens.shape[0], width)
 
 
+def split_like_items(full: torch.Tensor, items: list[MicroBatch]) -> list[torch.Tensor]:
+    """Per-row values ``[B, S]`` in rollout order cut into the layout of ``items`` (each its rows
+    and its own width): the inverse of ``dump_in_rollout_order`` for one tensor."""
+    if items[0].rows is None:
+        sizes = [mb.tokens.shape[0] for mb in items]
+        return [part.contiguous() for part in torch.split(full, sizes)]
+    rows = [mb.rows.to(full.device) for mb in items]
+    return [full[r, : mb.tokens.shape[1]].contiguous() for r, mb in zip(rows, items, strict=True)]
+
+
 def models_device() -> torch.device:
     from megatron_opd import compat
 

@@ -86,6 +86,9 @@ class Trainer:
         chosen = self.stream.take(args.global_batch_size // k)
         responses = [self.prompts.token_ids[i] for i in chosen for _ in range(k)]
         local = args.global_batch_size // self.dp_size
+        # the teacher each local row is routed to (the prompts' ``teacher`` field)
+        routed = [self.prompts.problems[i].teacher or 0 for i in chosen for _ in range(k)]
+        self.step_routes = torch.tensor(routed[self.dp_rank * local : (self.dp_rank + 1) * local])
         return responses[self.dp_rank * local : (self.dp_rank + 1) * local]
 
     def train_one_step(self) -> dict[str, float]:
@@ -107,12 +110,11 @@ class Trainer:
         padding = opd.padding_fraction(batch, items)
         _sync()
         t1 = time.perf_counter()
-        teacher_out = opd.score_teacher(
-            self.teacher, items, self.vocab_size, keep_logits=args.opd_reward == "full_vocab_kl"
-        )
+        teacher_out = self._score_teacher(batch, items)
         _sync()
         t2 = time.perf_counter()
-        dump = [] if args.opd_dump_tokens else None
+        several = hasattr(self.teacher, "names") and len(self.teacher) > 1
+        dump = [] if args.opd_dump_tokens or several else None
         result = opd.train_step(
             self.student,
             self.optimizer,
@@ -124,12 +126,35 @@ class Trainer:
             dump,
         )
         if dump:
-            self._write_dump(opd.dump_in_rollout_order(dump, items, batch), batch)
+            dump = opd.dump_in_rollout_order(dump, items, batch)
+            if args.opd_dump_tokens:
+                self._write_dump(dump, batch)
         _sync()
         t3 = time.perf_counter()
         times = {"time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/train": t3 - t2}
         times["time/step"] = t3 - t0
-        return self._metrics(batch, result, times, padding)
+        metrics = self._metrics(batch, result, times, padding)
+        if several and dump:  # the last pipeline stage holds the per-token values
+            from megatron_opd.teacher import per_teacher_metrics
+
+            metrics.update(
+                per_teacher_metrics(
+                    dump, self.step_routes, self.teacher.names, self.reward_cfg, self.dp_group
+                )
+            )
+        return metrics
+
+    def _score_teacher(self, batch: opd.RolloutBatch, items: list[opd.MicroBatch]) -> list:
+        """The teacher's output per micro-batch: on the student's grid through ``opd``, or on
+        the teachers' own grids (``megatron_opd.teacher``), each row by its routed teacher."""
+        if not hasattr(self.teacher, "score"):
+            keep_logits = self.args.opd_reward == "full_vocab_kl"
+            return opd.score_teacher(self.teacher, items, self.vocab_size, keep_logits)
+        routes = self.step_routes if len(self.teacher) > 1 else None
+        full = self.teacher.score(
+            batch.tokens, self.vocab_size, self.dp_rank, self.args.micro_batch_size, routes
+        )
+        return opd.split_like_items(full, items)
 
     def _metrics(self, batch: opd.RolloutBatch, result: opd.StepResult, times, padding) -> dict:
         lengths = batch.response_lengths.double()
@@ -182,6 +207,8 @@ class Trainer:
         path = out / f"step{self.iteration + 1:07d}_dp{self.dp_rank}.pt"
         payload = {
             "micro_batches": dump,
+            "tokens": batch.tokens,  # [B, S]: prompt + response, right-padded
+            "teachers": self.step_routes,  # [B]: the teacher each row was scored by
             "response_lengths": batch.response_lengths,
             "truncated": batch.truncated,
         }

@@ -107,3 +107,63 @@ def torchrun(nproc: int, args: list[str], timeout: int = 420, check: bool = True
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def make_teacher(
+    root: Path,
+    tokenizer_dir: Path,
+    vocab_size: int,
+    seed: int,
+    layers: int = 4,
+    scale: float = 0.25,
+) -> Path:
+    """``root/teacher`` beside an existing tokenizer: a tiny Qwen3 whose 4 heads, 4 query groups
+    and 128-wide ffn split over TP 4 (``make_pair``'s teacher has 2 query groups)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, scale)
+    hf = root / "hf_teacher"
+    model.save_pretrained(str(hf))
+    for f in Path(tokenizer_dir).iterdir():
+        (hf / f.name).write_bytes(f.read_bytes())
+    convert(hf, root / "teacher")
+    return root / "teacher"
+
+
+def metadata_only_checkpoint(directory: Path, tokenizer_dir: Path, **arch) -> Path:
+    """A checkpoint directory holding only ``megatron_opd.json`` and the tokenizer: enough for
+    every check that runs before a model is built (no weights, no converter process)."""
+    from megatron_opd.checkpointing import META_FILE
+    from megatron_opd.models import ArchConfig
+
+    fields = dict(
+        model_type="qwen3", vocab_size=323, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+        max_position_embeddings=512,
+    )  # fmt: skip
+    fields.update(arch)
+    directory.mkdir(parents=True)
+    meta = {"arch": ArchConfig(**fields).to_dict(), "make_vocab_size_divisible_by": 128}
+    (directory / META_FILE).write_text(json.dumps(meta))
+    (directory / "tokenizer").mkdir()
+    for f in Path(tokenizer_dir).iterdir():
+        (directory / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    return directory

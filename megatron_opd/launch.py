@@ -1,0 +1,336 @@
+"""From flags to a ready :class:`~megatron_opd.trainer.Trainer`: what ``scripts/pretrain_opd.py``
+does between parsing and ``Trainer.run()``, as a library any launcher can call.
+
+    args = arguments.parse_args(argv)
+    inputs = launch.check_inputs(args, world_size)     # no model built yet; ValueError on bad input
+    launch.initialize(args)                            # torch.distributed + Megatron's groups
+    trainer = launch.build_trainer(args, inputs)       # student + optimizer + teacher(s), resumed
+    trainer.run()
+
+:func:`check_inputs` reads every checkpoint's metadata, the tokenizer and the prompts and checks
+every layout, so that a user error surfaces before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_opd import arguments, checkpointing, data, distributed, models
+from megatron_opd.tokenizer import load_tokenizer
+
+
+@dataclass
+class Inputs:
+    """What the run reads, resolved and checked before any model is built."""
+
+    student_dir: Path  # weights + metadata the student starts from
+    resume_root: Optional[Path]  # a training run to restore optimizer/iteration/data from
+    teacher_dir: Path
+    student_arch: models.ArchConfig
+    student_meta: dict
+    teacher_arch: models.ArchConfig
+    teacher_meta: dict
+    tokenizer: Any
+    prompts: data.PromptSet
+    teachers: list[TeacherInput] = field(default_factory=list)  # every teacher, in flag order
+
+    @property
+    def own_teacher_layout(self) -> bool:
+        """True when a teacher leaves the student's grid (or there are several): the teachers
+        run on their own groups (``megatron_opd.teacher``)."""
+        return len(self.teachers) > 1 or any(t.own_layout for t in self.teachers)
+
+
+@dataclass
+class TeacherInput:
+    name: str  # "teacher" alone, "teacher<k>" with several
+    directory: Path
+    arch: models.ArchConfig
+    meta: dict
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    own_layout: bool  # a layout flag was given and differs from the student's
+
+
+def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
+    """Validate the flags, the checkpoints' metadata, layouts, tokenizer and prompts.
+
+    Raises ``ValueError`` (or ``FileNotFoundError``) with one line naming the flag or file."""
+    from megatron_opd import convert
+
+    arguments.validate_args(args, world_size)
+    resume_root = None
+    for root in (args.save, None if args.finetune else args.load):
+        if root and checkpointing.latest_iteration(root) is not None:
+            resume_root = Path(root)
+            break
+    student_dir = checkpointing.resolve_checkpoint(resume_root or args.load)
+    if not (student_dir / checkpointing.META_FILE).exists():
+        raise ValueError(
+            f"--load {student_dir} has no {checkpointing.META_FILE}: convert it with "
+            "scripts/convert_hf_to_megatron.py"
+        )
+    s_arch, s_meta = convert.read_checkpoint(student_dir)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    vpp = virtual_stages(args, s_arch)
+    models.validate_layout(s_arch, tp, pp, vpp)
+    teachers = check_teachers(args, world_size, s_arch, s_meta)
+    t_arch = teachers[0].arch
+    t_meta = teachers[0].meta
+    context = args.max_prompt_length + args.rollout_max_new_tokens
+    limit = min(
+        [s_arch.max_position_embeddings] + [t.arch.max_position_embeddings for t in teachers]
+    )
+    if context > limit:
+        raise ValueError(
+            f"--max-prompt-length {args.max_prompt_length} + --rollout-max-new-tokens "
+            f"{args.rollout_max_new_tokens} = {context} exceeds the models' context of {limit}"
+        )
+    tokenizer = load_tokenizer(args.tokenizer or student_dir)
+    problems = data.load_prompt_source(args.prompt_data, seed=args.seed)
+    prompts = data.PromptSet.build(problems, tokenizer, args.max_prompt_length, args.system_prompt)
+    if len(prompts) * args.rollout_samples_per_prompt < args.global_batch_size:
+        raise ValueError(
+            f"--prompt-data has {len(prompts)} usable prompts, fewer than one step needs "
+            f"(--global-batch-size {args.global_batch_size})"
+        )
+    check_routing(prompts, teachers, args.prompt_data)
+    check_teacher_tokenizers(teachers, tokenizer, prompts)
+    return Inputs(
+        student_dir,
+        resume_root,
+        teachers[0].directory,
+        s_arch,
+        s_meta,
+        t_arch,
+        t_meta,
+        tokenizer,
+        prompts,
+        teachers,
+    )
+
+
+def check_teachers(
+    args: argparse.Namespace, world_size: int, s_arch: models.ArchConfig, s_meta: dict
+) -> list[TeacherInput]:
+    """Every ``--opd-teacher-load`` with its layout, checked against the student's."""
+    from megatron_opd import convert, teacher
+
+    paths = arguments.teacher_loads(args)
+    layouts = arguments.teacher_layouts(args)
+    student_layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    out = []
+    for k, (path, layout) in enumerate(zip(paths, layouts, strict=True)):
+        name = "teacher" if len(paths) == 1 else f"teacher{k}"
+        directory = checkpointing.resolve_checkpoint(path)
+        if not (directory / checkpointing.META_FILE).exists():
+            raise ValueError(
+                f"--opd-teacher-load {directory} has no {checkpointing.META_FILE}: convert it "
+                "with scripts/convert_hf_to_megatron.py"
+            )
+        arch, meta = convert.read_checkpoint(directory)
+        if s_arch.vocab_size != arch.vocab_size:
+            raise ValueError(
+                f"--opd-teacher-load {path}: the {name}'s vocabulary ({arch.vocab_size} tokens) "
+                f"differs from the student's ({s_arch.vocab_size}); OPD needs a shared tokenizer"
+            )
+        own = layout != student_layout
+        if own:
+            teacher.check_layout(arch, *layout, world_size, name)
+        else:
+            try:
+                models.validate_layout(arch, *layout)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        out.append(TeacherInput(name, directory, arch, meta, *layout, own))
+    if args.opd_reward == "full_vocab_kl":
+        if len(out) > 1 or out[0].own_layout:
+            raise ValueError(
+                "--opd-reward full_vocab_kl needs one teacher on the student's layout: it reads "
+                "the teacher's vocab-sharded logits [b, s, v/tp] in the student's TP sharding, "
+                "which another layout would have to move (b x s x v floats); unset "
+                f"{teacher.TP_FLAG} / {teacher.PP_FLAG} or pick a sampled-token reward"
+            )
+        padded = [
+            models.padded_vocab_size(
+                arch.vocab_size, meta.get("make_vocab_size_divisible_by", 128), student_layout[0]
+            )
+            for arch, meta in ((out[0].arch, out[0].meta), (s_arch, s_meta))
+        ]
+        if padded[0] != padded[1]:
+            raise ValueError(
+                f"--opd-reward full_vocab_kl needs equal padded vocabularies (teacher "
+                f"{padded[0]}, student {padded[1]}): convert both with the same "
+                "--make-vocab-size-divisible-by"
+            )
+    return out
+
+
+def check_routing(prompts: data.PromptSet, teachers: list[TeacherInput], source: str) -> None:
+    """With several teachers every prompt names one (``teacher`` field); indices in range."""
+    n = len(teachers)
+    for i, p in enumerate(prompts.problems):
+        if p.teacher is None and n > 1:
+            raise ValueError(
+                f"--prompt-data {source}: prompt {i} has no 'teacher' field; with {n} "
+                "--opd-teacher-load checkpoints every prompt names its teacher (0-based)"
+            )
+        if p.teacher is not None and p.teacher >= n:
+            raise ValueError(
+                f"--prompt-data {source}: prompt {i} routes to teacher {p.teacher}, but "
+                f"--opd-teacher-load names {n}"
+            )
+
+
+def check_teacher_tokenizers(teachers: list[TeacherInput], tokenizer, prompts) -> None:
+    """A teacher that ships a tokenizer must tokenize like the student's (ids, stop tokens)."""
+    from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR
+
+    probe = "\n".join(p.problem for p in prompts.problems[:4]) + " 0123 ?!"
+    want = (tokenizer.vocab_size, sorted(tokenizer.stop_token_ids), tokenizer.encode(probe))
+    for t in teachers:
+        if not (t.directory / CHECKPOINT_TOKENIZER_DIR).is_dir():
+            continue
+        other = load_tokenizer(t.directory)
+        got = (other.vocab_size, sorted(other.stop_token_ids), other.encode(probe))
+        if got != want:
+            raise ValueError(
+                f"--opd-teacher-load {t.directory}: the {t.name}'s tokenizer differs from the "
+                "student's; every teacher must share the student's tokenizer"
+            )
+
+
+def virtual_stages(args: argparse.Namespace, arch: models.ArchConfig) -> Optional[int]:
+    if args.num_layers_per_virtual_pipeline_stage is None:
+        return None
+    raise ValueError(
+        "--num-layers-per-virtual-pipeline-stage: rollouts run through Megatron's static "
+        "inference engine, which takes one model chunk per rank; unset it"
+    )
+
+
+def initialize(args: argparse.Namespace) -> None:
+    """torch.distributed from the launcher's environment, Megatron's (student) groups, seeds."""
+    distributed.initialize(
+        distributed.ParallelConfig(
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        ),
+        seed=args.seed,
+        timeout_minutes=args.distributed_timeout_minutes,
+    )
+
+
+def build_student(args: argparse.Namespace, inputs: Inputs):
+    """The student's chunks wrapped in Megatron DDP, its optimizer and LR scheduler."""
+    import torch
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    recompute = {}
+    if args.recompute_granularity == "full":
+        recompute = dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
+    elif args.recompute_granularity == "selective":
+        recompute = dict(recompute_granularity="selective")
+    config = models.transformer_config(
+        inputs.student_arch,
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        dtype=dtype,
+        calculate_per_token_loss=True,
+        perform_initialization=False,
+        **recompute,
+    )
+    divisor = inputs.student_meta.get("make_vocab_size_divisible_by", 128)
+    chunks = models.build_model(inputs.student_arch, config, divisor)
+    if inputs.resume_root is None:
+        checkpointing.load_model(chunks, inputs.student_dir, strict=False)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    chunks = [DistributedDataParallel(config, ddp_config, c) for c in chunks]
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            bf16=args.bf16,
+            params_dtype=dtype,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        chunks,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=int(args.lr_warmup_fraction * args.train_iters),
+        lr_decay_steps=args.train_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    return chunks, optimizer, scheduler
+
+
+def build_teacher(args: argparse.Namespace, inputs: Inputs):
+    """Frozen, eval mode, no optimizer state; bf16 with ``--opd-teacher-bf16``.
+
+    One teacher on the student's grid: its chunks (scored with Megatron's global groups).
+    Otherwise a :class:`megatron_opd.teacher.TeacherSet`, every teacher on its own groups."""
+    import torch
+
+    from megatron_opd import convert, teacher
+
+    dtype = torch.bfloat16 if args.opd_teacher_bf16 else None
+    if inputs.own_teacher_layout:
+        return teacher.build_teachers(
+            [t.directory for t in inputs.teachers],
+            [(t.tensor_parallel_size, t.pipeline_parallel_size) for t in inputs.teachers],
+            dtype,
+            args.distributed_timeout_minutes,
+        )
+    chunks, _ = convert.load_checkpoint_model(inputs.teacher_dir, dtype=dtype)
+    for c in chunks:
+        c.eval()
+        c.requires_grad_(False)
+    return chunks
+
+
+def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None):
+    """A ready Trainer: the student (loaded or resumed), its optimizer and scheduler, the teacher.
+
+    Initializes torch.distributed and Megatron's groups first if the caller has not;
+    ``inputs`` defaults to :func:`check_inputs` at the launcher's world size."""
+    from megatron.core import parallel_state
+
+    from megatron_opd.trainer import Trainer
+
+    if inputs is None:
+        inputs = check_inputs(args, distributed.env_rank_and_world()[2])
+    if not parallel_state.model_parallel_is_initialized():
+        initialize(args)
+    student, optimizer, scheduler = build_student(args, inputs)
+    teacher = build_teacher(args, inputs)
+    return Trainer(args, inputs, student, optimizer, scheduler, teacher)

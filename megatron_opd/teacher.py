@@ -1,0 +1,292 @@
+"""A frozen teacher on its own TP x PP layout, colocated with the student on the same ranks.
+
+The student keeps Megatron's global groups (``parallel_state``); the teacher gets its own grid
+(:func:`megatron_opd.distributed.build_model_grid`) and is built, loaded and run with those groups
+passed explicitly (``pg_collection``, ``P2PCommunicator``). Sampled-token OPD needs from the
+teacher only one fp32 log-prob per token, so moving work between the layouts costs ``[b, s]``
+token ids and floats, never logits:
+
+1. each teacher replica (its TP x PP ranks) all-gathers the token ids of the student
+   data-parallel ranks its members belong to (each student DP rank once);
+2. the replica scores them in a forward-only pipeline pass on its own groups;
+3. its last stage broadcasts the ``[rows, s]`` log-probs over the replica, and every rank keeps
+   its own rows.
+
+``full_vocab_kl`` needs the teacher's vocab-sharded logits ``[b, s, v/tp]`` on the student's last
+stage in the student's TP sharding; moving those is exactly the cost this module avoids, so a
+teacher on another layout is refused for it (:func:`check_layout`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd import models
+from megatron_opd.distributed import ModelGrid
+from megatron_opd.opd import MicroBatch, _run_forward, models_device
+from megatron_opd.vocab_parallel import sampled_token_logprobs
+
+TP_FLAG = "--opd-teacher-tensor-model-parallel-size"
+PP_FLAG = "--opd-teacher-pipeline-model-parallel-size"
+
+
+def check_layout(arch: models.ArchConfig, tp: int, pp: int, world_size: int, name: str) -> None:
+    """Raise a ValueError naming the teacher's flag when ``arch`` cannot run at TP x PP."""
+    for flag, value in ((TP_FLAG, tp), (PP_FLAG, pp)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value} ({name})")
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"{TP_FLAG} {tp} x {PP_FLAG} {pp} does not divide the world size {world_size} ({name})"
+        )
+    for what, count in (
+        ("num_attention_heads", arch.num_attention_heads),
+        ("num_key_value_heads (query groups)", arch.num_key_value_heads),
+        ("intermediate_size (ffn)", arch.intermediate_size),
+    ):
+        if count % tp != 0:
+            raise ValueError(f"{TP_FLAG} {tp} does not divide the {name}'s {what} {count}")
+    if pp > arch.num_hidden_layers:
+        raise ValueError(
+            f"{PP_FLAG} {pp} is larger than the {name}'s {arch.num_hidden_layers} layers"
+        )
+    if arch.num_hidden_layers % pp != 0:
+        raise ValueError(
+            f"{PP_FLAG} {pp} does not divide the {name}'s {arch.num_hidden_layers} layers"
+        )
+
+
+def load_on_grid(
+    directory: str | Path, grid: ModelGrid, dtype: Optional[torch.dtype] = None
+) -> list[torch.nn.Module]:
+    """The teacher's chunk of this rank on ``grid``, loaded from its dist checkpoint, frozen.
+
+    The sharded state dict is the model's own: each layer's TP offsets come from the TP group the
+    layer was built with and the layer numbering from ``pg_collection.pp``; only the replica ids
+    would fall back to ``parallel_state``'s data-parallel group, so the teacher's is passed in
+    ``metadata`` (see docs/findings.md)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_opd import checkpointing, convert
+
+    directory = Path(directory)
+    arch, meta = convert.read_checkpoint(directory)
+    config = models.transformer_config(
+        arch,
+        grid.tp_size,
+        grid.pp_size,
+        dtype=dtype or convert.checkpoint_dtype(directory),
+        perform_initialization=False,
+    )
+    divisor = meta.get("make_vocab_size_divisible_by", convert.DEFAULT_VOCAB_DIVISOR)
+    (chunk,) = models.build_model(arch, config, divisor, pg_collection=grid.pg_collection())
+    sharded = {"model": chunk.sharded_state_dict(metadata={"dp_cp_group": grid.dp})}
+    try:
+        state = dist_checkpointing.load(
+            sharded, str(directory), strict=StrictHandling.ASSUME_OK_UNEXPECTED
+        )
+        chunk.load_state_dict(state["model"], strict=False)
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise ValueError(
+            f"{directory}: the checkpoint does not match the architecture in "
+            f"{checkpointing.META_FILE}: {reason}"
+        ) from e
+    chunk.eval()
+    chunk.requires_grad_(False)
+    return [chunk]
+
+
+def _forward_only(chunks, grid: ModelGrid, items: list[MicroBatch], vocab_size: int):
+    """Per micro-batch ``[b, s]`` fp32 sampled-token log-probs, on the grid's last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    def step(data_iterator, model):
+        mb = next(data_iterator)
+        logits = _run_forward(model, mb.tokens)
+
+        def collect(output):
+            lp = sampled_token_logprobs(output, mb.targets, vocab_size, grid.tp)
+            return torch.zeros((), device=output.device), torch.tensor(0), {"out": lp}
+
+        return logits, collect
+
+    b, s = items[0].tokens.shape
+    config = chunks[0].config
+    return get_forward_backward_func(pp_size=grid.pp_size, vp_size=None)(
+        forward_step_func=step,
+        data_iterator=iter(items),
+        model=chunks,
+        num_microbatches=len(items),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=True,
+        p2p_communicator=P2PCommunicator(pp_group=grid.pp, config=config),
+        pg_collection=grid.pg_collection(),
+    )
+
+
+@torch.no_grad()
+def score_on_grid(
+    chunks: list[torch.nn.Module],
+    grid: ModelGrid,
+    seqs: torch.Tensor,
+    vocab_size: int,
+    student_dp_rank: int,
+    micro_batch_size: int,
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The teacher's log-probs ``[B, S]`` fp32 of this rank's sampled tokens ``seqs``
+    (``[B, S + 1]``: the rollout's prompt + response rows, position ``i`` predicting ``i + 1``),
+    scored by the teacher replica this rank belongs to.
+
+    ``rows`` (``[B]`` bool): score only these (prompts routed to this teacher); the other rows
+    are 0. Every rank of the student DP rank's model-parallel group holds the same rollouts, so
+    each student DP rank is sent once."""
+    device = models_device()
+    seqs = seqs.to(device)
+    if rows is None:
+        rows = torch.ones(seqs.shape[0], dtype=torch.bool)
+    rows = rows.to(device)
+    mine = seqs[rows]
+    members = len(grid.mp_ranks)
+    header = torch.tensor([student_dp_rank, mine.shape[0], mine.shape[1]], device=device)
+    headers = [torch.empty_like(header) for _ in range(members)]
+    dist.all_gather(headers, header, group=grid.mp)
+    owners, seen = [], set()
+    for i, h in enumerate(headers):  # the first member of each student DP rank sends its rows
+        if int(h[0]) not in seen:
+            seen.add(int(h[0]))
+            owners.append(i)
+    most = max(int(headers[i][1]) for i in owners)
+    width = max(int(headers[i][2]) for i in owners)
+    n_total = sum(int(headers[i][1]) for i in owners)
+    my_index = grid.mp_ranks.index(dist.get_rank())
+    my_owner = next(i for i in owners if int(headers[i][0]) == student_dp_rank)
+    out = torch.zeros(rows.shape[0], seqs.shape[1] - 1, dtype=torch.float32, device=device)
+    if n_total == 0:
+        return out
+    send = torch.zeros(most, width, dtype=seqs.dtype, device=device)
+    if my_index in owners and mine.shape[0]:
+        send[: mine.shape[0], : mine.shape[1]] = mine
+    gathered = [torch.empty_like(send) for _ in range(members)]
+    dist.all_gather(gathered, send.contiguous(), group=grid.mp)
+    batch = torch.cat([gathered[i][: int(headers[i][1])] for i in owners])  # [n_total, width]
+    # uniform micro-batches for the schedule: pad the row count with copies of row 0
+    pad = -n_total % micro_batch_size
+    if pad:
+        batch = torch.cat([batch, batch[:1].expand(pad, -1)])
+    teacher_items = [
+        MicroBatch(
+            batch[i : i + micro_batch_size, :-1].contiguous(),
+            batch[i : i + micro_batch_size, 1:].contiguous(),
+            torch.ones(0),
+        )
+        for i in range(0, batch.shape[0], micro_batch_size)
+    ]
+    scored = torch.empty(batch.shape[0], width - 1, dtype=torch.float32, device=device)
+    if grid.is_last_stage:
+        outputs = _forward_only(chunks, grid, teacher_items, vocab_size)
+        scored = torch.cat([o["out"].float() for o in outputs]).contiguous()
+    else:
+        _forward_only(chunks, grid, teacher_items, vocab_size)
+    dist.broadcast(scored, src=grid.rank_of(0, grid.pp_size - 1), group=grid.mp)
+    offset = sum(int(headers[i][1]) for i in owners if i < my_owner)
+    n_mine = int(headers[my_owner][1])
+    out[rows] = scored[offset : offset + n_mine, : out.shape[1]]
+    return out
+
+
+class TeacherSet:
+    """One or several frozen teachers, each on its own grid; each row is scored by the teacher
+    it is routed to (``routes``: ``[B]`` teacher index per row of this rank)."""
+
+    def __init__(self, names: list[str], chunks: list[list[torch.nn.Module]], grids: list):
+        self.names, self.chunks, self.grids = names, chunks, grids
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def score(
+        self,
+        seqs: torch.Tensor,
+        vocab_size: int,
+        student_dp_rank: int,
+        micro_batch_size: int,
+        routes: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``[B, S]`` log-probs of the rollout rows ``seqs`` (``[B, S + 1]``)."""
+        out = None
+        for k, (chunks, grid) in enumerate(zip(self.chunks, self.grids, strict=True)):
+            rows = None if routes is None else routes == k
+            part = score_on_grid(
+                chunks, grid, seqs, vocab_size, student_dp_rank, micro_batch_size, rows
+            )
+            out = part if out is None else out + part
+        return out
+
+
+def build_teachers(
+    directories: list[Path],
+    layouts: list[tuple[int, int]],
+    dtype: Optional[torch.dtype] = None,
+    timeout_minutes: int = 30,
+) -> TeacherSet:
+    """Every teacher on its own grid (teachers of one layout share the grid's groups)."""
+    from megatron_opd.distributed import build_model_grid
+
+    grids: dict[tuple[int, int], ModelGrid] = {}
+    chunks = []
+    for directory, layout in zip(directories, layouts, strict=True):
+        if layout not in grids:  # same order on every rank: new_group is collective
+            grids[layout] = build_model_grid(*layout, timeout_minutes=timeout_minutes)
+        chunks.append(load_on_grid(directory, grids[layout], dtype))
+    names = [f"teacher{k}" for k in range(len(directories))]
+    return TeacherSet(names, chunks, [grids[layout] for layout in layouts])
+
+
+def per_teacher_metrics(
+    dump: list[dict],
+    routes: torch.Tensor,
+    names: list[str],
+    reward_cfg,
+    dp_group=None,
+) -> dict[str, float]:
+    """``reward/<teacher>/{mean,log_ratio_mean,tokens}`` over the step's valid tokens of the rows
+    routed to each teacher, from the per-token values the step dumped (last stage only) and
+    summed over ``dp_group``."""
+    from megatron_opd.loss import step_log_ratio_moments
+    from megatron_opd.rewards import compute_reward
+
+    lp_t = torch.cat([d["lp_t"] for d in dump]).float()
+    lp_s = torch.cat([d["lp_s"] for d in dump]).float()
+    mask = torch.cat([d["mask"] for d in dump]).bool()
+    moments = None
+    if reward_cfg.kind == "zscore":
+        moments = step_log_ratio_moments([lp_t], [lp_s], [mask], dp_group)
+    reward = compute_reward(reward_cfg, lp_t, lp_s, mask, moments).double()
+    ratio = lp_t.double() - lp_s.double()
+    sums = torch.zeros(len(names), 3, dtype=torch.float64)
+    for k in range(len(names)):
+        m = mask & (routes.to(mask.device) == k)[:, None]
+        sums[k] = torch.stack([m.sum().double(), reward[m].sum(), ratio[m].sum()])
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        from megatron_opd import compat
+
+        sums = sums.to(compat.default_device())
+        dist.all_reduce(sums, group=dp_group)
+        sums = sums.cpu()
+    out = {}
+    for k, name in enumerate(names):
+        n, r, lr = sums[k].tolist()
+        out[f"reward/{name}/tokens"] = n
+        out[f"reward/{name}/mean"] = r / n if n else float("nan")
+        out[f"reward/{name}/log_ratio_mean"] = lr / n if n else float("nan")
+    return out
