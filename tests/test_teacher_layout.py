@@ -108,8 +108,8 @@ def _dumped(dump_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_two_teachers_route_each_prompt(models, tmp_path):
-    """teacher0 (TP2) and teacher1 (the student's TP1 grid) on 2 ranks: each row's teacher
-    log-probs are its routed teacher's (transformers), the logged per-teacher rewards equal a
+    """teacher0 (TP2) and teacher1 (the student's TP1 grid) on 2 ranks, token-budget micro-batches:
+    each row's teacher log-probs are its routed teacher's (transformers), the logged per-teacher rewards equal a
     recount from the dump, and swapping some prompts' teacher changes exactly those rows."""
     routes = [k % 2 for k in range(16)]
     swapped = [1 - t if k % 3 == 0 else t for k, t in enumerate(routes)]
@@ -119,7 +119,9 @@ def test_two_teachers_route_each_prompt(models, tmp_path):
         data = _prompt_file(tmp_path / f"{name}.jsonl", r)
         flags = _flags(models, teachers, "--prompt-data", str(data), "--train-iters", "1",
                        TP_FLAG, "2", "1", "--metrics-file", str(tmp_path / f"{name}.m.jsonl"),
-                       "--opd-dump-tokens", str(tmp_path / name))  # fmt: skip
+                       "--opd-dump-tokens", str(tmp_path / name),
+                       # rows regrouped by length: teacher rows must follow the reordering
+                       "--max-tokens-per-micro-batch", "256")  # fmt: skip
         torchrun(2, flags)
         runs[name] = (_dumped(tmp_path / name), read_metrics(tmp_path / f"{name}.m.jsonl")[0])
 
