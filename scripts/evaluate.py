@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from megatron_opd import cli  # noqa: E402
+
+cli.quiet()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", type=str, help="Megatron checkpoint directory")
     src.add_argument("--hf-dir", type=str, help="Hugging Face model directory")
@@ -45,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from megatron_opd import distributed, evaluation
+    from megatron_opd import checkpointing, distributed, evaluation, integrity
     from megatron_opd.evaluation import EvalConfig
 
     cfg = EvalConfig(
@@ -61,6 +63,9 @@ def main(argv=None) -> None:
     )
     cfg.validate()
     benchmarks = evaluation.load_benchmarks(args.data, args.limit)  # bad files fail before models
+    if args.load:  # a missing or damaged checkpoint fails before the process group starts
+        rank, _, world = distributed.env_rank_and_world()
+        integrity.verify(checkpointing.resolve_checkpoint(args.load), "--load", rank, world)
 
     distributed.initialize(
         distributed.ParallelConfig(
@@ -69,7 +74,7 @@ def main(argv=None) -> None:
         seed=args.seed,
     )
     try:
-        from megatron_opd import checkpointing, convert
+        from megatron_opd import convert
         from megatron_opd.tokenizer import load_tokenizer
 
         if args.hf_dir:
@@ -101,4 +106,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "evaluate.py")

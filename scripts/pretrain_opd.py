@@ -20,15 +20,15 @@ otherwise ``--load`` is a converted checkpoint (weights only) or a run to contin
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from megatron_opd import cli  # noqa: E402
 
-from megatron_opd import arguments, checkpointing, data, distributed, models  # noqa: E402
+cli.quiet()
+from megatron_opd import arguments, checkpointing, data, distributed, models, resume  # noqa: E402
 from megatron_opd.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -51,6 +51,7 @@ def check_inputs(args, world_size: int) -> Inputs:
     from megatron_opd import convert
 
     arguments.validate_args(args, world_size)
+    resume.prepare_save_dir(args)
     resume_root = None
     for root in (args.save, None if args.finetune else args.load):
         if root and checkpointing.latest_iteration(root) is not None:
@@ -86,13 +87,14 @@ def check_inputs(args, world_size: int) -> Inputs:
             f"{args.rollout_max_new_tokens} = {context} exceeds the models' context of {limit}"
         )
     tokenizer = load_tokenizer(args.tokenizer or student_dir)
-    problems = data.load_prompt_source(args.prompt_data, seed=args.seed)
+    problems = resume.load_prompt_problems(args)
     prompts = data.PromptSet.build(problems, tokenizer, args.max_prompt_length, args.system_prompt)
     if len(prompts) * args.rollout_samples_per_prompt < args.global_batch_size:
         raise ValueError(
             f"--prompt-data has {len(prompts)} usable prompts, fewer than one step needs "
             f"(--global-batch-size {args.global_batch_size})"
         )
+    resume.check_run_inputs(args, resume_root, student_dir, teacher_dir, prompts)
     return Inputs(
         student_dir, resume_root, teacher_dir, s_arch, s_meta, t_arch, t_meta, tokenizer, prompts
     )
@@ -230,8 +232,9 @@ def main(argv=None) -> None:
         teacher = build_teacher(args, inputs)
         Trainer(args, inputs, student, optimizer, scheduler, teacher).run()
     finally:
-        distributed.teardown()
+        if not cli.failed_alone():  # a rank failing alone must not wait in a barrier for the rest
+            distributed.teardown()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "pretrain_opd.py")
