@@ -291,8 +291,8 @@ RANGES = {
     "--micro-batch-size": cli.at_least(1),
     "--global-batch-size": cli.at_least(1),
     "--train-iters": cli.at_least(1),
-    "--lr": cli.at_least(0),
-    "--min-lr": cli.at_least(0),
+    "--lr": cli.Range(0, 1),  # Adam's step is ~lr per weight: beyond 1 the weights are noise
+    "--min-lr": cli.Range(0, 1),
     "--lr-warmup-fraction": cli.Range(0, 1, hi_closed=False),
     "--weight-decay": cli.at_least(0),
     "--clip-grad": cli.at_least(0),

@@ -73,8 +73,9 @@ def atomic_save(
         if is_rank0():
             integrity.write_manifest(tmp)  # every rank's files are complete after the barrier
     except BaseException as error:  # torch's CheckpointException is a BaseException
+        full = _no_space(error) or (isinstance(error, Exception) and _out_of_space(tmp))
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
-        if _no_space(error):
+        if full:
             raise RunError(f"no space left on device writing {final}") from error
         died = _writer_died(error)
         if died is not None:
@@ -101,6 +102,23 @@ def _no_space(error: BaseException) -> bool:
         if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
             return True
         error = error.__cause__ or error.__context__
+    return False
+
+
+def _out_of_space(directory: Path) -> bool:
+    """Whether ``directory``'s filesystem is full. torch.save inside Megatron's writer reports a
+    short write as "unexpected pos 704 vs 598", with no errno, so after a failed save we try to
+    write 1 MiB there ourselves."""
+    probe = directory / ".space_probe"
+    try:
+        with probe.open("wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno == errno.ENOSPC
+    finally:
+        probe.unlink(missing_ok=True)
     return False
 
 

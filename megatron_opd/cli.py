@@ -105,18 +105,41 @@ def failed_alone() -> bool:
     return error is not None and bool(getattr(error, "rank_local", False))
 
 
-def run(main: Callable[[], Any], prog: str) -> None:
-    """Call ``main()``; turn user errors and stopped runs into one line and an exit code."""
+def exit_with(error: Exception, prog: str) -> NoReturn:
+    """End the script for ``error``: one line (from one rank) and its exit code; a bug, or any
+    error under ``--debug``, is re-raised with its traceback."""
+    code = exit_code_of(error)
+    if code is None or debug_requested():
+        raise error
+    _print_once(f"{prog}: error: {error}", getattr(error, "rank_local", False))
+    sys.stdout.flush()
+    raise SystemExit(code) from None
+
+
+def run(main: Callable[[], Any], prog: str) -> NoReturn:
+    """Call ``main()``; turn user errors and stopped runs into one line and an exit code.
+
+    The process then ends at once (``os._exit``) instead of through the interpreter's shutdown:
+    with models, process groups and checkpoint helpers in memory, that shutdown's final garbage
+    collection took more than 10 s after a signalled save, past torchrun's 30 s shutdown window
+    (torchrun then kills the worker). Everything worth keeping is written and closed by then; the
+    checkpoint helpers die with this process (``compat.die_with_parent``)."""
     try:
-        main()
-    except Exception as error:  # noqa: BLE001 - sorted below, bugs re-raised
-        code = exit_code_of(error)
-        if code is None or debug_requested():
-            raise
-        _print_once(f"{prog}: error: {error}", getattr(error, "rank_local", False))
-        sys.stderr.flush()
-        sys.stdout.flush()
-        raise SystemExit(code) from None
+        try:
+            main()
+        except Exception as error:  # noqa: BLE001 - exit_with re-raises bugs
+            exit_with(error, prog)
+    except SystemExit as done:
+        code = done.code
+    else:
+        code = 0
+    if not isinstance(code, int):  # SystemExit("message") or SystemExit(None)
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # Warnings every Megatron-Core import prints on a machine without Transformer Engine / Apex, and

@@ -450,8 +450,12 @@ def _watch_checkpoint_writers() -> None:
     """Megatron-Core 0.16.1 ``dist_checkpointing/strategies/filesystem_async.py`` forks one writer
     per bucket and waits in ``count_queue.join()`` with no timeout: a writer killed by the OOM
     killer hangs the rank forever. Its fork context is swapped for one whose join notices dead
-    writers, and whose writers die with the rank. The results queue's ``Manager`` (a spawned
-    server, ~270 MB) outlives a killed rank too; it is started with the same parent-death signal.
+    writers, and whose writers die with the rank.
+
+    Its results queue lives in a ``multiprocessing.Manager`` (a spawned server of ~270 MB that
+    re-imports the script, seconds on the first save, and outlived a rank killed -9). That is for
+    Megatron's asynchronous saves, whose persistent worker is a separate process; this project
+    saves synchronously, so the writers' parent is the rank itself and a fork-context queue does.
     """
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
@@ -472,11 +476,7 @@ def _watch_checkpoint_writers() -> None:
 
     def results_queue():
         if fsa._results_queue is None:
-            from multiprocessing.managers import SyncManager
-
-            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-            manager.start(initializer=die_with_parent)
-            fsa._results_queue = manager.Queue()
+            fsa._results_queue = multiprocessing.get_context("fork").Queue()
         return fsa._results_queue
 
     fsa.mp = _Multiprocessing()

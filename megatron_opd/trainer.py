@@ -64,7 +64,8 @@ class Trainer:
             metrics_file=args.metrics_file,
             config=vars(args),
             enabled=is_last_rank,
-            start_step=self.iteration,  # rows past it belong to steps this run will redo
+            # a resumed run redoes the steps after its checkpoint: their old rows go
+            start_step=self.iteration if inputs.resume_root is not None else None,
         )
         self.rollout_cfg = opd.RolloutConfig(
             max_new_tokens=args.rollout_max_new_tokens,

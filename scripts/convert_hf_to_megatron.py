@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--make-vocab-size-divisible-by", type=int, default=convert.DEFAULT_VOCAB_DIVISOR
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    cli.check_numbers(parser, args, {"--make-vocab-size-divisible-by": cli.at_least(1)})
+    return args
 
 
 def main(argv=None) -> None:

@@ -42,7 +42,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_numbers(
+        p,
+        args,
+        {
+            "--top-p": cli.Range(0, 1),
+            "--max-prompt-length": cli.at_least(1),
+            "--batch-size": cli.at_least(1),
+            "--seed": cli.Range(0, 2**32 - 1),
+            "--tensor-model-parallel-size": cli.at_least(1),
+            "--pipeline-model-parallel-size": cli.at_least(1),
+        },
+    )
+    return args
 
 
 def main(argv=None) -> None:

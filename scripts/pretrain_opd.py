@@ -215,8 +215,7 @@ def main(argv=None) -> None:
     try:
         inputs = check_inputs(args, world)
     except (ValueError, FileNotFoundError) as e:
-        print(f"pretrain_opd.py: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        cli.exit_with(e, "pretrain_opd.py")
 
     distributed.initialize(
         distributed.ParallelConfig(
