@@ -455,7 +455,9 @@ def _watch_checkpoint_writers() -> None:
     Its results queue lives in a ``multiprocessing.Manager`` (a spawned server of ~270 MB that
     re-imports the script, seconds on the first save, and outlived a rank killed -9). That is for
     Megatron's asynchronous saves, whose persistent worker is a separate process; this project
-    saves synchronously, so the writers' parent is the rank itself and a fork-context queue does.
+    saves synchronously: the rank itself puts the writers' collected results and reads them back
+    (``get_nowait``, so not a multiprocessing queue with its feeder thread), so a plain
+    ``queue.Queue`` does.
     """
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
@@ -476,7 +478,9 @@ def _watch_checkpoint_writers() -> None:
 
     def results_queue():
         if fsa._results_queue is None:
-            fsa._results_queue = multiprocessing.get_context("fork").Queue()
+            import queue
+
+            fsa._results_queue = queue.Queue()
         return fsa._results_queue
 
     fsa.mp = _Multiprocessing()

@@ -52,7 +52,8 @@ class Trainer:
                 inputs.resume_root, student, optimizer, scheduler
             )
             self.stream.load_state_dict(extra["data"])
-            self.saved_iteration = self.iteration
+            if args.save and Path(args.save) == Path(inputs.resume_root):
+                self.saved_iteration = self.iteration  # already on disk under --save
             self.skipped_total = extra.get("skipped_total", 0)
             self.consecutive_skips = extra.get("consecutive_skips", 0)
         is_last_rank = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1

@@ -443,15 +443,15 @@ def test_a_killed_writer_process_is_an_error_not_a_hang(tmp_path):
         [PY, "-c", WRITER, str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=dict(_env(), PYTHONPATH=str(ROOT)),
     )  # fmt: skip
-    own = _cmdline(proc.pid)
     killed = None
     try:
         deadline = time.time() + 240
         shards = target.with_name("ckpt.tmp")
         while killed is None and time.time() < deadline and proc.poll() is None:
-            if not list(shards.glob("*.distcp")):  # the writer opens its file first thing
+            if not shards.exists():  # the save has begun: forks from now on are its writers
                 time.sleep(0.005)
                 continue
+            own = _cmdline(proc.pid)
             for child in _children(proc.pid):
                 if _cmdline(child) == own:  # forked writers: the parent's command line
                     os.kill(child, signal.SIGKILL)
