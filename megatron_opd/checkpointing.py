@@ -73,7 +73,8 @@ def atomic_save(
         if is_rank0():
             integrity.write_manifest(tmp)  # every rank's files are complete after the barrier
     except BaseException as error:  # torch's CheckpointException is a BaseException
-        full = _no_space(error) or (isinstance(error, Exception) and _out_of_space(tmp))
+        interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+        full = _no_space(error) or (not interrupted and _out_of_space(tmp))
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
         if full:
             raise RunError(f"no space left on device writing {final}") from error

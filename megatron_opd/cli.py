@@ -168,6 +168,9 @@ def quiet() -> None:
 
     # Megatron logs a few INFO/WARNING lines per checkpoint and per engine build
     logging.getLogger("megatron").setLevel(logging.ERROR)
+    # a failed save is reported by checkpointing.atomic_save (one line); the writer's own
+    # "Local process 0 encountered an error" would be a second
+    logging.getLogger("megatron.core.dist_checkpointing").setLevel(logging.CRITICAL)
 
 
 # --------------------------------------------------------------------------------------------

@@ -485,17 +485,20 @@ def test_sigterm_mid_step_saves_the_pre_step_state(pair, tmp_path):
         deadline = time.time() + 300
         while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
             assert proc.poll() is None and time.time() < deadline, "no step logged"
-            time.sleep(0.2)
-        time.sleep(0.5)  # into the next step's rollout
-        sent = time.time()
+            time.sleep(0.01)
+        sent = time.time()  # the next step's rollout (most of a step) has just begun
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0]
         took = time.time() - sent
     finally:
         proc.kill()
     steps = read_metrics(metrics)
-    assert "abandoned mid-step" in out, out[-3000:]
-    assert int((save / "latest_checkpointed_iteration.txt").read_text()) == steps[-1]["step"]
+    last = steps[-1]["step"]
+    assert f"exit signal: saved iteration {last}" in out, out[-3000:]
+    if "abandoned" in out:  # the usual case; a signal that lands in the update finishes the step
+        assert f"(iteration {last + 1} abandoned mid-step)" in out
+    print("abandoned mid-step" in out, f"{took:.1f} s from SIGTERM to exit")
+    assert int((save / "latest_checkpointed_iteration.txt").read_text()) == last
     assert took < 15, took
 
 
