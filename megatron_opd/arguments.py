@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from megatron_opd import cli
 from megatron_opd.distributed import ParallelConfig
 from megatron_opd.rewards import REWARD_KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="pretrain_opd.py",
         description="On-policy distillation with PowerOPD rewards on Megatron-Core.",
     )
@@ -197,27 +198,77 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    """The YAML file's flags, each converted exactly as the command line would convert it (the
+    flag's type, choices and action); anything that does not convert is one error naming the file
+    and the key."""
     import yaml
 
     parser = parser or build_parser()
     file = Path(path)
-    if not file.exists():
-        raise ValueError(f"--config {path} does not exist")
-    raw = yaml.safe_load(file.read_text()) or {}
+    if not file.is_file():
+        raise cli.UserError(f"--config {path} does not exist")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise cli.UserError(f"--config {path}: YAML syntax error{where}: {problem}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"--config {path}: expected a mapping of flag: value")
-    dests = _dest(parser)
+        raise cli.UserError(f"--config {path}: expected a mapping of flag: value")
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
     out = {}
     for key, value in raw.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in dests or dest == "config":
-            raise ValueError(f"--config {path}: unknown flag {key!r}")
-        out[dest] = value
+        if dest not in actions or dest in ("config", "help"):
+            raise cli.UserError(f"--config {path}: unknown flag {key!r}")
+        try:
+            out[dest] = _config_value(actions[dest], value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise cli.UserError(f"--config {path}: {key}: {e}") from None
     return out
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _config_value(action: argparse.Action, value):
+    """``value`` from YAML as ``action`` would have parsed it from the command line."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or isinstance(
+        action, argparse.BooleanOptionalAction
+    ):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"expected true or false, got {value!r}")
+    if value is None:
+        if action.default is None:
+            return None
+        raise ValueError("needs a value (null is only for flags that default to unset)")
+    many = action.nargs in ("*", "+") or isinstance(action.nargs, int)
+    if many:
+        items = value if isinstance(value, list) else [value]
+        return [_config_scalar(action, v) for v in items]
+    return _config_scalar(action, value)
+
+
+def _config_scalar(action: argparse.Action, value):
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"expected one value, got {type(value).__name__} {value!r}")
+    if isinstance(value, bool) and action.type is not None:
+        raise ValueError(f"expected a {action.type.__name__}, got {value!r}")
+    text = str(value)
+    converted = action.type(text) if action.type is not None else text
+    if action.choices is not None and converted not in action.choices:
+        choices = ", ".join(map(repr, action.choices))
+        raise ValueError(f"invalid choice {converted!r} (choose from {choices})")
+    return converted
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Everything checkable before a model is built; one ValueError naming the flag."""
+    check_numbers(args)
     reward_config(args).validate()
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     for flag, value in (
@@ -290,6 +341,56 @@ def _validate_token_budget(args: argparse.Namespace) -> None:
             "--max-tokens-per-micro-batch cannot be combined with "
             "--num-layers-per-virtual-pipeline-stage (variable shapes need the 1F1B schedule)"
         )
+
+
+# Ranges of the numeric flags (every float flag must also be finite). Unset (None) flags pass.
+RANGES = {
+    "--tensor-model-parallel-size": cli.at_least(1),
+    "--pipeline-model-parallel-size": cli.at_least(1),
+    "--num-layers-per-virtual-pipeline-stage": cli.at_least(1),
+    "--make-vocab-size-divisible-by": cli.at_least(1),
+    "--distributed-timeout-minutes": cli.at_least(1),
+    "--micro-batch-size": cli.at_least(1),
+    "--global-batch-size": cli.at_least(1),
+    "--train-iters": cli.at_least(1),
+    "--lr": cli.Range(0, 1),  # Adam's step is ~lr per weight: beyond 1 the weights are noise
+    "--min-lr": cli.Range(0, 1),
+    "--lr-warmup-fraction": cli.Range(0, 1, hi_closed=False),
+    "--weight-decay": cli.at_least(0),
+    "--clip-grad": cli.at_least(0),
+    "--adam-beta1": cli.Range(0, 1, hi_closed=False),
+    "--adam-beta2": cli.Range(0, 1, hi_closed=False),
+    "--adam-eps": cli.above(0),
+    "--seed": cli.Range(0, 2**32 - 1),  # numpy's seed range
+    "--exit-interval": cli.at_least(1),
+    "--save-interval": cli.at_least(1),
+    "--log-interval": cli.at_least(1),
+    "--opd-max-consecutive-skips": cli.at_least(1),
+    "--rollout-max-new-tokens": cli.at_least(1),
+    "--rollout-temperature": cli.above(0),
+    "--rollout-top-p": cli.Range(0, 1, lo_closed=False),
+    "--rollout-top-k": cli.at_least(0),
+    "--rollout-samples-per-prompt": cli.at_least(1),
+    "--max-prompt-length": cli.at_least(1),
+    "--eval-interval": cli.at_least(1),
+    "--eval-samples": cli.at_least(1),
+    "--eval-limit": cli.at_least(1),
+    "--eval-temperature": cli.at_least(0),
+    "--eval-max-new-tokens": cli.at_least(1),
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every float flag finite and every numeric flag in its range (:data:`RANGES`), and a
+    well-formed ``--prompt-data builtin:N``."""
+    cli.check_numbers(build_parser(), args, RANGES)
+    spec = args.prompt_data
+    if spec.startswith("builtin:"):
+        n = spec.split(":", 1)[1]
+        if not (n.isdigit() and int(n) >= 1):
+            raise cli.UserError(
+                f"--prompt-data {spec}: N in builtin:N must be a whole number >= 1, got {n!r}"
+            )
 
 
 def reward_config(args: argparse.Namespace):

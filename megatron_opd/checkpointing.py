@@ -8,6 +8,7 @@ any other (Megatron reshards on load).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_opd import integrity
+from megatron_opd.cli import RunError
 from megatron_opd.distributed import is_rank0
 
 META_FILE = "megatron_opd.json"
@@ -55,17 +58,30 @@ def atomic_save(
 
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
-    if is_rank0():
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(tmp))
-    if is_rank0() and before_rename is not None:
-        before_rename(tmp)
-    if is_rank0() and meta is not None:
-        write_json_atomic(tmp / META_FILE, meta)
-    _barrier()
+    try:
+        if is_rank0():
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        dist_checkpointing.save(sharded_state_dict, str(tmp))
+        if is_rank0() and before_rename is not None:
+            before_rename(tmp)
+        if is_rank0() and meta is not None:
+            write_json_atomic(tmp / META_FILE, meta)
+        _barrier()
+        if is_rank0():
+            integrity.write_manifest(tmp)  # every rank's files are complete after the barrier
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+        full = _no_space(error) or (not interrupted and _out_of_space(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
+        if full:
+            raise RunError(f"no space left on device writing {final}") from error
+        died = _writer_died(error)
+        if died is not None:
+            raise RunError(f"{died}, writing {final}; the checkpoint was not kept") from error
+        raise
     if is_rank0():
         if final.exists():
             old = final.with_name(final.name + ".old")
@@ -77,6 +93,46 @@ def atomic_save(
             os.replace(tmp, final)
     _barrier()
     return final
+
+
+def _no_space(error: BaseException) -> bool:
+    """ENOSPC anywhere in the chain (Megatron's writers re-raise their children's errors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _out_of_space(directory: Path) -> bool:
+    """Whether ``directory``'s filesystem is full. torch.save inside Megatron's writer reports a
+    short write as "unexpected pos 704 vs 598", with no errno, so after a failed save we try to
+    write 1 MiB there ourselves."""
+    probe = directory / ".space_probe"
+    try:
+        with probe.open("wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno == errno.ENOSPC
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
+
+
+def _writer_died(error: BaseException) -> Optional[BaseException]:
+    from megatron_opd.compat import WriterDied
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, WriterDied):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def save_model(
@@ -171,10 +227,31 @@ def save_training_checkpoint(
     path = atomic_save(state, iteration_dir(root, iteration), meta, before_rename)
     if is_rank0():
         tmp = Path(root) / (LATEST_FILE + ".tmp")
-        tmp.write_text(str(iteration))
-        os.replace(tmp, Path(root) / LATEST_FILE)
+        try:
+            tmp.write_text(str(iteration))
+            os.replace(tmp, Path(root) / LATEST_FILE)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            if _no_space(error):
+                raise RunError(f"no space left on device writing {tmp}") from error
+            raise
     _barrier()
     return path
+
+
+def weights_are_finite(chunks: list[torch.nn.Module]) -> bool:
+    """True when every rank's weights are finite (every rank must call it)."""
+    from megatron_opd import compat
+
+    bad = torch.zeros(1, device=compat.default_device())
+    for c in chunks:
+        for p in unwrap(c).parameters():
+            if not torch.isfinite(p).all():
+                bad.fill_(1.0)
+                break
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
 
 
 def load_training_checkpoint(

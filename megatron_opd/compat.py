@@ -1,8 +1,11 @@
-"""Everything that bridges Megatron-Core versions or makes Megatron-Core run without CUDA.
+"""Everything that bridges Megatron-Core versions or makes Megatron-Core run without CUDA, and the
+few patches of Megatron-Core's behaviour the project needs everywhere (quiet inference bars,
+checkpoint writer processes that cannot hang or outlive a rank; see the end of this file).
 
 This is the only module in the project that knows about either. ``apply()`` is idempotent and is
 called by :func:`megatron_opd.distributed.initialize` (and by anything that builds Megatron objects
-before that). With CUDA present it changes only the inference path noted at the end.
+before that). With CUDA present it changes only the inference path (rotary keys cached rotated,
+grouped-query decode attention) and the log / checkpoint-writer patches noted below.
 
 Megatron-Core 0.16.1 hard-codes CUDA in a handful of places (paths relative to ``megatron/core``):
 
@@ -461,4 +464,145 @@ def apply() -> None:
         _apply_cpu_shims()
     _install_static_cache_rotary()
     _install_grouped_decode_attention()
+    apply_process_hygiene()
     _APPLIED = True
+
+
+# --------------------------------------------------------------------------------------------
+# Quiet logs and dist-checkpoint writer processes (CPU and CUDA alike)
+# --------------------------------------------------------------------------------------------
+
+
+def _quiet_static_engine_progress() -> None:
+    """``StaticInferenceEngine.generate`` opens a "static requests" tqdm bar for every call, so a
+    training log gets one per rollout. Keep it only on an interactive terminal, and let it vanish
+    when done."""
+    try:
+        from megatron.core.inference.engines import static_engine
+    except ImportError:
+        return
+    bar = getattr(static_engine, "tqdm", None)
+    if bar is None or getattr(bar, "_megatron_opd_quiet", False):
+        return
+
+    def quiet_bar(*args, **kwargs):
+        kwargs.setdefault("disable", None)  # tqdm: None disables it when stderr is not a TTY
+        kwargs.setdefault("leave", False)
+        return bar(*args, **kwargs)
+
+    quiet_bar._megatron_opd_quiet = True
+    static_engine.tqdm = quiet_bar
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``): a helper
+    process of a rank that is killed -9 must not live on holding hundreds of MB."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+class WriterDied(RuntimeError):
+    """A dist-checkpoint writer process ended without reporting (killed, out of memory)."""
+
+
+def _watched_fork_context():
+    """multiprocessing's fork context, except that a ``JoinableQueue.join()`` stops waiting with
+    :class:`WriterDied` once a process started from the same context has died without finishing,
+    and those processes die with their parent."""
+    import multiprocessing as mp
+    from multiprocessing import queues
+
+    base = mp.get_context("fork")
+    started: list = []
+
+    class WatchedJoinableQueue(queues.JoinableQueue):
+        def join(self):
+            with self._cond:
+                while not self._unfinished_tasks._semlock._is_zero():
+                    self._cond.wait(timeout=0.5)
+                    for p in started:
+                        code = p.exitcode
+                        if code is not None and code != 0:
+                            raise WriterDied(
+                                f"a checkpoint writer process (pid {p.pid}) died with exit code "
+                                f"{code} before finishing its file"
+                            )
+
+    class WatchedContext:
+        def __getattr__(self, name):
+            return getattr(base, name)
+
+        def JoinableQueue(self, maxsize=0):  # noqa: N802 - multiprocessing's name
+            return WatchedJoinableQueue(maxsize, ctx=base)
+
+        def Process(self, *args, target=None, **kwargs):  # noqa: N802
+            def run(*a, **k):
+                die_with_parent()
+                return target(*a, **k)
+
+            proc = base.Process(*args, target=run, **kwargs)
+            started.append(proc)
+            return proc
+
+    return WatchedContext()
+
+
+def _watch_checkpoint_writers() -> None:
+    """Megatron-Core 0.16.1 ``dist_checkpointing/strategies/filesystem_async.py`` forks one writer
+    per bucket and waits in ``count_queue.join()`` with no timeout: a writer killed by the OOM
+    killer hangs the rank forever. Its fork context is swapped for one whose join notices dead
+    writers, and whose writers die with the rank.
+
+    Its results queue lives in a ``multiprocessing.Manager`` (a spawned server of ~270 MB that
+    re-imports the script, seconds on the first save, and outlived a rank killed -9). That is for
+    Megatron's asynchronous saves, whose persistent worker is a separate process; this project
+    saves synchronously: the rank itself puts the writers' collected results and reads them back
+    (``get_nowait``, so not a multiprocessing queue with its feeder thread), so a plain
+    ``queue.Queue`` does.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    except ImportError:
+        return
+    if getattr(fsa, "_megatron_opd_watched", False):
+        return
+    import multiprocessing
+
+    class _Multiprocessing:
+        def __getattr__(self, name):
+            return getattr(multiprocessing, name)
+
+        def get_context(self, method=None):
+            if method == "fork":
+                return _watched_fork_context()
+            return multiprocessing.get_context(method)
+
+    def results_queue():
+        if fsa._results_queue is None:
+            import queue
+
+            fsa._results_queue = queue.Queue()
+        return fsa._results_queue
+
+    fsa.mp = _Multiprocessing()
+    fsa._get_write_results_queue = results_queue
+    fsa._megatron_opd_watched = True
+
+
+def apply_process_hygiene() -> None:
+    """The patches that apply with or without CUDA: quiet inference bars, watched writers."""
+    _quiet_static_engine_progress()
+    _watch_checkpoint_writers()

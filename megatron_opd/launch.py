@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_opd import arguments, checkpointing, data, distributed, models
+from megatron_opd import arguments, checkpointing, data, distributed, models, resume
 from megatron_opd.tokenizer import load_tokenizer
 
 
@@ -62,6 +62,7 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
     from megatron_opd import convert
 
     arguments.validate_args(args, world_size)
+    resume.prepare_save_dir(args)
     resume_root = None
     for root in (args.save, None if args.finetune else args.load):
         if root and checkpointing.latest_iteration(root) is not None:
@@ -90,7 +91,7 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
             f"{args.rollout_max_new_tokens} = {context} exceeds the models' context of {limit}"
         )
     tokenizer = load_tokenizer(args.tokenizer or student_dir)
-    problems = data.load_prompt_source(args.prompt_data, seed=args.seed)
+    problems = resume.load_prompt_problems(args)
     prompts = data.PromptSet.build(problems, tokenizer, args.max_prompt_length, args.system_prompt)
     if len(prompts) * args.rollout_samples_per_prompt < args.global_batch_size:
         raise ValueError(
@@ -99,6 +100,9 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
         )
     check_routing(prompts, teachers, args.prompt_data)
     check_teacher_tokenizers(teachers, tokenizer, prompts)
+    resume.check_run_inputs(
+        args, resume_root, student_dir, [t.directory for t in teachers], prompts
+    )
     return Inputs(
         student_dir,
         resume_root,

@@ -39,7 +39,10 @@ class MetricsLogger:
         metrics_file: Optional[str] = None,
         config: Optional[dict[str, Any]] = None,
         enabled: Optional[bool] = None,
+        start_step: Optional[int] = None,
     ):
+        """``start_step``: the iteration the run starts (or resumes) from; rows the metrics file
+        holds past it, and tensorboard events past it, are from steps that will be redone."""
         self.enabled = is_rank0() if enabled is None else enabled
         self.tb = None
         self.wandb = None
@@ -49,7 +52,8 @@ class MetricsLogger:
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+            purge = None if start_step is None else start_step + 1
+            self.tb = SummaryWriter(log_dir=tensorboard_dir, purge_step=purge)
         if wandb_project:
             import wandb
 
@@ -63,6 +67,8 @@ class MetricsLogger:
             )
         if metrics_file:
             Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            if start_step is not None:
+                drop_rows_after(metrics_file, start_step)
             self.file = open(metrics_file, "a")  # noqa: SIM115 - kept open for the run
 
     def log(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
@@ -91,3 +97,27 @@ class MetricsLogger:
             self.wandb.finish()
         if self.file is not None:
             self.file.close()
+
+
+def drop_rows_after(path: str | Path, step: int) -> int:
+    """Rewrite the jsonl ``path`` without rows whose ``step`` is past ``step`` (atomically); a
+    torn last line (a kill mid-write) goes too. Returns how many rows were dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and row.get("step", 0) > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_opd import checkpointing, compat, data, gap, opd
+from megatron_opd import checkpointing, cli, compat, data, gap, opd, resume
 from megatron_opd.arguments import reward_config
 from megatron_opd.metrics_logger import MetricsLogger
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(cli.RunStopped):
     pass
 
 
@@ -44,6 +44,7 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group()
         self.stream = data.PromptStream(len(self.prompts), seed=args.seed)
         self.iteration = 0
+        self.saved_iteration = None  # the iteration the latest checkpoint of this run holds
         self.skipped_total = 0
         self.consecutive_skips = 0
         if inputs.resume_root is not None:
@@ -51,6 +52,8 @@ class Trainer:
                 inputs.resume_root, student, optimizer, scheduler
             )
             self.stream.load_state_dict(extra["data"])
+            if args.save and Path(args.save) == Path(inputs.resume_root):
+                self.saved_iteration = self.iteration  # already on disk under --save
             self.skipped_total = extra.get("skipped_total", 0)
             self.consecutive_skips = extra.get("consecutive_skips", 0)
         is_last_rank = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
@@ -62,6 +65,8 @@ class Trainer:
             metrics_file=args.metrics_file,
             config=vars(args),
             enabled=is_last_rank,
+            # a resumed run redoes the steps after its checkpoint: their old rows go
+            start_step=self.iteration if inputs.resume_root is not None else None,
         )
         self.rollout_cfg = opd.RolloutConfig(
             max_new_tokens=args.rollout_max_new_tokens,
@@ -100,6 +105,8 @@ class Trainer:
         batch = opd.rollout(
             self.student, self.tokenizer, self.step_prompts(), self.rollout_cfg, seed
         )
+        if self._exit_requested():
+            return None  # abandoned before the weights changed
         items = opd.micro_batches(
             batch,
             args.micro_batch_size,
@@ -112,6 +119,8 @@ class Trainer:
         t1 = time.perf_counter()
         teacher_out = self._score_teacher(batch, items)
         _sync()
+        if self._exit_requested():
+            return None
         t2 = time.perf_counter()
         several = hasattr(self.teacher, "names") and len(self.teacher) > 1
         dump = [] if args.opd_dump_tokens or several else None
@@ -218,9 +227,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def save(self) -> None:
-        if not self.args.save:
+        if not self.args.save or self.saved_iteration == self.iteration:
             return
+        if not checkpointing.weights_are_finite(self.student):
+            raise NonFiniteError(
+                f"the weights after iteration {self.iteration} are not finite; not saved (the "
+                f"latest checkpoint in {self.args.save} is the last good state). Lower --lr."
+            )
         meta = dict(self.inputs.student_meta)
+        meta["run"] = resume.run_identity(self.args, self.prompts)
         meta["params_dtype"] = "bfloat16" if self.args.bf16 else "float32"
         meta["iteration"] = self.iteration
         extra = {
@@ -245,6 +260,7 @@ class Trainer:
             meta,
             add_tokenizer,
         )
+        self.saved_iteration = self.iteration
 
     def evaluate(self) -> dict[str, float]:
         from megatron_opd import evaluation
@@ -288,7 +304,8 @@ class Trainer:
         """True on every rank once any rank received the exit signal."""
         if not self.args.exit_signal_handler:
             return False
-        flag = torch.tensor([1.0 if self._signalled else 0.0], device=compat.default_device())
+        signalled = getattr(self, "_signalled", False)
+        flag = torch.tensor([1.0 if signalled else 0.0], device=compat.default_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
@@ -300,7 +317,17 @@ class Trainer:
             if args.eval_interval and args.eval_at_start and self.iteration == 0:
                 self.logger.log(0, self.evaluate(), console=True)  # the starting point
             while self.iteration < args.train_iters:
+                before = self.stream.state_dict()
                 metrics = self.train_one_step()
+                if metrics is None:  # exit signal mid-step: keep the pre-step state
+                    self.stream.load_state_dict(before)
+                    self.save()
+                    print(
+                        f"exit signal: saved iteration {self.iteration} (iteration "
+                        f"{self.iteration + 1} abandoned mid-step), exiting",
+                        flush=True,
+                    )
+                    return
                 applied = metrics.pop("applied") == 1.0
                 self.iteration += 1
                 if applied:
@@ -313,10 +340,11 @@ class Trainer:
                 self.gap_watch.step(self.iteration, metrics)
                 if self.consecutive_skips >= args.opd_max_consecutive_skips:
                     self.save()  # the weights are the last good ones: skipped steps changed nothing
+                    saved = f"Last good state saved to {args.save}" if args.save else "No --save"
                     raise NonFiniteError(
                         f"{self.consecutive_skips} steps in a row had non-finite rewards or "
-                        f"gradients (at iteration {self.iteration}); stopped. Last good state "
-                        f"saved to {args.save}. Lower --lr or check the teacher checkpoint."
+                        f"gradients (at iteration {self.iteration}); stopped. {saved}. "
+                        "Lower --lr or check the teacher checkpoint."
                     )
                 if args.eval_interval and self.iteration % args.eval_interval == 0:
                     self.logger.log(self.iteration, self.evaluate(), console=True)
@@ -325,11 +353,9 @@ class Trainer:
                 if args.exit_interval and self.iteration % args.exit_interval == 0:
                     return
                 if self._exit_requested():
-                    if not (args.save_interval and self.iteration % args.save_interval == 0):
-                        self.save()
+                    self.save()
                     print(f"exit signal: saved iteration {self.iteration}, exiting", flush=True)
                     return
-            if args.save and (not args.save_interval or self.iteration % args.save_interval != 0):
-                self.save()
+            self.save()
         finally:
             self.logger.close()

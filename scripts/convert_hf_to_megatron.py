@@ -12,15 +12,23 @@ vocabulary padding, original config), so training and export need nothing else.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from megatron_opd import cli  # noqa: E402
 
-from megatron_opd import convert
+cli.quiet()
+import torch  # noqa: E402
+
+from megatron_opd import convert  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(
+        prog="convert_hf_to_megatron.py", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory")
     parser.add_argument("--save", required=True, help="output Megatron checkpoint directory")
     parser.add_argument("--dtype", choices=sorted(convert.DTYPES), default="bf16")
@@ -31,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--make-vocab-size-divisible-by", type=int, default=convert.DEFAULT_VOCAB_DIVISOR
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    cli.check_numbers(parser, args, {"--make-vocab-size-divisible-by": cli.at_least(1)})
+    return args
 
 
 def main(argv=None) -> None:
@@ -50,4 +60,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":  # the dist-checkpoint writer spawns processes that re-import __main__
-    main()
+    cli.run(main, "convert_hf_to_megatron.py")

@@ -12,15 +12,23 @@ the directory as it is.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from megatron_opd import cli  # noqa: E402
 
-from megatron_opd import checkpointing, convert
+cli.quiet()
+import torch  # noqa: E402
+
+from megatron_opd import checkpointing, convert, integrity  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(
+        prog="convert_megatron_to_hf.py", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--load", required=True, help="Megatron checkpoint directory")
     parser.add_argument("--save", required=True, help="output Hugging Face directory")
     parser.add_argument(
@@ -36,9 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     start = time.time()
+    source = checkpointing.resolve_checkpoint(args.load)  # a run's root: its latest iteration
+    integrity.verify(source, "--load")
     with torch.no_grad():  # scoped: tests call main() in-process
         out = convert.export_hf(
-            checkpointing.resolve_checkpoint(args.load),  # a run's root: its latest iteration
+            source,
             args.save,
             dtype=convert.DTYPES[args.dtype] if args.dtype else None,
             max_shard_size=convert.parse_size(args.max_shard_size),
@@ -48,4 +58,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":  # the dist-checkpoint reader may spawn processes that re-import __main__
-    main()
+    cli.run(main, "convert_megatron_to_hf.py")

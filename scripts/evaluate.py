@@ -22,15 +22,17 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
-warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from megatron_opd import cli  # noqa: E402
+
+cli.quiet()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", type=str, help="Megatron checkpoint directory")
     src.add_argument("--hf-dir", type=str, help="Hugging Face model directory")
@@ -56,7 +58,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--micro-batch-size", type=int, default=4, help="rows per forward pass of the gap"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_numbers(
+        p,
+        args,
+        {
+            "--top-p": cli.Range(0, 1),
+            "--max-prompt-length": cli.at_least(1),
+            "--batch-size": cli.at_least(1),
+            "--seed": cli.Range(0, 2**32 - 1),
+            "--tensor-model-parallel-size": cli.at_least(1),
+            "--pipeline-model-parallel-size": cli.at_least(1),
+            "--micro-batch-size": cli.at_least(1),
+        },
+    )
+    return args
 
 
 def check_teacher(args, student_ckpt: Optional[Path]) -> None:
@@ -80,7 +96,7 @@ def check_teacher(args, student_ckpt: Optional[Path]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from megatron_opd import distributed, evaluation
+    from megatron_opd import checkpointing, distributed, evaluation, integrity
     from megatron_opd.evaluation import EvalConfig
 
     cfg = EvalConfig(
@@ -96,15 +112,15 @@ def main(argv=None) -> None:
     )
     cfg.validate()
     benchmarks = evaluation.load_benchmarks(args.data, args.limit)  # bad files fail before models
+    if args.load:  # a missing or damaged checkpoint fails before the process group starts
+        rank, _, world = distributed.env_rank_and_world()
+        integrity.verify(checkpointing.resolve_checkpoint(args.load), "--load", rank, world)
     if args.teacher:
-        from megatron_opd import checkpointing
-
         try:
             student = checkpointing.resolve_checkpoint(args.load) if args.load else None
             check_teacher(args, student)
         except (ValueError, OSError) as e:
-            print(f"evaluate.py: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+            cli.exit_with(e, "evaluate.py")
 
     distributed.initialize(
         distributed.ParallelConfig(
@@ -113,7 +129,7 @@ def main(argv=None) -> None:
         seed=args.seed,
     )
     try:
-        from megatron_opd import checkpointing, convert
+        from megatron_opd import convert
         from megatron_opd.tokenizer import load_tokenizer
 
         if args.hf_dir:
@@ -198,4 +214,4 @@ def _jsonl(rows) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "evaluate.py")

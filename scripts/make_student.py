@@ -14,20 +14,21 @@ import argparse
 import copy
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_opd import cli  # noqa: E402
+
+cli.quiet()
 
 import torch  # noqa: E402
 
-from megatron_opd import checkpointing, convert, distributed, models  # noqa: E402
+from megatron_opd import checkpointing, convert, distributed, integrity, models  # noqa: E402
 from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="make_student.py", description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="source (teacher) Megatron checkpoint")
     p.add_argument("--save", required=True)
     group = p.add_mutually_exclusive_group(required=True)
@@ -60,6 +61,7 @@ def _copy_layers(student: torch.nn.Module, teacher_params: dict, keep: list[int]
 def main(argv=None) -> None:
     args = parse_args(argv)
     source = checkpointing.resolve_checkpoint(args.load)
+    integrity.verify(source, "--load")
     arch, meta = convert.read_checkpoint(source)
     keep = chosen_layers(args, arch.num_hidden_layers)
 
@@ -98,4 +100,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":  # the dist-checkpoint writer spawns processes that re-import __main__
-    main()
+    cli.run(main, "make_student.py")

@@ -26,12 +26,12 @@ The setup (checks, models, optimizer, teacher) is ``megatron_opd.launch``; the l
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from megatron_opd import cli  # noqa: E402
 
+cli.quiet()  # before Megatron is imported: its import-time warnings are filtered here
 from megatron_opd import arguments, distributed, launch  # noqa: E402
 
 
@@ -41,15 +41,15 @@ def main(argv=None) -> None:
     try:
         inputs = launch.check_inputs(args, world)
     except (ValueError, FileNotFoundError) as e:
-        print(f"pretrain_opd.py: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        cli.exit_with(e, "pretrain_opd.py")
 
     launch.initialize(args)
     try:
         launch.build_trainer(args, inputs).run()
     finally:
-        distributed.teardown()
+        if not cli.failed_alone():  # a rank failing alone must not wait in a barrier for the rest
+            distributed.teardown()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "pretrain_opd.py")

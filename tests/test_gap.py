@@ -148,7 +148,7 @@ def test_evaluate_teacher_errors(pair, tmp_path, capsys):
         script.main([*args, "--teacher", str(tmp_path / "missing")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("evaluate.py: --teacher") and "\n" not in err
+    assert err.startswith("evaluate.py: error: --teacher") and "\n" not in err
 
 
 @pytest.mark.slow

@@ -108,9 +108,10 @@ def _dumped(dump_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_two_teachers_route_each_prompt(models, tmp_path):
-    """teacher0 (TP2) and teacher1 (the student's TP1 grid) on 2 ranks, token-budget micro-batches:
-    each row's teacher log-probs are its routed teacher's (transformers), the logged per-teacher rewards equal a
-    recount from the dump, and swapping some prompts' teacher changes exactly those rows."""
+    """teacher0 (TP2) and teacher1 (the student's TP1 grid) on 2 ranks, token-budget
+    micro-batches: each row's teacher log-probs are its routed teacher's (transformers), the
+    logged per-teacher rewards equal a recount from the dump, and swapping some prompts' teacher
+    changes exactly those rows."""
     routes = [k % 2 for k in range(16)]
     swapped = [1 - t if k % 3 == 0 else t for k, t in enumerate(routes)]
     teachers = [models["teacher"], models["wide"]]

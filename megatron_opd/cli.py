@@ -1,0 +1,231 @@
+"""How every script ends: a user error is one line on stderr and exit code 2, a stopped run is one
+line and an exit code of its own, a bug is a traceback.
+
+    from megatron_opd import cli
+    cli.quiet()                      # before anything imports Megatron
+    ...
+    if __name__ == "__main__":
+        cli.run(main, "pretrain_opd.py")
+
+User errors are ``ValueError`` (the project's validation convention: the message names the flag or
+file), ``FileNotFoundError`` / ``NotADirectoryError`` and :class:`UserError`. Under torchrun every
+rank checks the same inputs and fails the same way, so only rank 0 prints (a :class:`UserError`
+with ``rank_local=True`` prints on the rank that raised it) and every rank exits with the same code.
+``--debug`` or ``MEGATRON_OPD_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+USER_ERROR_EXIT = 2  # argparse's code for a bad command line
+NON_FINITE_EXIT = 3  # the run stopped itself: non-finite rewards, gradients or weights
+RUN_ERROR_EXIT = 4  # the environment failed the run: disk full, a checkpoint writer killed
+DEBUG_ENV = "MEGATRON_OPD_DEBUG"
+
+
+class UserError(ValueError):
+    """Something the user must change (a flag, a file). ``rank_local``: only the raising rank may
+    know (a file it checked alone), so it prints even when it is not rank 0."""
+
+    exit_code = USER_ERROR_EXIT
+
+    def __init__(self, message: str, rank_local: bool = False):
+        super().__init__(message)
+        self.rank_local = rank_local
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on purpose (it cannot go on); one line, its own exit code."""
+
+    exit_code = NON_FINITE_EXIT
+    rank_local = False
+
+
+class RunError(RuntimeError):
+    """The machine failed the run (disk full, a killed writer process); one line, no traceback."""
+
+    exit_code = RUN_ERROR_EXIT
+    rank_local = True
+
+
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and a ``--debug`` flag."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--debug",
+            action="store_true",
+            help=f"show a traceback for errors (or set {DEBUG_ENV}=1)",
+        )
+
+    def error(self, message: str) -> NoReturn:
+        _print_once(f"{self.prog}: error: {message}", rank_local=False)
+        raise SystemExit(USER_ERROR_EXIT)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
+def _print_once(line: str, rank_local: bool) -> None:
+    if rank_local or _rank() == 0:
+        text = " ".join(line.split("\n"))  # one line, whatever the message held
+        print(text, file=sys.stderr, flush=True)
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
+
+
+def exit_code_of(error: BaseException) -> int | None:
+    """The exit code a script ends with for ``error``; None for a bug (show the traceback)."""
+    code = getattr(error, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(error, _USER_ERRORS):
+        return USER_ERROR_EXIT
+    return None
+
+
+def failed_alone() -> bool:
+    """Inside a ``finally``: is this rank unwinding an error the other ranks may not share (a
+    killed writer, a full disk)? Then a teardown barrier would wait for ranks that never come."""
+    error = sys.exc_info()[1]
+    return error is not None and bool(getattr(error, "rank_local", False))
+
+
+def exit_with(error: Exception, prog: str) -> NoReturn:
+    """End the script for ``error``: one line (from one rank) and its exit code; a bug, or any
+    error under ``--debug``, is re-raised with its traceback."""
+    code = exit_code_of(error)
+    if code is None or debug_requested():
+        raise error
+    _print_once(f"{prog}: error: {error}", getattr(error, "rank_local", False))
+    sys.stdout.flush()
+    raise SystemExit(code) from None
+
+
+def run(main: Callable[[], Any], prog: str) -> NoReturn:
+    """Call ``main()``; turn user errors and stopped runs into one line and an exit code.
+
+    The process then ends at once (``os._exit``) instead of through the interpreter's shutdown:
+    with models, process groups and checkpoint helpers in memory, that shutdown's final garbage
+    collection took more than 10 s after a signalled save, past torchrun's 30 s shutdown window
+    (torchrun then kills the worker). Everything worth keeping is written and closed by then; the
+    checkpoint helpers die with this process (``compat.die_with_parent``)."""
+    try:
+        try:
+            main()
+        except Exception as error:  # noqa: BLE001 - exit_with re-raises bugs
+            exit_with(error, prog)
+    except SystemExit as done:
+        code = done.code
+    else:
+        code = 0
+    if not isinstance(code, int):  # SystemExit("message") or SystemExit(None)
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# Warnings every Megatron-Core import prints on a machine without Transformer Engine / Apex, and
+# deprecations in torch and Megatron that the user cannot act on. Filtered here and only here.
+KNOWN_WARNINGS = (
+    r"Transformer Engine and Apex are not installed",
+    r".*is deprecated",
+    r".*deprecated.*",
+    r"Apex is not installed",
+    r"torch\.distributed\..* is deprecated",
+    r"TypedStorage is deprecated",
+)
+
+
+def quiet() -> None:
+    """Silence the known Megatron/torch warnings; call before Megatron is imported (spawned
+    children re-import the script, so they run it too)."""
+    if debug_requested():
+        return
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch)\.")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    import logging
+
+    # Megatron logs a few INFO/WARNING lines per checkpoint and per engine build
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    # a failed save is reported by checkpointing.atomic_save (one line); the writer's own
+    # "Local process 0 encountered an error" would be a second
+    logging.getLogger("megatron.core.dist_checkpointing").setLevel(logging.CRITICAL)
+
+
+# --------------------------------------------------------------------------------------------
+# Numeric flags: finite, and within their range, before anything is built
+
+
+class Range:
+    """``lo <(=) value <(=) hi``; either bound may be None (open)."""
+
+    def __init__(
+        self,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_closed: bool = True,
+        hi_closed: bool = True,
+    ):
+        self.lo, self.hi, self.lo_closed, self.hi_closed = lo, hi, lo_closed, hi_closed
+
+    def __contains__(self, value: float) -> bool:
+        if self.lo is not None and not (value >= self.lo if self.lo_closed else value > self.lo):
+            return False
+        return self.hi is None or (value <= self.hi if self.hi_closed else value < self.hi)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>=' if self.lo_closed else '>'} {_num(self.lo)}"
+        if self.lo is None:
+            return f"{'<=' if self.hi_closed else '<'} {_num(self.hi)}"
+        left, right = "[" if self.lo_closed else "(", "]" if self.hi_closed else ")"
+        return f"in {left}{_num(self.lo)}, {_num(self.hi)}{right}"
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def at_least(lo: float) -> Range:
+    return Range(lo)
+
+
+def above(lo: float) -> Range:
+    return Range(lo, lo_closed=False)
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace, ranges: dict) -> None:
+    """Every float flag is finite (NaN passes every comparison, inf most), and every flag named
+    in ``ranges`` (``{"--lr": at_least(0)}``) is inside its range unless it is unset (None)."""
+    import math
+
+    flags = {a.option_strings[0]: a.dest for a in parser._actions if a.option_strings}
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{action.option_strings[0]} must be a finite number, got {value}")
+    for flag, allowed in ranges.items():
+        value = getattr(args, flags[flag])
+        if value is not None and value not in allowed:
+            raise UserError(f"{flag} must be {allowed}, got {_num(value)}")
