@@ -58,6 +58,11 @@ def _types_match(parser: argparse.ArgumentParser, loaded: dict) -> list[str]:
         if action.dest not in loaded:
             continue
         value = loaded[action.dest]
+        if action.nargs in ("+", "*"):  # a list of the flag's type
+            if not isinstance(value, list) or not value:
+                bad.append(f"{action.dest}: {value!r} is not a list")
+                continue
+            value = value[0]
         if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
             want = (bool,)
         elif action.type is float:

@@ -220,8 +220,8 @@ def _refused(pair, monkeypatch, capsys, *extra) -> str:
     def built(*a, **k):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(module, "build_student", built)
-    monkeypatch.setattr(module.distributed, "initialize", built)
+    monkeypatch.setattr(module.launch, "build_trainer", built)
+    monkeypatch.setattr(module.launch, "initialize", built)
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit) as exc:
         cli.run(lambda: module.main(_flags(pair, *extra)), "pretrain_opd.py")
