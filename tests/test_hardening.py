@@ -224,7 +224,10 @@ def _refused(pair, monkeypatch, capsys, *extra) -> str:
     monkeypatch.setattr(module.launch, "initialize", built)
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit) as exc:
-        cli.run(lambda: module.main(_flags(pair, *extra)), "pretrain_opd.py")
+        try:
+            module.main(_flags(pair, *extra))
+        except Exception as error:  # as cli.run would (which also ends the process)
+            cli.exit_with(error, "pretrain_opd.py")
     assert exc.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
