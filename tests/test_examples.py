@@ -97,7 +97,7 @@ def test_config_parses_with_the_paper_hyperparameters(config, tmp_path, monkeypa
     assert args.save_interval and args.use_distributed_optimizer
 
     student, teacher = PAIRS[config.stem]
-    assert args.load == f"ckpt/{student}" and args.opd_teacher_load == f"ckpt/{teacher}"
+    assert args.load == f"ckpt/{student}" and args.opd_teacher_load == [f"ckpt/{teacher}"]
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     models.validate_layout(_arch(student), tp, pp)
     models.validate_layout(_arch(teacher), tp, pp)
@@ -108,7 +108,7 @@ def test_config_parses_with_the_paper_hyperparameters(config, tmp_path, monkeypa
     # leave --save to the command line (launch.sh gives runs/PAIR/METHOD)
     args.save = "runs/test"
     monkeypatch.chdir(tmp_path)
-    for path in (args.load, args.opd_teacher_load):
+    for path in (args.load, *args.opd_teacher_load):
         Path(path).mkdir(parents=True)
     for world in (8, 16):
         arguments.validate_args(args, world)
