@@ -157,8 +157,10 @@ def save_bpe_tokenizer(
     tok.save_pretrained(str(directory))
 
 
-def save_hf_qwen3(directory, layers: int, seed: int, vocab: int, scale: float) -> None:
-    """A random tiny Qwen3 (GQA, q/k norm) saved by transformers; weights ~ N(0, scale)."""
+def save_hf_qwen3(
+    directory, layers: int, seed: int, vocab: int, scale: float, num_key_value_heads: int = 2
+) -> None:
+    """A random tiny Qwen3 (4 heads, GQA, q/k norm) saved by transformers; weights ~ N(0, scale)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
@@ -167,7 +169,7 @@ def save_hf_qwen3(directory, layers: int, seed: int, vocab: int, scale: float) -
         intermediate_size=128,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=num_key_value_heads,
         head_dim=16,
         max_position_embeddings=512,
         tie_word_embeddings=False,

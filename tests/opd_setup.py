@@ -119,29 +119,9 @@ def make_teacher(
 ) -> Path:
     """``root/teacher`` beside an existing tokenizer: a tiny Qwen3 whose 4 heads, 4 query groups
     and 128-wide ffn split over TP 4 (``make_pair``'s teacher has 2 query groups)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     root.mkdir(parents=True, exist_ok=True)
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=16,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, scale)
     hf = root / "hf_teacher"
-    model.save_pretrained(str(hf))
+    save_hf_qwen3(hf, layers, seed=seed, vocab=vocab_size, scale=scale, num_key_value_heads=4)
     for f in Path(tokenizer_dir).iterdir():
         (hf / f.name).write_bytes(f.read_bytes())
     convert(hf, root / "teacher")
