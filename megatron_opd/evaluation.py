@@ -68,6 +68,13 @@ def _dp_info():
     )
 
 
+def rank_jobs(problems, tokenizer, cfg, dp_rank: int, dp_size: int):
+    """The benchmark's prompts and this DP rank's share of its ``(problem, sample)`` jobs."""
+    prompts = data.PromptSet.build(problems, tokenizer, cfg.max_prompt_length, cfg.system_prompt)
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(cfg.samples)]
+    return prompts, jobs[dp_rank::dp_size]
+
+
 def evaluate(
     model_chunks: list,
     tokenizer,
@@ -82,11 +89,7 @@ def evaluate(
     dp_rank, dp_size, dp_group = _dp_info()
     records: list[dict[str, Any]] = []
     for name, problems in benchmarks.items():
-        prompts = data.PromptSet.build(
-            problems, tokenizer, cfg.max_prompt_length, cfg.system_prompt
-        )
-        jobs = [(i, j) for i in range(len(prompts)) for j in range(cfg.samples)]
-        mine = jobs[dp_rank::dp_size]
+        prompts, mine = rank_jobs(problems, tokenizer, cfg, dp_rank, dp_size)
         generations = []
         for start in _progress(range(0, len(mine), cfg.batch_size), progress, name, cfg):
             batch = mine[start : start + cfg.batch_size]

@@ -273,8 +273,7 @@ def evaluate_gap(
     ``evaluation.evaluate(keep_token_ids=True)``), reused when they were sampled at temperature 1
     without top-p; otherwise the student samples afresh at temperature 1 over the true vocabulary.
     """
-    from megatron_opd import data
-    from megatron_opd.evaluation import _dp_info
+    from megatron_opd.evaluation import _dp_info, rank_jobs
     from megatron_opd.generation import generate
 
     dp_rank, dp_size, dp_group = _dp_info()
@@ -283,11 +282,7 @@ def evaluate_gap(
         reuse = {(r["benchmark"], r["index"], r["sample"]): r["response_ids"] for r in records}
     out: list[dict[str, Any]] = []
     for name, problems in benchmarks.items():
-        prompts = data.PromptSet.build(
-            problems, tokenizer, cfg.max_prompt_length, cfg.system_prompt
-        )
-        jobs = [(i, j) for i in range(len(prompts)) for j in range(cfg.samples)]
-        mine = jobs[dp_rank::dp_size]
+        prompts, mine = rank_jobs(problems, tokenizer, cfg, dp_rank, dp_size)
         if reuse is not None:
             responses = [reuse[(name, i, j)] for i, j in mine]
         else:

@@ -184,3 +184,26 @@ def save_hf_qwen3(
             if "norm" not in name:
                 p.normal_(0.0, scale)
     model.save_pretrained(str(directory))
+
+
+def convert_hf_checkpoint(hf_dir, save, tokenizer_dir=None) -> None:
+    """``hf_dir`` (with ``tokenizer_dir``'s files copied in) converted by the project's converter,
+    in its own process (it initializes Megatron at TP1), to a Megatron checkpoint at ``save``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megatron_opd.distributed import standalone_env
+
+    hf_dir = Path(hf_dir)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            (hf_dir / f.name).write_bytes(f.read_bytes())
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_hf_to_megatron.py"
+    subprocess.run(
+        [sys.executable, str(script), "--hf-dir", str(hf_dir), "--save", str(save), "--dtype",
+         "fp32"],
+        check=True,
+        capture_output=True,
+        env=dict(standalone_env(), PYTHONWARNINGS="ignore"),
+    )  # fmt: skip

@@ -81,6 +81,8 @@ class Trainer:
 
             self.eval_benchmarks = evaluation.load_benchmarks(args.eval_data, args.eval_limit)
         self.gap_watch = gap.TrainingGapWatch(teacher, args)
+        # what a resume must agree with; the prompt digest hashes every prompt, so once per run
+        self.run_identity = resume.run_identity(args, self.prompts)
 
     # ------------------------------------------------------------------------------------------
 
@@ -112,7 +114,7 @@ class Trainer:
             args.micro_batch_size,
             args.opd_mask_terminal_stop,
             self.tokenizer.pad_id,
-            getattr(args, "max_tokens_per_micro_batch", None),
+            args.max_tokens_per_micro_batch,
         )
         padding = opd.padding_fraction(batch, items)
         _sync()
@@ -235,7 +237,7 @@ class Trainer:
                 f"latest checkpoint in {self.args.save} is the last good state). Lower --lr."
             )
         meta = dict(self.inputs.student_meta)
-        meta["run"] = resume.run_identity(self.args, self.prompts)
+        meta["run"] = self.run_identity
         meta["params_dtype"] = "bfloat16" if self.args.bf16 else "float32"
         meta["iteration"] = self.iteration
         extra = {

@@ -27,20 +27,14 @@ PHASES = ("time/rollout", "time/teacher", "time/train", "time/step")
 
 
 def build_checkpoints(root: Path, vocab: int) -> tuple[Path, Path]:
-    from megatron_opd.testing import save_bpe_tokenizer, save_hf_qwen3
+    from megatron_opd.testing import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
 
     tok = root / "tokenizer"
     save_bpe_tokenizer(tok)
     for name, layers, seed in (("teacher", 4, 1), ("student", 2, 2)):
         hf = root / f"hf_{name}"
         save_hf_qwen3(hf, layers=layers, seed=seed, vocab=vocab, scale=0.25)
-        for f in tok.iterdir():
-            (hf / f.name).write_bytes(f.read_bytes())
-        subprocess.run(
-            [sys.executable, ROOT / "scripts/convert_hf_to_megatron.py", "--hf-dir", hf,
-             "--save", root / name, "--dtype", "fp32"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        convert_hf_checkpoint(hf, root / name, tok)
     return root / "student", root / "teacher"
 
 

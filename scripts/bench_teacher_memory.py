@@ -14,7 +14,6 @@ teacher parameters it holds. Prints a table with the ratios to the same-grid run
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ def build_checkpoints(root: Path, hidden: int, layers: int) -> tuple[Path, Path]
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from megatron_opd.testing import save_bpe_tokenizer, save_hf_qwen3
+    from megatron_opd.testing import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
 
     tok = root / "tokenizer"
     save_bpe_tokenizer(tok)
@@ -49,13 +48,7 @@ def build_checkpoints(root: Path, hidden: int, layers: int) -> tuple[Path, Path]
     Qwen3ForCausalLM(config).save_pretrained(str(root / "hf_teacher"))
     for name in ("student", "teacher"):
         hf = root / f"hf_{name}"
-        for f in tok.iterdir():
-            (hf / f.name).write_bytes(f.read_bytes())
-        subprocess.run(
-            [sys.executable, ROOT / "scripts/convert_hf_to_megatron.py", "--hf-dir", hf,
-             "--save", root / name, "--dtype", "fp32"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        convert_hf_checkpoint(hf, root / name, tok)
     return root / "student", root / "teacher"
 
 

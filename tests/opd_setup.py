@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megatron_opd.distributed import standalone_env
-from megatron_opd.testing import save_bpe_tokenizer, save_hf_qwen3
+from megatron_opd.testing import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,22 +33,7 @@ def perturb_hf(src: Path, dst: Path, noise: float, seed: int) -> None:
 
 def convert(hf_dir: Path, out: Path) -> None:
     """The project's converter in its own process (it initializes Megatron at TP1)."""
-    env = dict(standalone_env(), PYTHONWARNINGS="ignore")
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "convert_hf_to_megatron.py"),
-            "--hf-dir",
-            str(hf_dir),
-            "--save",
-            str(out),
-            "--dtype",
-            "fp32",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    convert_hf_checkpoint(hf_dir, out)
 
 
 def make_pair(
