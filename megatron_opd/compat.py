@@ -408,7 +408,8 @@ def _install_grouped_decode_attention() -> None:
     ``repeat_interleave`` and then copies them again into ``bmm``'s layout: at a decode step
     (one query per sequence, the whole KV cache as keys) that is two copies of ``heads / groups``
     times the cache per layer, more memory traffic than the attention itself. For exactly that
-    case (inference, one query position, no mask to apply, plain softmax) the queries of a group
+    case (inference, one query position, plain softmax; a padding mask applied as Megatron's
+    ``attention_mask_func`` does) the queries of a group
     attend to the group's keys in one batched matmul instead; everything else goes to Megatron's
     code. The products and the softmax are the same; only the summation order within the
     matmuls may differ (float rounding)."""
@@ -434,7 +435,7 @@ def _install_grouped_decode_attention() -> None:
             or self.softmax_offset is not None
             or softmax.scale is not None
             or softmax.window_size is not None
-            or (attention_mask is not None and bool(attention_mask.any()))
+            or (attention_mask is not None and attention_mask.size(-2) != 1)
         ):
             return original(
                 self, query, key, value, attention_mask, attn_mask_type, *args, **kwargs
@@ -443,6 +444,8 @@ def _install_grouped_decode_attention() -> None:
         r = heads // groups
         q = query.view(b, groups, r, hn)  # [1, b, np, hn] with head h = g * r + j
         scores = torch.matmul(q, key.permute(1, 2, 3, 0)).mul_(self.softmax_scale)  # [b, g, r, sk]
+        if attention_mask is not None:  # [b or 1, 1, 1, sk]: left padding of the prompts
+            scores.masked_fill_(attention_mask.view(-1, 1, 1, scores.size(-1)), -10000.0)
         if softmax.input_in_float16 and softmax.softmax_in_fp32:
             scores = scores.float()
         probs = torch.softmax(scores, dim=-1).to(value.dtype)

@@ -11,7 +11,17 @@ rollouts need and the stock controller lacks:
   stock ``return_log_probs`` materializes ``[batch, prompt, vocab]`` logits at prefill), and only
   when asked for (``return_logprobs``): training rollouts do not read them, and a full-vocabulary
   ``log_softmax`` per step is measurable next to a small model's decode step;
-* a truncation flag (``max_new_tokens`` reached without a stop token).
+* a truncation flag (``max_new_tokens`` reached without a stop token);
+* prompts of different lengths left-padded to the longest, behind a key-padding mask, when the
+  attention takes an arbitrary mask (Megatron's local spec): the stock engine starts decoding at the
+  *shortest* prompt and feeds the longer ones one prompt token per decode step, so a batch whose
+  prompts span 85 to 130 tokens took 173 decode steps for 128 new tokens (45 wasted on every row);
+  left-padded, it takes 128. RoPE scores depend only on the distance between positions, so a row
+  shifted right by its padding attends exactly as it would unshifted (up to float rounding of
+  the angles);
+* plain sampling (no top-k / top-p) by one uniform draw per row against the float64 cumulative
+  distribution, where ``torch.multinomial`` draws an exponential per vocabulary entry: on a 49k
+  vocabulary that was 7 ms of a 33 ms CPU decode step (the distribution sampled is the same).
 
 It runs on every rank of the model-parallel group (TP and PP ranks all return the same result) and
 leaves the model in the train/eval mode it found it in.
@@ -75,6 +85,16 @@ def _inference_classes():
             super().__init__(*args, **kwargs)
             self.vocab_size = vocab_size
 
+        def left_pad_mask(self, tokens: torch.Tensor, pads: Sequence[int]) -> torch.Tensor:
+            """Megatron's boolean mask ``[b, 1, s, s]`` (True = not allowed): causal, and no
+            row attends to its own left padding."""
+            s = tokens.size(1)
+            positions = torch.arange(s, device=tokens.device)
+            pads = torch.tensor(list(pads), device=tokens.device)
+            causal = positions[None, :] > positions[:, None]  # [s, s]
+            padding = positions[None, :] < pads[:, None]  # [b, s]
+            return (causal[None] | padding[:, None, :])[:, None]
+
         def run_one_forward_step(self, inference_input, recv_buffer_seq_len=None):
             logits = super().run_one_forward_step(inference_input, recv_buffer_seq_len)
             if logits is not None and logits.size(-1) > self.vocab_size:
@@ -87,6 +107,7 @@ def _inference_classes():
         ):
             super().__init__(*args, **kwargs)
             self.return_logprobs = return_logprobs
+            self.left_pads: dict[int, int] = {}  # request id -> pad tokens in front of its prompt
             self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
             self.token_logprobs: Optional[torch.Tensor] = None
             self.step_logprobs: Optional[torch.Tensor] = None
@@ -106,6 +127,25 @@ def _inference_classes():
                 logprobs = F.log_softmax(last_token_logits.float(), dim=-1)
                 self.step_logprobs = logprobs.gather(1, sampled.view(-1, 1).long()).view(-1)
             return sampled
+
+        def _torch_sampling_func(
+            self, last_token_logits, temperature, top_k, top_p, vocab_size=None
+        ):
+            if top_k != 0 or top_p != 0.0:  # greedy and filtered sampling: Megatron's own code
+                return super()._torch_sampling_func(
+                    last_token_logits, temperature, top_k, top_p, vocab_size
+                )
+            return sample_categorical(last_token_logits, temperature, self.sampling_rng)
+
+        def prep_inference_input(self, prompts_tokens, active_requests, use_attention_mask=False):
+            inference_input = super().prep_inference_input(
+                prompts_tokens, active_requests, use_attention_mask
+            )
+            pads = [self.left_pads.get(request_id, 0) for request_id in active_requests]
+            if any(pads):
+                wrapped = self.inference_wrapped_model
+                inference_input["attention_mask"] = wrapped.left_pad_mask(prompts_tokens, pads)
+            return inference_input
 
         def update_generation_status(
             self,
@@ -144,6 +184,28 @@ def _inference_classes():
             return done
 
     return VocabMaskedWrapper, RolloutController
+
+
+def sample_categorical(
+    logits: torch.Tensor, temperature: float = 1.0, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """One id per row of ``logits`` ``[b, v]``, drawn from ``softmax(logits / temperature)``:
+    a uniform draw per row, scaled to the row's total mass, located in the float64 cumulative
+    distribution. An id of probability 0 (logit -inf) is never drawn."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    cdf = probs.double().cumsum_(dim=-1)
+    u = torch.rand((cdf.size(0), 1), generator=generator, dtype=cdf.dtype, device=cdf.device)
+    # the first id whose cumulative mass exceeds u * total: a zero-mass id repeats the
+    # previous cumulative value, so no u lands on it
+    sampled = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).view(-1)
+    return sampled.clamp_(max=logits.size(-1) - 1)
+
+
+def left_padding_supported() -> bool:
+    """Whether the static engine may left-pad prompts: the attention must honour an arbitrary
+    ``[b, 1, sq, sk]`` mask at prefill and decode, which Megatron's local spec does; the
+    transformer-engine spec builds its own causal mask and is left as Megatron runs it."""
+    return not compat.transformer_engine_available()
 
 
 def _padded_vocab_size(core: torch.nn.Module, pp_group) -> int:
@@ -268,13 +330,17 @@ def generate(
         num_tokens_to_generate=max_new_tokens,
     )
 
+    longest = max(len(p) for p in prompts_token_ids)
+    left_pad = left_padding_supported()
     request_ids = []
     for prompt in prompts_token_ids:
         request_id = engine.get_new_request_id()
+        pad = longest - len(prompt) if left_pad else 0
+        controller.left_pads[request_id] = pad
         request = InferenceRequest(
             request_id=request_id,
             prompt="",
-            prompt_tokens=[int(t) for t in prompt],
+            prompt_tokens=[tokenizer.pad_id] * pad + [int(t) for t in prompt],
             sampling_params=params,
         )
         engine.scheduler.add_request(inference_request=request)

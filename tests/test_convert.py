@@ -266,6 +266,71 @@ def test_generation_never_samples_padded_vocab(tiny):
     assert len({tuple(g.tokens) for g in sampled}) > 3  # it did sample
 
 
+def test_rollouts_decode_only_the_new_tokens(tiny, monkeypatch):
+    """Prompts of 3, 5 and 8 tokens, left-padded: one prefill and then one step per new token
+    (right-padded, the engine would start at the shortest prompt: 5 more steps)."""
+    from megatron.core.inference.model_inference_wrappers.gpt import gpt_inference_wrapper
+
+    from megatron_opd import generation
+    from megatron_opd.tokenizer import load_tokenizer
+
+    assert generation.left_padding_supported()
+    cls = gpt_inference_wrapper.GPTInferenceWrapper
+    widths = []
+    original = cls.run_one_forward_step
+
+    def counted(self, inference_input, *args, **kwargs):
+        widths.append(inference_input["tokens"].size(1))
+        return original(self, inference_input, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run_one_forward_step", counted)
+    case = tiny["qwen3_tied"]
+    tokenizer = load_tokenizer(case.megatron_dir)
+    generation.generate(
+        load_megatron(case.megatron_dir), tokenizer, TINY_PROMPTS, NEW_TOKENS, greedy=True,
+        stop_token_ids=[],
+    )  # fmt: skip
+    assert widths == [8] + [1] * (NEW_TOKENS - 1)
+
+
+def test_sampler_draws_from_the_softmax():
+    from megatron_opd.generation import sample_categorical
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 40, generator=g) * 2
+    logits[0, [3, 17]] = float("-inf")  # as the padded vocabulary columns are
+    n, temperature = 200_000, 0.7
+    drawn = sample_categorical(logits.expand(n, -1), temperature, g)
+    freq = torch.bincount(drawn, minlength=40).double() / n
+    p = torch.softmax(logits[0].double() / temperature, -1)
+    assert freq[3] == 0 and freq[17] == 0
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq - p).abs().max()
+
+
+def test_sampled_rollouts_follow_the_model(tiny):
+    """The first sampled token of each of two prompts (3 and 8 tokens, so one is left-padded),
+    4,000 rows each, against the transformers model's next-token distribution."""
+    from megatron_opd import generation
+    from megatron_opd.tokenizer import load_tokenizer
+
+    case = tiny["qwen3_untied"]
+    tokenizer = load_tokenizer(case.megatron_dir)
+    short, long = TINY_PROMPTS[1], TINY_PROMPTS[2]
+    n = 4000
+    out = generation.generate(
+        load_megatron(case.megatron_dir), tokenizer, [short] * n + [long] * n, 1, seed=3,
+        stop_token_ids=[],
+    )  # fmt: skip
+    for k, prompt in enumerate((short, long)):
+        first = torch.tensor([g.tokens[0] for g in out[k * n : (k + 1) * n]])
+        freq = torch.bincount(first, minlength=case.vocab).double() / n
+        with torch.no_grad():
+            p = torch.softmax(case.model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        sigma = (p * (1 - p) / n).sqrt()
+        assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq - p).abs().max()
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_export_reproduces_hf_tensors(tiny, name, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
