@@ -112,12 +112,12 @@ def _micro_batch(prompts, responses, pad_id: int) -> opd.MicroBatch:
 def _student_pass(student, item, teacher_logits, vocab_size: int, tp_group):
     def step(data_iterator, model):
         mb = next(data_iterator)
-        logits = opd._run_forward(model, mb.tokens)
+        logits = opd._run_forward(model, mb.tokens, mb.first)
 
         def collect(output):
-            mask = mb.loss_mask.bool()
-            lp_s = sampled_token_logprobs(output, mb.targets, vocab_size, tp_group)
-            lp_t = sampled_token_logprobs(teacher_logits, mb.targets, vocab_size, tp_group)
+            mask, targets = mb.logit_mask.bool(), mb.logit_targets
+            lp_s = sampled_token_logprobs(output, targets, vocab_size, tp_group)
+            lp_t = sampled_token_logprobs(teacher_logits, targets, vocab_size, tp_group)
             per_token = torch.stack(
                 [
                     mask.double(),

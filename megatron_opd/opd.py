@@ -86,10 +86,36 @@ def rollout(
 
 @dataclass
 class MicroBatch:
+    """``first``: the first position whose logits anything reads (the earliest response token's
+    predecessor); the forward passes compute logits from there on only (``_run_forward``), and
+    ``logit_targets`` / ``logit_mask`` are the targets and mask of those positions."""
+
     tokens: torch.Tensor  # [b, s] inputs
     targets: torch.Tensor  # [b, s] token at i + 1
     loss_mask: torch.Tensor  # [b, s] bool: target is a trained response token
     rows: Optional[torch.Tensor] = None  # [b] the rollout rows it holds (token budgets only)
+    first: Optional[int] = None  # by default from loss_mask
+
+    def __post_init__(self) -> None:
+        if self.first is None:
+            two_d = self.loss_mask.dim() == 2
+            self.first = first_logit_position(self.loss_mask) if two_d else 0
+
+    @property
+    def logit_targets(self) -> torch.Tensor:
+        return self.targets[:, self.first :]
+
+    @property
+    def logit_mask(self) -> torch.Tensor:
+        return self.loss_mask[:, self.first :]
+
+
+def first_logit_position(loss_mask: torch.Tensor) -> int:
+    """The first column of ``loss_mask`` [b, s] with a True; 0 when there is none. The positions
+    before it are prompt context in every row: their hidden states are needed, their logits not
+    (the output layer over a 49k vocabulary is most of a small student's forward and backward)."""
+    columns = loss_mask.any(0).nonzero()
+    return int(columns[0]) if len(columns) else 0
 
 
 def micro_batches(
@@ -170,13 +196,17 @@ def dump_in_rollout_order(dump: list, items: list[MicroBatch], batch: RolloutBat
 
 
 def split_like_items(full: torch.Tensor, items: list[MicroBatch]) -> list[torch.Tensor]:
-    """Per-row values ``[B, S]`` in rollout order cut into the layout of ``items`` (each its rows
-    and its own width): the inverse of ``dump_in_rollout_order`` for one tensor."""
+    """Per-row values ``[B, S]`` in rollout order cut into the layout of ``items`` (each its rows,
+    its positions ``mb.first`` to its own width): what ``score_teacher`` returns for them."""
     if items[0].rows is None:
         sizes = [mb.tokens.shape[0] for mb in items]
-        return [part.contiguous() for part in torch.split(full, sizes)]
+        parts = torch.split(full, sizes)
+        return [part[:, mb.first :].contiguous() for part, mb in zip(parts, items, strict=True)]
     rows = [mb.rows.to(full.device) for mb in items]
-    return [full[r, : mb.tokens.shape[1]].contiguous() for r, mb in zip(rows, items, strict=True)]
+    return [
+        full[r, mb.first : mb.tokens.shape[1]].contiguous()
+        for r, mb in zip(rows, items, strict=True)
+    ]
 
 
 def models_device() -> torch.device:
@@ -185,13 +215,31 @@ def models_device() -> torch.device:
     return compat.default_device()
 
 
-def _run_forward(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def _run_forward(model: torch.nn.Module, tokens: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """The model's output for ``tokens`` [b, s]; on the last stage logits ``[b, s - first, v/tp]``
+    of positions ``first..s-1``: the output layer sees only those positions' hidden states."""
+    from megatron_opd.checkpointing import unwrap
+
     b, s = tokens.shape
-    return model(
+    inputs = (
         tokens,
         models.position_ids(b, s, tokens.device),
         models.causal_mask(s, tokens.device),
     )
+    core = unwrap(model)
+    if first == 0 or not core.post_process:
+        return model(*inputs)
+    if core.config.sequence_parallel:  # the hidden states are sharded along the sequence there
+        return model(*inputs)[:, first:]
+
+    def from_first(module, args, kwargs):
+        return (args[0][first:], *args[1:]), kwargs  # hidden states are [s, b, h]
+
+    handle = core.output_layer.register_forward_pre_hook(from_first, with_kwargs=True)
+    try:
+        return model(*inputs)
+    finally:
+        handle.remove()
 
 
 def _schedule(chunks, step_fn, items: list, forward_only: bool):
@@ -241,21 +289,22 @@ def score_teacher(
     vocab_size: int,
     keep_logits: bool,
 ) -> list[Optional[torch.Tensor]]:
-    """Per micro-batch: the teacher's log-probs of the sampled tokens ``[b, s]`` fp32, or with
-    ``keep_logits`` its logits shard ``[b, s, v/tp]``; ``None`` off the last pipeline stage."""
+    """Per micro-batch: the teacher's log-probs of the sampled tokens ``[b, s - first]`` fp32, or
+    with ``keep_logits`` its logits shard ``[b, s - first, v/tp]`` (positions ``mb.first`` on);
+    ``None`` off the last pipeline stage."""
     from megatron.core import parallel_state
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
     def step(data_iterator, model):
         mb = next(data_iterator)
-        logits = _run_forward(model, mb.tokens)
+        logits = _run_forward(model, mb.tokens, mb.first)
 
         def collect(output):
             if keep_logits:
                 kept = output
             else:
-                kept = sampled_token_logprobs(output, mb.targets, vocab_size, tp_group)
+                kept = sampled_token_logprobs(output, mb.logit_targets, vocab_size, tp_group)
             return torch.zeros((), device=output.device), torch.tensor(0), {"out": kept}
 
         return logits, collect
@@ -326,18 +375,18 @@ def train_step(
         lp_s = score_teacher(student, items, vocab_size, keep_logits=False)
         if _is_last_stage():
             moments = step_log_ratio_moments(
-                teacher_out, lp_s, [mb.loss_mask for mb in items], dp_group
+                teacher_out, lp_s, [mb.logit_mask for mb in items], dp_group
             )
     paired = list(zip(items, teacher_out, strict=True))
 
     def step(data_iterator, model):
         mb, teacher = next(data_iterator)
-        logits = _run_forward(model, mb.tokens)
+        logits = _run_forward(model, mb.tokens, mb.first)
         loss_func = None
         if _is_last_stage():
             loss_func = opd_loss_func(
-                targets=mb.targets,
-                loss_mask=mb.loss_mask,
+                targets=mb.logit_targets,
+                loss_mask=mb.logit_mask,
                 reward_cfg=reward_cfg,
                 vocab_size=vocab_size,
                 tp_group=tp_group,
@@ -376,17 +425,17 @@ def train_step(
 def _dumping(loss_func, mb, teacher, kind, vocab_size, tp_group, dump):
     def wrapped(output):
         with torch.no_grad():
-            out = output.detach()
-            entry = {
-                "lp_s": sampled_token_logprobs(out, mb.targets, vocab_size, tp_group),
-                "mask": mb.loss_mask,
-            }
+            out, targets = output.detach(), mb.logit_targets
+            entry = {"lp_s": sampled_token_logprobs(out, targets, vocab_size, tp_group)}
             if kind == "full_vocab_kl":
-                entry["lp_t"] = sampled_token_logprobs(teacher, mb.targets, vocab_size, tp_group)
+                entry["lp_t"] = sampled_token_logprobs(teacher, targets, vocab_size, tp_group)
                 entry["kl"] = full_vocab_reverse_kl(out, teacher, vocab_size, tp_group)
             else:
                 entry["lp_t"] = teacher
-        dump.append({k: v.cpu() for k, v in entry.items()})
+        # back to the micro-batch's full width: the positions before mb.first hold 0
+        entry = {k: torch.nn.functional.pad(v.cpu(), (mb.first, 0)) for k, v in entry.items()}
+        entry["mask"] = mb.loss_mask.cpu()
+        dump.append(entry)
         return loss_func(output)
 
     return wrapped

@@ -293,6 +293,30 @@ def test_rollouts_decode_only_the_new_tokens(tiny, monkeypatch):
     assert widths == [8] + [1] * (NEW_TOKENS - 1)
 
 
+def test_logits_from_a_position_equal_the_full_logits_sliced(tiny):
+    """What the teacher and training passes compute: logits from ``first`` on only; values and
+    the parameter gradients of a loss on them equal the full pass's, sliced."""
+    from megatron_opd import opd
+
+    case = tiny["qwen3_tied"]
+    model = load_megatron(case.megatron_dir)[0]
+    tokens, first = case.tokens, 4
+    results = []
+    for trimmed in (False, True):
+        model.zero_grad()
+        logits = opd._run_forward(model, tokens, first if trimmed else 0)
+        part = logits if trimmed else logits[:, first:]
+        part.float().logsumexp(-1).pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((part.detach(), grads))
+    (full, full_grads), (part, part_grads) = results
+    assert part.shape[1] == tokens.shape[1] - first
+    torch.testing.assert_close(part, full, rtol=0, atol=1e-6)
+    assert full_grads.keys() == part_grads.keys() and len(full_grads) > 5
+    for name, g in full_grads.items():
+        torch.testing.assert_close(part_grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_sampler_draws_from_the_softmax():
     from megatron_opd.generation import sample_categorical
 

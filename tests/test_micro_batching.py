@@ -1,10 +1,11 @@
 """Token-budget micro-batches (``--max-tokens-per-micro-batch``): the grouping itself, and whole
 OPD steps through scripts/pretrain_opd.py whose losses, rewards and gradient norms equal the
-padded path's, at TP1 (in-process) and at PP2 and DP2 (2 gloo processes)."""
+padded path's from the same weights, at TP1 (in-process) and at PP2 and DP2 (2 gloo processes)."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 
 import pytest
@@ -105,20 +106,46 @@ def _main_many(runs: list[list[str]]) -> None:
 
 
 def _runs(pair, tmp_path, layout: list[str], name: str) -> tuple[list[list[str]], tuple]:
+    """Three runs: padded, 2 steps (saving after each); token budget, step 1; token budget,
+    step 2 resumed from the padded run's step-1 checkpoint. Each step is compared from the same
+    weights: two runs that both update diverge at rounding level (Adam's first step is
+    scale-free, so a coordinate whose gradient is fp32 noise moves by a good part of the lr),
+    whatever the micro-batching."""
     base = [
         "--load", str(pair["student"]), "--opd-teacher-load", str(pair["teacher"]),
-        "--train-iters", "2", *COMMON, *layout,
+        *COMMON, *layout,
     ]  # fmt: skip
-    files = (tmp_path / f"{name}_padded.jsonl", tmp_path / f"{name}_budget.jsonl")
-    padded = [*base, "--metrics-file", str(files[0])]
-    budget = [*base, "--max-tokens-per-micro-batch", "150", "--metrics-file", str(files[1])]
-    return [padded, budget], files
+    files = tuple(tmp_path / f"{name}_{run}.jsonl" for run in ("padded", "budget1", "budget2"))
+    saved, resumed = tmp_path / f"{name}_padded_ckpt", tmp_path / f"{name}_budget_ckpt"
+    budget = ["--max-tokens-per-micro-batch", "150"]
+    padded = [*base, "--train-iters", "2", "--save", str(saved), "--save-interval", "1"]
+    step1 = [*base, *budget, "--train-iters", "1"]
+    step2 = [*base, *budget, "--train-iters", "2", "--save", str(resumed), "--save-interval", "9"]
+    runs = [
+        [*padded, "--metrics-file", str(files[0])],
+        [*step1, "--metrics-file", str(files[1])],
+        [*step2, "--metrics-file", str(files[2])],
+    ]
+    return runs, files
+
+
+def _resume_from_step_1(tmp_path, name: str) -> None:
+    saved, resumed = tmp_path / f"{name}_padded_ckpt", tmp_path / f"{name}_budget_ckpt"
+    shutil.copytree(saved / "iter_0000001", resumed / "iter_0000001")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("1")
+
+
+def _run_all(runs, tmp_path, name: str, launch) -> None:
+    launch(runs[:2])
+    _resume_from_step_1(tmp_path, name)
+    launch(runs[2:])
 
 
 def _assert_equal_steps(files, what: str) -> None:
-    padded, budget = (read_metrics(f) for f in files)
-    assert [r["step"] for r in padded] == [r["step"] for r in budget] == [1, 2]
-    for x, y in zip(padded, budget, strict=True):
+    padded, budget1, budget2 = (read_metrics(f) for f in files)
+    assert [r["step"] for r in padded] == [1, 2]
+    assert [r["step"] for r in budget1 + budget2] == [1, 2]
+    for x, y in zip(padded, budget1 + budget2, strict=True):
         assert x["response/mean_len"] == y["response/mean_len"]  # the same rollouts
         for key in COMPARED:
             assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), (what, x["step"], key)
@@ -129,7 +156,7 @@ def _assert_equal_steps(files, what: str) -> None:
 
 def test_token_budget_step_equals_padded_step_tp1(pair, tmp_path):
     runs, files = _runs(pair, tmp_path, [], "tp1")
-    run_distributed(_main_many, 1, runs, timeout=600)
+    _run_all(runs, tmp_path, "tp1", lambda r: run_distributed(_main_many, 1, r, timeout=600))
     _assert_equal_steps(files, "tp1")
 
 
@@ -139,8 +166,7 @@ def test_token_budget_step_equals_padded_step_on_2_processes(pair, tmp_path, lay
     # one torchrun per run: re-initializing world-2 process groups in one process hangs
     flags = ["--pipeline-model-parallel-size", "2"] if layout == "pp2" else []
     runs, files = _runs(pair, tmp_path, flags, layout)
-    for run in runs:
-        torchrun(2, run)
+    _run_all(runs, tmp_path, layout, lambda r: [torchrun(2, run) for run in r])
     _assert_equal_steps(files, layout)
 
 
