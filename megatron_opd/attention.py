@@ -7,7 +7,8 @@ value ``[sk, b, ng, hn]``, output ``[sq, b, np * hn]``, heads per tensor-paralle
 Megatron's module materializes the scores (``baddbmm`` into a global buffer, ``masked_fill``,
 softmax, ``bmm``) and copies grouped-query keys and values ``np / ng`` times with
 ``repeat_interleave``; here one fused kernel (flash attention on CPU and, where it applies, on
-CUDA) reads the ``ng`` groups directly (``enable_gqa``), forward and backward.
+CUDA) reads the ``ng`` groups directly (``enable_gqa``), forward and backward. A decode step
+(one query per row) uses two grouped batched matmuls instead, faster than the kernel there.
 
 Semantics kept from Megatron's module:
 
@@ -25,10 +26,10 @@ Semantics kept from Megatron's module:
 * attention dropout (``config.attention_dropout``) in training only, drawn inside Megatron's
   model-parallel RNG fork unless sequence parallel, as Megatron's module does.
 
-One difference: a query row whose keys are all masked (a left-pad position) gets zeros here
-where Megatron's ``masked_fill(-10000)`` gives the mean of the values. No other row reads such a
-row (its key is masked for every real query), and neither is finite-vs-NaN, so logits and
-gradients of real tokens are the same.
+One difference: a query row whose keys are all masked (a left-pad position in prefill) gets
+zeros from SDPA where Megatron's ``masked_fill(-10000)`` gives the mean of the values. Both are
+finite, and no real token reads such a row (its key is masked for every real query), so the
+logits and gradients of real tokens are the same. (The decode path below keeps Megatron's mean.)
 
 Unsupported (raise a one-line error): context parallelism, a softmax offset
 (``softmax_type`` other than ``vanilla``), sliding-window attention (at construction), attention
@@ -169,7 +170,7 @@ class SDPAttention(MegatronModule):
             if mask.size(1) != 1:
                 mask = mask.view(mask.size(0), groups, r, sk)
             # the lowest finite value rather than -inf: a fully masked row stays finite
-            scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+            scores.masked_fill_(mask, torch.finfo(scores.dtype).min)
         if scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()  # attention_softmax_in_fp32, as Megatron's default
         probs = torch.softmax(scores, dim=-1).to(value.dtype)

