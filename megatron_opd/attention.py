@@ -153,19 +153,16 @@ class SDPAttention(MegatronModule):
     ) -> torch.Tensor:
         """One query per row (a decode step against the KV cache): the ``np / ng`` queries of a
         group attend to the group's keys in one batched matmul. On CPU this is 1.1-1.7x faster
-        than SDPA's flash kernel for one query (scripts/bench_attention.py); no copy of the cache
-        either way. A fully masked row gets the mean of the values, as in Megatron's module."""
+        than SDPA's flash kernel for one query (docs/benchmarks.md); no copy of the cache either
+        way. A fully masked row gets the mean of the values, as in Megatron's module."""
         _, b, heads, hn = query.shape
         groups = key.size(2)
         sk = key.size(0)
         r = heads // groups
-        q = query.view(b, groups, r, hn) * self.softmax_scale  # head h = g * r + j
+        q = query.reshape(b, groups, r, hn) * self.softmax_scale  # head h = g * r + j
         scores = torch.matmul(q, key.permute(1, 2, 3, 0))  # [b, g, r, sk]
         if attention_mask is not None:
-            if attention_mask.dtype != torch.bool:
-                raise TypeError(
-                    f"SDPAttention expects a boolean attention mask, got {attention_mask.dtype}"
-                )
+            _check_mask(attention_mask)
             mask = attention_mask.reshape(attention_mask.size(0), -1, 1, sk)
             if mask.size(1) != 1:
                 mask = mask.view(mask.size(0), groups, r, sk)
@@ -182,10 +179,7 @@ class SDPAttention(MegatronModule):
     ) -> tuple[Optional[torch.Tensor], bool]:
         """SDPA's boolean mask (True = allowed) and ``is_causal`` for Megatron's mask."""
         if attention_mask is not None:
-            if attention_mask.dtype != torch.bool:
-                raise TypeError(
-                    f"SDPAttention expects a boolean attention mask, got {attention_mask.dtype}"
-                )
+            _check_mask(attention_mask)
             return ~attention_mask, False
         if self.attn_mask_type != AttnMaskType.causal or sq == 1:
             return None, False
@@ -194,3 +188,10 @@ class SDPAttention(MegatronModule):
         # SDPA's is_causal aligns top-left; Megatron's KV-cache chunks align bottom-right
         allowed = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
         return allowed, False
+
+
+def _check_mask(attention_mask: torch.Tensor) -> None:
+    if attention_mask.dtype != torch.bool:
+        raise TypeError(
+            f"SDPAttention expects a boolean attention mask, got {attention_mask.dtype}"
+        )
