@@ -187,9 +187,11 @@ def test_unsupported_features_are_refused():
         ours_mod(q, k, v, torch.zeros(1, 1, 3, 3))
 
 
-def test_gpt_model_logits_and_gradients_match_megatron_attention():
-    """The project's layer spec uses SDPAttention; swapping Megatron's module back into the same
-    model gives the same logits and parameter gradients (fp32, left-padded batch)."""
+def _model_with_either_attention():
+    """A tiny GPTModel (4 heads, 2 query groups) built by the project's spec at the current TP,
+    run with SDPAttention and again with Megatron's module swapped into the same model, on a
+    left-padded batch: (logits of real tokens, parameter gradients) for each."""
+    from megatron.core import parallel_state
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_opd.attention import SDPAttention
@@ -204,7 +206,7 @@ def test_gpt_model_logits_and_gradients_match_megatron_attention():
         num_key_value_heads=2,
         head_dim=16,
     )
-    cfg = models.transformer_config(arch)
+    cfg = models.transformer_config(arch, parallel_state.get_tensor_model_parallel_world_size())
     (model,) = models.build_model(arch, cfg)
     layers = model.decoder.layers
     assert all(isinstance(layer.self_attention.core_attention, SDPAttention) for layer in layers)
@@ -215,7 +217,7 @@ def test_gpt_model_logits_and_gradients_match_megatron_attention():
 
     def run():
         model.zero_grad()
-        logits = model(tokens, models.position_ids(b, s), mask)
+        logits = model(tokens, models.position_ids(b, s), mask)  # [b, s, vocab / tp]
         (logits.log_softmax(-1)[..., 0] * real).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         return logits.detach() * real[..., None], grads
@@ -230,10 +232,35 @@ def test_gpt_model_logits_and_gradients_match_megatron_attention():
             attention_type="self",
             pg_collection=sa.pg_collection,
         )
-    ref = run()
+    return ours, run()
+
+
+def _assert_models_agree(ours, ref):
     torch.testing.assert_close(ours[0], ref[0], atol=1e-5, rtol=1e-5)
     for name, grad in ref[1].items():
         torch.testing.assert_close(ours[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gpt_model_logits_and_gradients_match_megatron_attention():
+    """The project's layer spec uses SDPAttention; swapping Megatron's module back into the same
+    model gives the same logits and parameter gradients (fp32, left-padded batch)."""
+    _assert_models_agree(*_model_with_either_attention())
+
+
+def _tp2_rank():
+    distributed.initialize(ParallelConfig(2, 1), seed=0)
+    ours, ref = _model_with_either_attention()
+    _assert_models_agree(ours, ref)  # a failure is reported with this rank's traceback
+    return ours[0].shape[-1]
+
+
+@pytest.mark.slow
+def test_gpt_model_at_tp2_matches_megatron_attention():
+    """Heads and query groups per TP partition (2 and 1 of 4 and 2): each rank's vocab-shard
+    logits and gradients with SDPAttention equal those with Megatron's module."""
+    from megatron_opd.testing import run_distributed
+
+    assert run_distributed(_tp2_rank, 2) == [128, 128]
 
 
 @pytest.mark.parametrize("sq,sk", [(6, 6), (1, 13)])
