@@ -4,8 +4,8 @@ checkpoint writer processes that cannot hang or outlive a rank; see the end of t
 
 This is the only module in the project that knows about either. ``apply()`` is idempotent and is
 called by :func:`megatron_opd.distributed.initialize` (and by anything that builds Megatron objects
-before that). With CUDA present it changes only the inference path (rotary keys cached rotated,
-grouped-query decode attention) and the log / checkpoint-writer patches noted below.
+before that). With CUDA present it changes only the inference path (rotary keys cached rotated)
+and the log / checkpoint-writer patches noted below.
 
 Megatron-Core 0.16.1 hard-codes CUDA in a handful of places (paths relative to ``megatron/core``):
 
@@ -21,10 +21,10 @@ Megatron-Core 0.16.1 hard-codes CUDA in a handful of places (paths relative to `
 * gloo cannot be trusted with batched p2p: interleaved pipelines produce wrong losses with
   ``batch_p2p_comm=True``. :func:`transformer_config_overrides` forces it off.
 
-On every platform, two changes of inference behaviour (speed only, the same numbers up to float
+On every platform, one change of inference behaviour (speed only, the same numbers up to float
 rounding): the static KV cache stores rotary-embedded keys instead of re-rotating the whole cache
-at every decode step (:func:`_install_static_cache_rotary`), and a decode step's grouped-query
-attention reads the cache without expanding it per head (:func:`_install_grouped_decode_attention`).
+at every decode step (:func:`_install_static_cache_rotary`). (Grouped-query attention without
+per-head copies is not a patch: the local layer spec uses :mod:`megatron_opd.attention`.)
 """
 
 from __future__ import annotations
@@ -402,62 +402,8 @@ def _install_static_cache_rotary() -> None:
     cls._adjust_key_value_for_inference = adjust
 
 
-def _install_grouped_decode_attention() -> None:
-    """Megatron-Core 0.16.1's local ``DotProductAttention`` (the spec used without
-    transformer-engine) expands grouped-query keys and values to every query head with
-    ``repeat_interleave`` and then copies them again into ``bmm``'s layout: at a decode step
-    (one query per sequence, the whole KV cache as keys) that is two copies of ``heads / groups``
-    times the cache per layer, more memory traffic than the attention itself. For exactly that
-    case (inference, one query position, plain softmax; a padding mask applied as Megatron's
-    ``attention_mask_func`` does) the queries of a group
-    attend to the group's keys in one batched matmul instead; everything else goes to Megatron's
-    code. The products and the softmax are the same; only the summation order within the
-    matmuls may differ (float rounding)."""
-    from megatron.core.transformer import dot_product_attention as dpa
-
-    cls = dpa.DotProductAttention
-    original = cls.forward
-    if getattr(original, "_megatron_opd_grouped", False):
-        return
-
-    @functools.wraps(original)
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, *args, **kwargs):
-        heads = self.num_attention_heads_per_partition
-        groups = self.num_query_groups_per_partition
-        softmax = self.scale_mask_softmax
-        if (
-            self.training
-            or torch.is_grad_enabled()
-            or query.size(0) != 1
-            or heads == groups
-            or args
-            or any(v is not None for v in kwargs.values())
-            or self.softmax_offset is not None
-            or softmax.scale is not None
-            or softmax.window_size is not None
-            or (attention_mask is not None and attention_mask.size(-2) != 1)
-        ):
-            return original(
-                self, query, key, value, attention_mask, attn_mask_type, *args, **kwargs
-            )
-        _, b, _, hn = query.shape
-        r = heads // groups
-        q = query.view(b, groups, r, hn)  # [1, b, np, hn] with head h = g * r + j
-        scores = torch.matmul(q, key.permute(1, 2, 3, 0)).mul_(self.softmax_scale)  # [b, g, r, sk]
-        if attention_mask is not None:  # [b or 1, 1, 1, sk]: left padding of the prompts
-            scores.masked_fill_(attention_mask.view(-1, 1, 1, scores.size(-1)), -10000.0)
-        if softmax.input_in_float16 and softmax.softmax_in_fp32:
-            scores = scores.float()
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
-        context = torch.matmul(probs, value.permute(1, 2, 0, 3))  # [b, g, r, hn]
-        return context.reshape(1, b, heads * hn)
-
-    forward._megatron_opd_grouped = True
-    cls.forward = forward
-
-
 def apply() -> None:
-    """Make Megatron-Core usable on this platform. Idempotent; with CUDA only the two inference
+    """Make Megatron-Core usable on this platform. Idempotent; with CUDA only the inference
     changes (module docstring) apply."""
     global _APPLIED
     if _APPLIED:
@@ -466,7 +412,6 @@ def apply() -> None:
     if not has_cuda():
         _apply_cpu_shims()
     _install_static_cache_rotary()
-    _install_grouped_decode_attention()
     apply_process_hygiene()
     _APPLIED = True
 

@@ -255,16 +255,22 @@ def transformer_config(
 
 
 def layer_spec(arch: ArchConfig):
-    """Transformer-engine spec when TE imports and CUDA is present, else Megatron's local spec."""
+    """Transformer-engine spec when TE imports and CUDA is present, else Megatron's local spec
+    with its core attention computed by ``scaled_dot_product_attention``
+    (:class:`megatron_opd.attention.SDPAttention`)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if compat.transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=arch.qk_layernorm
         )
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    from megatron_opd.attention import SDPAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
     )
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_model(
