@@ -146,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-top-k", type=int, default=0)
     g.add_argument("--rollout-samples-per-prompt", type=int, default=1)
     g.add_argument("--rollout-engine", choices=("auto", "static", "dynamic"), default="auto")
+    for dim in ("tensor", "pipeline"):
+        g.add_argument(
+            f"--rollout-{dim}-model-parallel-size",
+            type=int,
+            default=None,
+            help=f"sample rollouts from a copy of the student at this {dim[0].upper()}P size "
+            "(DP = world / (TP x PP)), refitted from the training weights before each step; "
+            "default: the training layout, no copy (Megatron-RL: --rl-inference-*)",
+        )
 
     g = p.add_argument_group("data and tokenizer")
     g.add_argument(

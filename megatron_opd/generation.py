@@ -237,6 +237,7 @@ def generate(
     seed: Optional[int] = None,
     return_logprobs: bool = True,
     engine: str = "static",
+    pg_collection=None,
 ) -> list[Generation]:
     """Continue each prompt with up to ``max_new_tokens`` tokens; one :class:`Generation` each.
 
@@ -249,6 +250,8 @@ def generate(
     ``return_logprobs=False`` leaves each ``Generation.logprobs`` empty and skips their cost.
     ``engine``: ``"static"`` (the default; every platform) or ``"dynamic"`` (Megatron-Core's
     continuous-batching engine; CUDA and flash-attn only, see :func:`dynamic_engine_unavailable`).
+    ``pg_collection``: the model's own process groups (a rollout copy on its own grid,
+    :mod:`megatron_opd.refit`); by default Megatron's global ones.
     """
     from megatron.core import parallel_state
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -277,7 +280,12 @@ def generate(
     model = model_chunks[0]
     core = unwrap(model)
     config = core.config
-    padded_vocab = _padded_vocab_size(core, parallel_state.get_pipeline_model_parallel_group())
+    pp_group = (
+        parallel_state.get_pipeline_model_parallel_group()
+        if pg_collection is None
+        else pg_collection.pp
+    )
+    padded_vocab = _padded_vocab_size(core, pp_group)
     vocab_size = vocab_size or getattr(core, "vocab_size", padded_vocab)
     stop_token_ids = tokenizer.stop_token_ids if stop_token_ids is None else stop_token_ids
     batch = min(len(prompts_token_ids), max_batch_size or len(prompts_token_ids))
@@ -312,11 +320,13 @@ def generate(
             vocab_size, seed,
         )  # fmt: skip
     context = StaticInferenceContext(batch, max_length)
-    wrapped = VocabMaskedWrapper(model, wrapper_config, context, vocab_size=vocab_size)
+    wrapped = VocabMaskedWrapper(
+        model, wrapper_config, context, pg_collection=pg_collection, vocab_size=vocab_size
+    )
     controller = RolloutController(
         wrapped,
         _MegatronTokenizer(tokenizer, tokenizer.pad_id),
-        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        pp_group=pp_group,
         stop_token_ids=stop_token_ids,
         return_logprobs=return_logprobs,
     )

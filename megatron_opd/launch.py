@@ -78,6 +78,9 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     vpp = virtual_stages(args, s_arch)
     models.validate_layout(s_arch, tp, pp, vpp)
+    from megatron_opd import refit
+
+    refit.check_layout(args, s_arch, world_size)
     teachers = check_teachers(args, world_size, s_arch, s_meta)
     t_arch = teachers[0].arch
     t_meta = teachers[0].meta
@@ -329,6 +332,7 @@ def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None):
     ``inputs`` defaults to :func:`check_inputs` at the launcher's world size."""
     from megatron.core import parallel_state
 
+    from megatron_opd import refit
     from megatron_opd.trainer import Trainer
 
     if inputs is None:
@@ -337,4 +341,11 @@ def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None):
         initialize(args)
     student, optimizer, scheduler = build_student(args, inputs)
     teacher = build_teacher(args, inputs)
-    return Trainer(args, inputs, student, optimizer, scheduler, teacher)
+    rollout_model = None
+    layout = refit.check_layout(args, inputs.student_arch, distributed.env_rank_and_world()[2])
+    if layout is not None:
+        divisor = inputs.student_meta.get("make_vocab_size_divisible_by", 128)
+        rollout_model = refit.RolloutModel(
+            student, inputs.student_arch, divisor, *layout, args.distributed_timeout_minutes
+        )
+    return Trainer(args, inputs, student, optimizer, scheduler, teacher, rollout_model)

@@ -50,17 +50,15 @@ class RolloutBatch:
 
 
 def rollout(
-    student: list[torch.nn.Module],
+    student,
     tokenizer,
     prompts: Sequence[Sequence[int]],
     cfg: RolloutConfig,
     seed: int,
 ) -> RolloutBatch:
-    """Sample one response per prompt from the student's current weights (no copy, no sync)."""
-    gens = generate(
-        student,
-        tokenizer,
-        prompts,
+    """Sample one response per prompt. ``student``: the training chunks (their current weights,
+    no copy) or a :class:`megatron_opd.refit.RolloutModel` (a refitted copy on its own layout)."""
+    kwargs = dict(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_k=cfg.top_k,
@@ -70,6 +68,10 @@ def rollout(
         return_logprobs=False,  # the training pass recomputes them; nothing reads these
         engine=cfg.engine,
     )
+    if hasattr(student, "generate"):
+        gens = student.generate(tokenizer, prompts, **kwargs)
+    else:
+        gens = generate(student, tokenizer, prompts, **kwargs)
     lengths = [len(p) + len(g.tokens) for p, g in zip(prompts, gens, strict=True)]
     # one spare position: the last input position has no target
     tokens = torch.full((len(prompts), max(lengths) + 1), tokenizer.pad_id, dtype=torch.long)

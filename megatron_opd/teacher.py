@@ -34,14 +34,22 @@ TP_FLAG = "--opd-teacher-tensor-model-parallel-size"
 PP_FLAG = "--opd-teacher-pipeline-model-parallel-size"
 
 
-def check_layout(arch: models.ArchConfig, tp: int, pp: int, world_size: int, name: str) -> None:
-    """Raise a ValueError naming the teacher's flag when ``arch`` cannot run at TP x PP."""
-    for flag, value in ((TP_FLAG, tp), (PP_FLAG, pp)):
+def check_layout(
+    arch: models.ArchConfig,
+    tp: int,
+    pp: int,
+    world_size: int,
+    name: str,
+    flags: tuple[str, str] = (TP_FLAG, PP_FLAG),
+) -> None:
+    """Raise a ValueError naming the layout's flag when ``arch`` cannot run at TP x PP."""
+    tp_flag, pp_flag = flags
+    for flag, value in ((tp_flag, tp), (pp_flag, pp)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value} ({name})")
     if world_size % (tp * pp) != 0:
         raise ValueError(
-            f"{TP_FLAG} {tp} x {PP_FLAG} {pp} does not divide the world size {world_size} ({name})"
+            f"{tp_flag} {tp} x {pp_flag} {pp} does not divide the world size {world_size} ({name})"
         )
     for what, count in (
         ("num_attention_heads", arch.num_attention_heads),
@@ -49,14 +57,14 @@ def check_layout(arch: models.ArchConfig, tp: int, pp: int, world_size: int, nam
         ("intermediate_size (ffn)", arch.intermediate_size),
     ):
         if count % tp != 0:
-            raise ValueError(f"{TP_FLAG} {tp} does not divide the {name}'s {what} {count}")
+            raise ValueError(f"{tp_flag} {tp} does not divide the {name}'s {what} {count}")
     if pp > arch.num_hidden_layers:
         raise ValueError(
-            f"{PP_FLAG} {pp} is larger than the {name}'s {arch.num_hidden_layers} layers"
+            f"{pp_flag} {pp} is larger than the {name}'s {arch.num_hidden_layers} layers"
         )
     if arch.num_hidden_layers % pp != 0:
         raise ValueError(
-            f"{PP_FLAG} {pp} does not divide the {name}'s {arch.num_hidden_layers} layers"
+            f"{pp_flag} {pp} does not divide the {name}'s {arch.num_hidden_layers} layers"
         )
 
 

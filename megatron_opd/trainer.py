@@ -25,7 +25,7 @@ def _sync() -> None:
 
 
 class Trainer:
-    def __init__(self, args, inputs, student, optimizer, scheduler, teacher):
+    def __init__(self, args, inputs, student, optimizer, scheduler, teacher, rollout_model=None):
         from megatron.core import parallel_state as ps
 
         self.args, self.inputs = args, inputs
@@ -35,6 +35,7 @@ class Trainer:
             scheduler,
             teacher,
         )
+        self.rollout_model = rollout_model  # a refit copy on its own layout (--rollout-*)
         self.tokenizer = inputs.tokenizer
         self.prompts = inputs.prompts
         self.vocab_size = inputs.student_arch.vocab_size
@@ -103,10 +104,15 @@ class Trainer:
 
         compat.reset_peak_memory()  # the step's own peak: evaluation between steps is not in it
         t0 = time.perf_counter()
-        seed = args.seed * 1_000_003 + self.iteration * 7919 + self.dp_rank
-        batch = opd.rollout(
-            self.student, self.tokenizer, self.step_prompts(), self.rollout_cfg, seed
-        )
+        seed = args.seed * 1_000_003 + self.iteration * 7919
+        refit_time = None
+        if self.rollout_model is None:
+            sampler, seed = self.student, seed + self.dp_rank
+        else:  # each rollout replica adds its own index to the seed
+            self.rollout_model.refit(self.student)
+            refit_time = time.perf_counter() - t0
+            sampler = self.rollout_model
+        batch = opd.rollout(sampler, self.tokenizer, self.step_prompts(), self.rollout_cfg, seed)
         if self._exit_requested():
             return None  # abandoned before the weights changed
         items = opd.micro_batches(
@@ -143,6 +149,8 @@ class Trainer:
         _sync()
         t3 = time.perf_counter()
         times = {"time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/train": t3 - t2}
+        if refit_time is not None:
+            times["time/refit"] = refit_time  # part of time/rollout
         times["time/step"] = t3 - t0
         metrics = self._metrics(batch, result, times, padding)
         if several and dump:  # the last pipeline stage holds the per-token values

@@ -214,6 +214,11 @@ def test_teacher_flag_errors(metadata_only, tmp_path):
         3, PP_FLAG, "3", "--global-batch-size", "6"
     )
     assert f"{TP_FLAG} must be >= 1, got 0" in err(4, TP_FLAG, "0")
+    # the rollout copy's layout (megatron_opd.refit) is checked against the student
+    r_tp, r_pp = "--rollout-tensor-model-parallel-size", "--rollout-pipeline-model-parallel-size"
+    assert f"{r_tp} 3 x {r_pp} 1 does not divide the world size 4 (student)" in err(4, r_tp, "3")
+    assert f"{r_pp} 4 is larger than the student's 2 layers" in err(4, r_pp, "4")
+    assert f"{r_tp} 8 does not divide the student's num_attention_heads 4" in err(8, r_tp, "8")
     assert "full_vocab_kl needs one teacher on the student's layout" in err(
         4, TP_FLAG, "2", "--opd-reward", "full_vocab_kl"
     )

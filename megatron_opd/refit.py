@@ -1,0 +1,226 @@
+"""Rollouts on their own layout: a copy of the student on a second grid, refitted after each step.
+
+``--rollout-tensor-model-parallel-size T --rollout-pipeline-model-parallel-size P`` (Megatron-RL
+calls these ``--rl-inference-*-model-parallel-size``) build a frozen copy of the student at
+TP ``T`` x PP ``P`` over the whole world (DP = world / (T x P)), beside the training model.
+Before each rollout the training weights are copied into it (the refit), and each of its replicas
+samples a contiguous share of the step's prompts from every data-parallel rank.
+
+Why: decoding is one token at a time, so a pipeline-parallel decode visits its stages one after
+the other and every stage but one waits (``docs/benchmarks.md``); a student trained at PP2 can
+sample at TP1 x DP2 instead. A small student trained at TP8 can likewise sample at TP1 or TP2.
+
+The refit streams one parameter at a time, so it never holds more than one full tensor beyond
+the two models: the training ranks that hold a tensor (data-parallel replica 0, one pipeline
+stage) gather its tensor-parallel shards on their first rank, which broadcasts the full tensor;
+each rank whose rollout chunk holds that tensor copies its own shard out of it. Shards follow
+Megatron's local-spec layout: column-parallel weights split along dim 0 (the fused QKV by whole
+query groups, so a plain concatenation is exact), row-parallel along dim 1, the gated
+``linear_fc1`` as ``[gate shard; up shard]`` per rank, and vocabulary rows padded per layout
+(the rows past the true vocabulary are zeros, and the sampler never reads them). With tied
+embeddings a later pipeline stage's ``output_layer.weight`` is the embedding.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd import models
+from megatron_opd.checkpointing import unwrap
+from megatron_opd.distributed import ModelGrid, build_model_grid
+from megatron_opd.generation import Generation, generate
+
+TP_FLAG = "--rollout-tensor-model-parallel-size"
+PP_FLAG = "--rollout-pipeline-model-parallel-size"
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def global_parameters(chunks: Sequence[torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """This rank's parameters under layout-free names: ``decoder.layers.<global index>.…``
+    (Megatron numbers each chunk's layers from 0), the tied output weight left out."""
+    out = {}
+    for chunk in chunks:
+        core = unwrap(chunk)
+        numbers = [layer.layer_number - 1 for layer in core.decoder.layers]
+        for name, param in core.named_parameters():
+            if name == "output_layer.weight" and core.share_embeddings_and_output_weights:
+                continue  # a copy of the embedding kept in sync by Megatron
+            match = _LAYER.match(name)
+            if match:
+                name = f"decoder.layers.{numbers[int(match[1])]}.{match[2]}"
+            out[name] = param
+    return out
+
+
+def _split_dim(param: torch.nn.Parameter) -> Optional[int]:
+    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+
+
+def _gated(name: str, gated: bool) -> bool:
+    return gated and name.endswith("mlp.linear_fc1.weight")
+
+
+def merge_shards(name: str, shards: list[torch.Tensor], dim: int, gated: bool) -> torch.Tensor:
+    """The full tensor from its TP shards in TP-rank order."""
+    if _gated(name, gated):
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=dim)
+
+
+def shard_of(
+    name: str, full: torch.Tensor, dim: int, rank: int, size: int, gated: bool
+) -> torch.Tensor:
+    """TP rank ``rank``'s shard of ``full`` out of ``size`` (``merge_shards``' inverse)."""
+    if _gated(name, gated):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    return full.chunk(size, dim=dim)[rank]
+
+
+@dataclass
+class _Source:
+    """Where a full tensor comes from: the training ranks holding its shards, in TP order."""
+
+    ranks: list[int]
+    shape: tuple[int, ...]  # the full tensor's (vocabulary rows padded at the training TP)
+    dim: Optional[int]
+    dtype: torch.dtype
+
+
+class RolloutModel:
+    """The student's rollout copy on its own TP x PP grid (see the module docstring)."""
+
+    def __init__(self, student: Sequence[torch.nn.Module], arch: models.ArchConfig,
+                 vocab_divisor: int, tp: int, pp: int, timeout_minutes: int = 30):  # fmt: skip
+        from megatron.core import parallel_state as ps
+
+        self.grid: ModelGrid = build_model_grid(tp, pp, timeout_minutes=timeout_minutes)
+        train_config = unwrap(student[0]).config
+        config = models.transformer_config(
+            arch, tp, pp, dtype=train_config.params_dtype, perform_initialization=False
+        )
+        (self.chunk,) = models.build_model(
+            arch, config, vocab_divisor, pg_collection=self.grid.pg_collection()
+        )
+        self.chunk.eval()
+        self.chunk.requires_grad_(False)
+        self.gated = bool(config.gated_linear_unit)
+        self.train_dp_rank = ps.get_data_parallel_rank()
+        self.train_tp_group = ps.get_tensor_model_parallel_group()
+        self.train_tp_rank = ps.get_tensor_model_parallel_rank()
+        self.sources = self._plan(global_parameters(student))
+        self.targets = global_parameters([self.chunk])
+        core = self.chunk
+        if core.post_process and core.share_embeddings_and_output_weights and not core.pre_process:
+            self.targets["embedding.word_embeddings.weight"] = core.output_layer.weight
+
+    def _plan(self, params: dict[str, torch.nn.Parameter]) -> dict[str, _Source]:
+        """Every full tensor's source, the same on every rank (one all-gather at start)."""
+        tp = dist.get_world_size(self.train_tp_group)
+        mine = {}
+        if self.train_dp_rank == 0:
+            for name, p in params.items():
+                dim = _split_dim(p)
+                shape = list(p.shape)
+                if dim is not None:
+                    shape[dim] *= tp
+                mine[name] = (tuple(shape), dim, p.dtype, self.train_tp_rank)
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        holders: dict[str, list[tuple[int, int]]] = {}
+        info: dict[str, tuple] = {}
+        for rank, table in enumerate(every):
+            for name, (shape, dim, dtype, tp_rank) in table.items():
+                holders.setdefault(name, []).append((tp_rank, rank))
+                info[name] = (shape, dim, dtype)
+        return {
+            name: _Source([r for _, r in sorted(holders[name])], *info[name])
+            for name in sorted(holders)
+        }
+
+    @torch.no_grad()
+    def refit(self, student: Sequence[torch.nn.Module]) -> None:
+        """Copy the training weights into the rollout copy (collective over the world)."""
+        params = global_parameters(student)
+        me = dist.get_rank()
+        grid = self.grid
+        device = next(self.chunk.parameters()).device
+        for name, src in self.sources.items():
+            root = src.ranks[0]
+            if me in src.ranks:
+                local = params[name].detach().contiguous()
+                if len(src.ranks) > 1 and src.dim is not None:
+                    shards = [torch.empty_like(local) for _ in src.ranks] if me == root else None
+                    dist.gather(local, shards, dst=root, group=self.train_tp_group)
+                    full = merge_shards(name, shards, src.dim, self.gated) if me == root else None
+                else:
+                    full = local
+            if me != root:
+                full = torch.empty(src.shape, dtype=src.dtype, device=device)
+            dist.broadcast(full, src=root)
+            target = self.targets.get(name)
+            if target is None:
+                continue
+            dim = _split_dim(target)
+            if name in _VOCAB_ROWS:  # rows padded per layout: copy the common rows, zero the rest
+                rows = target.shape[0] * (grid.tp_size if dim is not None else 1)
+                padded = full.new_zeros((rows, *full.shape[1:]))
+                n = min(rows, full.shape[0])
+                padded[:n] = full[:n]
+                full = padded
+            if dim is not None and grid.tp_size > 1:
+                full = shard_of(name, full, dim, grid.tp_rank, grid.tp_size, self.gated)
+            target.copy_(full)
+
+    def generate(self, tokenizer, prompts: Sequence[Sequence[int]], seed: int,
+                 **kwargs) -> list[Generation]:  # fmt: skip
+        """One generation per prompt of this training data-parallel rank: every rank's prompts
+        are pooled in data-parallel order, each rollout replica samples a contiguous share
+        (seed ``seed`` + its replica index), and the results go back to where they came from.
+        ``kwargs``: :func:`megatron_opd.generation.generate`'s sampling arguments."""
+        grid = self.grid
+        pooled: list = [None] * dist.get_world_size()
+        dist.all_gather_object(pooled, (self.train_dp_rank, [list(map(int, p)) for p in prompts]))
+        by_dp = dict(pooled)  # the ranks of one training replica hold the same prompts
+        order = sorted(by_dp)
+        flat = [p for d in order for p in by_dp[d]]
+        bounds = [len(flat) * r // grid.dp_size for r in range(grid.dp_size + 1)]
+        share = flat[bounds[grid.dp_rank] : bounds[grid.dp_rank + 1]]
+        gens = []
+        if share:
+            gens = generate(
+                [self.chunk], tokenizer, share, seed=seed + grid.dp_rank,
+                pg_collection=grid.pg_collection(), **kwargs,
+            )  # fmt: skip
+        results: list = [None] * dist.get_world_size()
+        dist.all_gather_object(results, (grid.dp_rank, gens))
+        by_replica = dict(results)
+        every = [g for r in range(grid.dp_size) for g in by_replica[r]]
+        start = sum(len(by_dp[d]) for d in order if d < self.train_dp_rank)
+        return every[start : start + len(prompts)]
+
+
+def check_layout(args, arch: models.ArchConfig, world_size: int) -> Optional[tuple[int, int]]:
+    """The rollout layout ``(TP, PP)`` the flags ask for, ``None`` for the training layout;
+    a ValueError naming the flag when ``arch`` cannot run at it."""
+    from megatron_opd import teacher
+
+    tp, pp = args.rollout_tensor_model_parallel_size, args.rollout_pipeline_model_parallel_size
+    if tp is None and pp is None:
+        return None
+    tp = args.tensor_model_parallel_size if tp is None else tp
+    pp = args.pipeline_model_parallel_size if pp is None else pp
+    teacher.check_layout(arch, tp, pp, world_size, "student", flags=(TP_FLAG, PP_FLAG))
+    if args.rollout_engine == "dynamic":
+        raise ValueError(
+            f"--rollout-engine dynamic runs on the training layout; unset {TP_FLAG} / {PP_FLAG}"
+        )
+    return tp, pp

@@ -1,0 +1,115 @@
+"""Rollouts on their own layout (``megatron_opd.refit``): the refitted copy against the
+checkpoint loaded directly at the rollout layout, and its greedy rollouts against transformers.
+
+Two processes, every pair of training and rollout layouts among TP2, PP2 and TP1 x DP2, on the
+tiny Qwen3 (untied, tied) and Llama (tied) models of ``test_convert``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_convert import NEW_TOKENS, TINY_PROMPTS, tiny  # noqa: F401  (tiny: the fixture)
+
+from megatron_opd.testing import run_distributed
+
+LAYOUTS = [  # (training TP, PP) -> (rollout TP, PP)
+    ((2, 1), (1, 1)),
+    ((1, 2), (1, 1)),
+    ((1, 2), (2, 1)),
+    ((1, 1), (1, 2)),
+    ((2, 1), (1, 2)),
+]
+
+
+def _refit_worker(cases: list[dict]) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from megatron_opd import convert, distributed, refit, teacher
+    from megatron_opd.tokenizer import load_tokenizer
+
+    results = {}
+    for train, roll in LAYOUTS:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        distributed.initialize(distributed.ParallelConfig(*train))
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        bounds = [len(TINY_PROMPTS) * r // dp for r in range(dp + 1)]
+        mine = list(range(bounds[dp_rank], bounds[dp_rank + 1]))  # this DP rank's prompts
+        for case in cases:
+            directory = case["megatron_dir"]
+            chunks, _ = convert.load_checkpoint_model(directory)
+            arch, meta = convert.read_checkpoint(directory)
+            divisor = meta.get("make_vocab_size_divisible_by", 128)
+            model = refit.RolloutModel(chunks, arch, divisor, *roll)
+            (reference,) = teacher.load_on_grid(directory, model.grid)
+            reference = dict(reference.named_parameters())
+
+            model.refit(chunks)
+            gens = model.generate(
+                load_tokenizer(directory), [TINY_PROMPTS[i] for i in mine], seed=0,
+                max_new_tokens=NEW_TOKENS, greedy=True, stop_token_ids=[],
+            )  # fmt: skip
+            equal = all(torch.equal(p, reference[n]) for n, p in model.chunk.named_parameters())
+
+            # the training weights move; a second refit carries the new values
+            with torch.no_grad():
+                for p in refit.global_parameters(chunks).values():
+                    p.mul_(1.5)
+            model.refit(chunks)
+            moved = [
+                n for n, p in model.chunk.named_parameters()
+                if not torch.equal(p, reference[n] * 1.5)
+            ]  # fmt: skip
+            results[(train, roll, case["name"])] = (mine, [g.tokens for g in gens], equal, moved)
+    return results
+
+
+@pytest.mark.slow
+def test_rollout_layout_refits_and_samples_like_hf(tiny):  # noqa: F811
+    cases = [dict(name=c.name, megatron_dir=str(c.megatron_dir)) for c in tiny.values()]
+    per_rank = run_distributed(_refit_worker, 2, cases, timeout=600)
+    for key in per_rank[0]:
+        for rank, r in enumerate(per_rank):
+            mine, tokens, equal, moved = r[key]
+            assert equal, (key, rank, "refit differs from the checkpoint at the rollout layout")
+            assert moved == [], (key, rank, moved)
+            assert tokens == [tiny[key[2]].greedy[i] for i in mine], (key, rank)
+
+
+COMMON = [
+    "--opd-alpha", "0.5",
+    "--global-batch-size", "8",
+    "--micro-batch-size", "1",
+    "--lr", "1e-3",
+    "--lr-warmup-fraction", "0",
+    "--rollout-max-new-tokens", "10",
+    "--max-prompt-length", "160",
+    "--prompt-data", "builtin:64",
+    "--train-iters", "3",
+    "--seed", "7",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pp2_training_with_tp1_rollouts_equals_dp2_training(tmp_path):
+    """PP2 training sampling from a TP1 x DP2 copy draws the rollouts of a TP1 x DP2 run (the
+    same prompt shares, seeds and weights), so every step's lengths are equal and its loss,
+    rewards and gradient norm equal up to the order of the sums: step 2 and 3 only match when
+    each refit carried the previous update."""
+    from opd_setup import make_pair, read_metrics, torchrun
+
+    pair = make_pair(tmp_path / "models")
+    flags = ["--load", str(pair["student"]), "--opd-teacher-load", str(pair["teacher"]), *COMMON]
+    ref, got = tmp_path / "dp2.jsonl", tmp_path / "pp2.jsonl"
+    torchrun(2, [*flags, "--metrics-file", str(ref)])
+    pp2 = ["--pipeline-model-parallel-size", "2", "--rollout-pipeline-model-parallel-size", "1"]
+    torchrun(2, [*flags, *pp2, "--metrics-file", str(got)])
+    a, b = read_metrics(ref), read_metrics(got)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    assert len({round(r["loss"], 6) for r in a}) == 3  # fresh rollouts, a moving student
+    for x, y in zip(a, b, strict=True):
+        assert "time/refit" in y and "time/refit" not in x
+        for key in ("response/mean_len", "response/max_len", "response/truncated_frac"):
+            assert y[key] == x[key], (x["step"], key)
+        for key in ("loss", "grad_norm", "reward/mean", "reward/log_ratio_mean", "reward/std"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
