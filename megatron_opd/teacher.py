@@ -12,6 +12,11 @@ token ids and floats, never logits:
 3. its last stage broadcasts the ``[rows, s]`` log-probs over the replica, and every rank keeps
    its own rows.
 
+When one student replica's ranks sit in several teacher replicas (the teacher has more replicas
+than the student has data-parallel ranks, e.g. a PP2 student beside a TP1 teacher), each of those
+teacher replicas scores a contiguous share of the student replica's rows, and the student's
+model-parallel group all-gathers the shares (:class:`Shares`), so no row is scored twice.
+
 ``full_vocab_kl`` needs the teacher's vocab-sharded logits ``[b, s, v/tp]`` on the student's last
 stage in the student's TP sharding; moving those is exactly the cost this module avoids, so a
 teacher on another layout is refused for it (:func:`check_layout`).
@@ -19,6 +24,7 @@ teacher on another layout is refused for it (:func:`check_layout`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -142,6 +148,33 @@ def _forward_only(chunks, grid: ModelGrid, items: list[MicroBatch], vocab_size: 
 
 
 @torch.no_grad()
+@dataclass
+class Shares:
+    """How the rows of this rank's student replica are split among the teacher replicas that
+    hold its ranks (a teacher with more replicas than the student has data-parallel ranks)."""
+
+    index: int  # the share this rank's teacher replica scores
+    count: int  # the teacher replicas holding ranks of this rank's student replica
+    peers: list[int]  # the share of each rank of the student's model-parallel group, in order
+
+
+def student_shares(grid: ModelGrid) -> Shares:
+    """This rank's :class:`Shares` on ``grid`` (collective over the world, once per grid)."""
+    from megatron.core import parallel_state as ps
+
+    device = models_device()
+    pair = torch.tensor([ps.get_data_parallel_rank(), grid.dp_rank], device=device)
+    every = [torch.empty_like(pair) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, pair)
+    student, teacher = zip(*(map(int, p.tolist()) for p in every), strict=True)
+    mine = ps.get_data_parallel_rank()
+    replicas = sorted({t for s, t in zip(student, teacher, strict=True) if s == mine})
+    members = dist.get_process_group_ranks(ps.get_model_parallel_group())
+    return Shares(
+        replicas.index(grid.dp_rank), len(replicas), [replicas.index(teacher[r]) for r in members]
+    )
+
+
 def score_on_grid(
     chunks: list[torch.nn.Module],
     grid: ModelGrid,
@@ -150,6 +183,7 @@ def score_on_grid(
     student_dp_rank: int,
     micro_batch_size: int,
     rows: Optional[torch.Tensor] = None,
+    shares: Optional[Shares] = None,
 ) -> torch.Tensor:
     """The teacher's log-probs ``[B, S]`` fp32 of this rank's sampled tokens ``seqs``
     (``[B, S + 1]``: the rollout's prompt + response rows, position ``i`` predicting ``i + 1``),
@@ -157,13 +191,49 @@ def score_on_grid(
 
     ``rows`` (``[B]`` bool): score only these (prompts routed to this teacher); the other rows
     are 0. Every rank of the student DP rank's model-parallel group holds the same rollouts, so
-    each student DP rank is sent once."""
+    each student DP rank is sent once. ``shares``: when that group spans several teacher
+    replicas, each scores a contiguous share of its rows and the group all-gathers the shares."""
     device = models_device()
     seqs = seqs.to(device)
     if rows is None:
         rows = torch.ones(seqs.shape[0], dtype=torch.bool)
     rows = rows.to(device)
     mine = seqs[rows]
+    n = mine.shape[0]
+    split = shares is not None and shares.count > 1
+    if split:
+        mine = mine[n * shares.index // shares.count : n * (shares.index + 1) // shares.count]
+    scored = _score_on_replica(
+        chunks, grid, mine, vocab_size, student_dp_rank, micro_batch_size, seqs.shape[1] - 1
+    )
+    if split and n:
+        scored = _join_shares(scored, n, shares)
+    out = torch.zeros(rows.shape[0], seqs.shape[1] - 1, dtype=torch.float32, device=device)
+    out[rows] = scored
+    return out
+
+
+def _join_shares(part: torch.Tensor, n: int, shares: Shares) -> torch.Tensor:
+    """All ``n`` rows of the student replica from every teacher replica's share of them."""
+    from megatron.core import parallel_state as ps
+
+    k = shares.count
+    bounds = [n * j // k for j in range(k + 1)]
+    buf = part.new_zeros(-(-n // k), part.shape[1])
+    buf[: part.shape[0]] = part
+    gathered = [torch.empty_like(buf) for _ in shares.peers]
+    dist.all_gather(gathered, buf, group=ps.get_model_parallel_group())
+    pieces = [gathered[shares.peers.index(j)][: bounds[j + 1] - bounds[j]] for j in range(k)]
+    return torch.cat(pieces)
+
+
+def _score_on_replica(
+    chunks, grid: ModelGrid, mine: torch.Tensor, vocab_size: int, student_dp_rank: int,
+    micro_batch_size: int, width_out: int,
+) -> torch.Tensor:  # fmt: skip
+    """``[rows of mine, width_out]`` log-probs: the replica gathers the rows of every student
+    DP rank among its members, scores them once, and hands each member its own."""
+    device = mine.device
     members = len(grid.mp_ranks)
     header = torch.tensor([student_dp_rank, mine.shape[0], mine.shape[1]], device=device)
     headers = [torch.empty_like(header) for _ in range(members)]
@@ -178,10 +248,9 @@ def score_on_grid(
     n_total = sum(int(headers[i][1]) for i in owners)
     my_index = grid.mp_ranks.index(dist.get_rank())
     my_owner = next(i for i in owners if int(headers[i][0]) == student_dp_rank)
-    out = torch.zeros(rows.shape[0], seqs.shape[1] - 1, dtype=torch.float32, device=device)
     if n_total == 0:
-        return out
-    send = torch.zeros(most, width, dtype=seqs.dtype, device=device)
+        return torch.zeros(0, width_out, dtype=torch.float32, device=device)
+    send = torch.zeros(most, width, dtype=mine.dtype, device=device)
     if my_index in owners and mine.shape[0]:
         send[: mine.shape[0], : mine.shape[1]] = mine
     gathered = [torch.empty_like(send) for _ in range(members)]
@@ -208,8 +277,7 @@ def score_on_grid(
     dist.broadcast(scored, src=grid.rank_of(0, grid.pp_size - 1), group=grid.mp)
     offset = sum(int(headers[i][1]) for i in owners if i < my_owner)
     n_mine = int(headers[my_owner][1])
-    out[rows] = scored[offset : offset + n_mine, : out.shape[1]]
-    return out
+    return scored[offset : offset + n_mine, :width_out]
 
 
 class TeacherSet:
@@ -218,6 +286,8 @@ class TeacherSet:
 
     def __init__(self, names: list[str], chunks: list[list[torch.nn.Module]], grids: list):
         self.names, self.chunks, self.grids = names, chunks, grids
+        by_grid = {id(g): student_shares(g) for g in grids}  # one collective per grid, in order
+        self.shares = [by_grid[id(g)] for g in grids]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -235,8 +305,9 @@ class TeacherSet:
         for k, (chunks, grid) in enumerate(zip(self.chunks, self.grids, strict=True)):
             rows = None if routes is None else routes == k
             part = score_on_grid(
-                chunks, grid, seqs, vocab_size, student_dp_rank, micro_batch_size, rows
-            )
+                chunks, grid, seqs, vocab_size, student_dp_rank, micro_batch_size, rows,
+                self.shares[k],
+            )  # fmt: skip
             out = part if out is None else out + part
         return out
 

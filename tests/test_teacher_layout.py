@@ -12,6 +12,8 @@ import pytest
 import torch
 from opd_setup import make_pair, make_teacher, read_metrics, torchrun
 
+from megatron_opd.testing import run_distributed
+
 COMMON = [
     "--opd-alpha", "0.5",
     "--global-batch-size", "8",
@@ -63,6 +65,50 @@ def test_teacher_on_its_own_layout_matches_the_same_grid(models, tmp_path):
         for key in ("loss", "grad_norm", "reward/mean", "reward/log_ratio_mean", "reward/std"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
+
+
+@pytest.mark.slow
+def test_teacher_with_more_replicas_than_the_student_splits_its_rows(models, tmp_path):
+    """Student PP2 (one data-parallel rank) with the teacher at TP1 x DP2: each teacher replica
+    scores half of the student's rows, and the steps equal those with the teacher on the
+    student's grid."""
+    ref, got = tmp_path / "same.jsonl", tmp_path / "split.jsonl"
+    run = ["--prompt-data", "builtin:64", "--train-iters", "2"]
+    run += ["--pipeline-model-parallel-size", "2"]
+    torchrun(2, _flags(models, [models["wide"]], *run, "--metrics-file", str(ref)))
+    torchrun(2, _flags(models, [models["wide"]], *run, PP_FLAG, "1", "--metrics-file", str(got)))
+    a, b = read_metrics(ref), read_metrics(got)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "reward/mean", "reward/log_ratio_mean", "reward/std"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+
+
+def _split_worker(teacher_dir: str, vocab: int) -> dict:
+    from megatron_opd import distributed, teacher
+
+    distributed.initialize(distributed.ParallelConfig(1, 2))  # the student at PP2: one DP rank
+    teachers = teacher.build_teachers([Path(teacher_dir)], [(1, 1)])  # TP1 x DP2
+    (chunk,) = teachers.chunks[0]
+    seen = []
+    chunk.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))  # rows scored
+    seqs = torch.randint(3, vocab, (7, 12), generator=torch.Generator().manual_seed(0))
+    split = teachers.score(seqs, vocab, student_dp_rank=0, micro_batch_size=1)
+    rows_split = sum(seen)
+    seen.clear()  # every replica scoring every row, as before the split
+    whole = teacher.score_on_grid(teachers.chunks[0], teachers.grids[0], seqs, vocab, 0, 1)
+    return {"split": split, "whole": whole, "rows": (rows_split, sum(seen))}
+
+
+@pytest.mark.slow
+def test_teacher_replicas_share_a_student_replicas_rows(models):
+    """Each of the two teacher replicas scores its own share (4 and 3 of 7 rows), and every rank
+    gets all 7 rows back, equal to the rows scored whole."""
+    per_rank = run_distributed(_split_worker, 2, str(models["wide"]), models["vocab_size"])
+    assert [r["rows"] for r in per_rank] == [(3, 7), (4, 7)]
+    for r in per_rank:
+        assert torch.equal(r["split"], r["whole"])
+        assert r["split"].abs().sum() > 0
 
 
 def _hf_logprobs(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
