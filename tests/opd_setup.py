@@ -19,6 +19,19 @@ from megatron_opd.testing import convert_hf_checkpoint, save_bpe_tokenizer, save
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# a short OPD run on the tiny pair: 8 responses of <= 10 tokens a step
+SHORT_RUN = [
+    "--opd-alpha", "0.5",
+    "--global-batch-size", "8",
+    "--micro-batch-size", "1",
+    "--lr", "1e-3",
+    "--lr-warmup-fraction", "0",
+    "--rollout-max-new-tokens", "10",
+    "--max-prompt-length", "160",
+    "--seed", "7",
+]  # fmt: skip
+
+
 def perturb_hf(src: Path, dst: Path, noise: float, seed: int) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -76,30 +76,17 @@ def test_rollout_layout_refits_and_samples_like_hf(tiny):  # noqa: F811
             assert tokens == [tiny[key[2]].greedy[i] for i in mine], (key, rank)
 
 
-COMMON = [
-    "--opd-alpha", "0.5",
-    "--global-batch-size", "8",
-    "--micro-batch-size", "1",
-    "--lr", "1e-3",
-    "--lr-warmup-fraction", "0",
-    "--rollout-max-new-tokens", "10",
-    "--max-prompt-length", "160",
-    "--prompt-data", "builtin:64",
-    "--train-iters", "3",
-    "--seed", "7",
-]  # fmt: skip
-
-
 @pytest.mark.slow
 def test_pp2_training_with_tp1_rollouts_equals_dp2_training(tmp_path):
     """PP2 training sampling from a TP1 x DP2 copy draws the rollouts of a TP1 x DP2 run (the
     same prompt shares, seeds and weights), so every step's lengths are equal and its loss,
     rewards and gradient norm equal up to the order of the sums: step 2 and 3 only match when
     each refit carried the previous update."""
-    from opd_setup import make_pair, read_metrics, torchrun
+    from opd_setup import SHORT_RUN, make_pair, read_metrics, torchrun
 
     pair = make_pair(tmp_path / "models")
-    flags = ["--load", str(pair["student"]), "--opd-teacher-load", str(pair["teacher"]), *COMMON]
+    flags = ["--load", str(pair["student"]), "--opd-teacher-load", str(pair["teacher"]), *SHORT_RUN]
+    flags += ["--prompt-data", "builtin:64", "--train-iters", "3"]
     ref, got = tmp_path / "dp2.jsonl", tmp_path / "pp2.jsonl"
     torchrun(2, [*flags, "--metrics-file", str(ref)])
     pp2 = ["--pipeline-model-parallel-size", "2", "--rollout-pipeline-model-parallel-size", "1"]

@@ -10,20 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from opd_setup import SHORT_RUN as COMMON
 from opd_setup import make_pair, make_teacher, read_metrics, torchrun
 
 from megatron_opd.testing import run_distributed
 
-COMMON = [
-    "--opd-alpha", "0.5",
-    "--global-batch-size", "8",
-    "--micro-batch-size", "1",
-    "--lr", "1e-3",
-    "--lr-warmup-fraction", "0",
-    "--rollout-max-new-tokens", "10",
-    "--max-prompt-length", "160",
-    "--seed", "7",
-]  # fmt: skip
 TP_FLAG = "--opd-teacher-tensor-model-parallel-size"
 PP_FLAG = "--opd-teacher-pipeline-model-parallel-size"
 
