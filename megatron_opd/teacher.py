@@ -256,7 +256,9 @@ def _score_on_replica(
     gathered = [torch.empty_like(send) for _ in range(members)]
     dist.all_gather(gathered, send.contiguous(), group=grid.mp)
     batch = torch.cat([gathered[i][: int(headers[i][1])] for i in owners])  # [n_total, width]
-    # uniform micro-batches for the schedule: pad the row count with copies of row 0
+    # uniform micro-batches for the schedule: pad the row count with copies of row 0 (never
+    # past one micro-batch of the rows there are: a replica with a share of 4 rows scores 4)
+    micro_batch_size = min(micro_batch_size, n_total)
     pad = -n_total % micro_batch_size
     if pad:
         batch = torch.cat([batch, batch[:1].expand(pad, -1)])

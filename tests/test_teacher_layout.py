@@ -88,17 +88,23 @@ def _split_worker(teacher_dir: str, vocab: int) -> dict:
     rows_split = sum(seen)
     seen.clear()  # every replica scoring every row, as before the split
     whole = teacher.score_on_grid(teachers.chunks[0], teachers.grids[0], seqs, vocab, 0, 1)
-    return {"split": split, "whole": whole, "rows": (rows_split, sum(seen))}
+    rows_whole = sum(seen)
+    seen.clear()  # a micro-batch larger than the share is not padded past the share
+    wide = teachers.score(seqs, vocab, student_dp_rank=0, micro_batch_size=8)
+    rows = (rows_split, rows_whole, sum(seen))
+    return {"split": split, "whole": whole, "wide": wide, "rows": rows}
 
 
 @pytest.mark.slow
 def test_teacher_replicas_share_a_student_replicas_rows(models):
-    """Each of the two teacher replicas scores its own share (4 and 3 of 7 rows), and every rank
-    gets all 7 rows back, equal to the rows scored whole."""
+    """Each of the two teacher replicas scores its own share (3 and 4 of 7 rows, also when the
+    micro-batch is larger than the share), and every rank gets all 7 rows back, equal to the
+    rows scored whole."""
     per_rank = run_distributed(_split_worker, 2, str(models["wide"]), models["vocab_size"])
-    assert [r["rows"] for r in per_rank] == [(3, 7), (4, 7)]
+    assert [r["rows"] for r in per_rank] == [(3, 7, 3), (4, 7, 4)]
     for r in per_rank:
         assert torch.equal(r["split"], r["whole"])
+        torch.testing.assert_close(r["wide"], r["whole"], rtol=1e-6, atol=1e-6)
         assert r["split"].abs().sum() > 0
 
 
