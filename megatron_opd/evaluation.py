@@ -7,15 +7,17 @@ the main thread), and the records are gathered so every rank returns the same sc
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 
-from megatron_opd import data, grading
+from megatron_opd import compat, data, grading
 from megatron_opd.checkpointing import write_text_atomic
 from megatron_opd.generation import generate
 
@@ -75,6 +77,31 @@ def rank_jobs(problems, tokenizer, cfg, dp_rank: int, dp_size: int):
     return prompts, jobs[dp_rank::dp_size]
 
 
+def sample_jobs(
+    sampler, tokenizer, token_ids, jobs, cfg, seed: int, progress=None, **sampling
+) -> list:
+    """One generation per ``(prompt index, sample)`` job of this rank, ``cfg.batch_size`` at a
+    time. ``sampler``: the model chunks, or the student's rollout copy
+    (:class:`megatron_opd.refit.RolloutModel`), whose ``generate`` is collective over the world:
+    then every rank runs as many batches as the rank with the most (empty ones included)."""
+    dp_rank = _dp_info()[0]
+    shared = hasattr(sampler, "generate")
+    starts = list(range(0, len(jobs), cfg.batch_size))
+    if shared:
+        most = torch.tensor([len(starts)], device=compat.default_device())
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        starts = [k * cfg.batch_size for k in range(int(most))]
+    out = []
+    for start in progress(starts) if progress else starts:
+        batch = [token_ids[i] for i, _ in jobs[start : start + cfg.batch_size]]
+        kwargs = dict(sampling, max_new_tokens=cfg.max_new_tokens, max_batch_size=cfg.batch_size)
+        if shared:  # each rollout replica adds its own index
+            out += sampler.generate(tokenizer, batch, seed=seed + start, **kwargs)
+        else:
+            out += generate(sampler, tokenizer, batch, seed=seed + 7919 * dp_rank + start, **kwargs)
+    return out
+
+
 def evaluate(
     model_chunks: list,
     tokenizer,
@@ -90,20 +117,11 @@ def evaluate(
     records: list[dict[str, Any]] = []
     for name, problems in benchmarks.items():
         prompts, mine = rank_jobs(problems, tokenizer, cfg, dp_rank, dp_size)
-        generations = []
-        for start in _progress(range(0, len(mine), cfg.batch_size), progress, name, cfg):
-            batch = mine[start : start + cfg.batch_size]
-            generations += generate(
-                model_chunks,
-                tokenizer,
-                [prompts.token_ids[i] for i, _ in batch],
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature or 1.0,
-                top_p=cfg.top_p,
-                greedy=cfg.temperature == 0,
-                seed=cfg.seed + 7919 * dp_rank + start,
-                max_batch_size=cfg.batch_size,
-            )
+        generations = sample_jobs(
+            model_chunks, tokenizer, prompts.token_ids, mine, cfg, cfg.seed,
+            temperature=cfg.temperature or 1.0, top_p=cfg.top_p, greedy=cfg.temperature == 0,
+            progress=functools.partial(_progress, enabled=progress, name=name, cfg=cfg),
+        )  # fmt: skip
         local = []
         for (i, j), gen in zip(mine, generations, strict=True):
             text = tokenizer.decode(gen.tokens, skip_special_tokens=True)

@@ -265,16 +265,17 @@ def evaluate_gap(
     vocab_size: int,
     records: Optional[Sequence[dict[str, Any]]] = None,
     micro_batch_size: int = 4,
+    sampler=None,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """The gap on ``cfg.samples`` student samples per held-out problem, and one record per sample.
 
     ``cfg`` is the :class:`~megatron_opd.evaluation.EvalConfig` of the Avg@k evaluation (prompts,
     k, limits, seed). ``records``: that evaluation's records with ``response_ids`` (see
     ``evaluation.evaluate(keep_token_ids=True)``), reused when they were sampled at temperature 1
-    without top-p; otherwise the student samples afresh at temperature 1 over the true vocabulary.
+    without top-p; otherwise the student samples afresh at temperature 1 over the true vocabulary
+    (from ``sampler``, the student's rollout copy, when given).
     """
-    from megatron_opd.evaluation import _dp_info, rank_jobs
-    from megatron_opd.generation import generate
+    from megatron_opd.evaluation import _dp_info, rank_jobs, sample_jobs
 
     dp_rank, dp_size, dp_group = _dp_info()
     reuse = None
@@ -285,20 +286,12 @@ def evaluate_gap(
         prompts, mine = rank_jobs(problems, tokenizer, cfg, dp_rank, dp_size)
         if reuse is not None:
             responses = [reuse[(name, i, j)] for i, j in mine]
-        else:
-            responses = []
-            for start in range(0, len(mine), cfg.batch_size):
-                batch = mine[start : start + cfg.batch_size]
-                gens = generate(
-                    student,
-                    tokenizer,
-                    [prompts.token_ids[i] for i, _ in batch],
-                    max_new_tokens=cfg.max_new_tokens,
-                    temperature=1.0,
-                    seed=cfg.seed + 104_729 + 7919 * dp_rank + start,  # not the Avg@k draws
-                    max_batch_size=cfg.batch_size,
-                )
-                responses += [g.tokens for g in gens]
+        else:  # seeds apart from the Avg@k draws
+            gens = sample_jobs(
+                sampler or student, tokenizer, prompts.token_ids, mine, cfg, cfg.seed + 104_729,
+                temperature=1.0,
+            )  # fmt: skip
+            responses = [g.tokens for g in gens]
         local = []
         if mine:
             sums = score_responses(
@@ -363,6 +356,7 @@ class TrainingGapWatch:
             trainer.vocab_size,
             records=records if reusable else None,
             micro_batch_size=self.args.micro_batch_size,
+            sampler=trainer.rollout_model,
         )
         self.held_out.update(summaries["mean"]["kl_per_token"], trainer.iteration)
         return metrics(summaries)

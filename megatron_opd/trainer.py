@@ -285,8 +285,12 @@ class Trainer:
             system_prompt=args.system_prompt,
             seed=args.seed,
         )
+        sampler = self.student
+        if self.rollout_model is not None:  # the copy holds the weights before the last update
+            self.rollout_model.refit(self.student)
+            sampler = self.rollout_model
         scores, records = evaluation.evaluate(
-            self.student,
+            sampler,
             self.tokenizer,
             self.eval_benchmarks,
             cfg,

@@ -24,7 +24,7 @@ LAYOUTS = [  # (training TP, PP) -> (rollout TP, PP)
 def _refit_worker(cases: list[dict]) -> dict:
     from megatron.core import parallel_state as ps
 
-    from megatron_opd import convert, distributed, refit, teacher
+    from megatron_opd import convert, distributed, evaluation, refit, teacher
     from megatron_opd.tokenizer import load_tokenizer
 
     results = {}
@@ -50,6 +50,15 @@ def _refit_worker(cases: list[dict]) -> dict:
                 max_new_tokens=NEW_TOKENS, greedy=True, stop_token_ids=[],
             )  # fmt: skip
             equal = all(torch.equal(p, reference[n]) for n, p in model.chunk.named_parameters())
+            # evaluation's batches through the copy, uneven across data-parallel ranks (DP rank
+            # 0: 3 jobs in 2 batches, DP rank 1: 1 job), each rank's jobs its own greedy tokens
+            jobs = [(0, 0), (1, 0), (2, 0)] if dp_rank == 0 else [(2, 0)]
+            cfg = evaluation.EvalConfig(samples=1, max_new_tokens=NEW_TOKENS, batch_size=2)
+            evals = evaluation.sample_jobs(
+                model, load_tokenizer(directory), TINY_PROMPTS, jobs, cfg, seed=0, greedy=True,
+                stop_token_ids=[],
+            )  # fmt: skip
+            evals = ([i for i, _ in jobs], [g.tokens for g in evals])
 
             # the training weights move; a second refit carries the new values
             with torch.no_grad():
@@ -60,7 +69,9 @@ def _refit_worker(cases: list[dict]) -> dict:
                 n for n, p in model.chunk.named_parameters()
                 if not torch.equal(p, reference[n] * 1.5)
             ]  # fmt: skip
-            results[(train, roll, case["name"])] = (mine, [g.tokens for g in gens], equal, moved)
+            results[(train, roll, case["name"])] = (
+                mine, [g.tokens for g in gens], equal, moved, evals
+            )  # fmt: skip
     return results
 
 
@@ -70,10 +81,11 @@ def test_rollout_layout_refits_and_samples_like_hf(tiny):  # noqa: F811
     per_rank = run_distributed(_refit_worker, 2, cases, timeout=600)
     for key in per_rank[0]:
         for rank, r in enumerate(per_rank):
-            mine, tokens, equal, moved = r[key]
+            mine, tokens, equal, moved, (jobs, evals) = r[key]
             assert equal, (key, rank, "refit differs from the checkpoint at the rollout layout")
             assert moved == [], (key, rank, moved)
             assert tokens == [tiny[key[2]].greedy[i] for i in mine], (key, rank)
+            assert evals == [tiny[key[2]].greedy[i] for i in jobs], (key, rank)
 
 
 @pytest.mark.slow
@@ -87,11 +99,24 @@ def test_pp2_training_with_tp1_rollouts_equals_dp2_training(tmp_path):
     pair = make_pair(tmp_path / "models")
     flags = ["--load", str(pair["student"]), "--opd-teacher-load", str(pair["teacher"]), *SHORT_RUN]
     flags += ["--prompt-data", "builtin:64", "--train-iters", "3"]
+    # greedy evaluation at the start and after step 3 (the copy refitted after the last update),
+    # and the held-out gap, whose temperature-1 samples come from the copy too
+    flags += ["--eval-interval", "3", "--eval-at-start", "--eval-data", "builtin:40",
+              "--eval-limit", "3", "--eval-samples", "1", "--eval-temperature", "0",
+              "--eval-max-new-tokens", "8"]  # fmt: skip
     ref, got = tmp_path / "dp2.jsonl", tmp_path / "pp2.jsonl"
     torchrun(2, [*flags, "--metrics-file", str(ref)])
     pp2 = ["--pipeline-model-parallel-size", "2", "--rollout-pipeline-model-parallel-size", "1"]
     torchrun(2, [*flags, *pp2, "--metrics-file", str(got)])
     a, b = read_metrics(ref), read_metrics(got)
+    evals = [[r for r in rows if "eval/mean/mean_response_tokens" in r] for rows in (a, b)]
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [0, 3]
+    for x, y in zip(*evals, strict=True):
+        assert "gap/mean/kl_per_token" in y
+        assert {k: v for k, v in y.items() if k.startswith("eval/")} == {
+            k: v for k, v in x.items() if k.startswith("eval/")
+        }, x["step"]
+    a, b = [r for r in a if "loss" in r], [r for r in b if "loss" in r]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     assert len({round(r["loss"], 6) for r in a}) == 3  # fresh rollouts, a moving student
     for x, y in zip(a, b, strict=True):
