@@ -20,6 +20,9 @@ query groups, so a plain concatenation is exact), row-parallel along dim 1, the 
 (the rows past the true vocabulary are zeros, and the sampler never reads them). With tied
 embeddings a later pipeline stage's ``output_layer.weight`` is the embedding.
 
+The refit reads the model's parameters as the optimizer step left them: Megatron's
+``overlap_param_gather`` (not used here) would leave them stale until the next forward.
+
 Cost: every rank receives every full tensor (one broadcast over the world per tensor), which is
 what a TP1 copy needs; a sharded copy (TP or PP > 1) receives T x P times more than it keeps.
 Students small enough to sample at TP1 are the case this is for. Memory: one more copy of the
