@@ -147,7 +147,6 @@ def _forward_only(chunks, grid: ModelGrid, items: list[MicroBatch], vocab_size: 
     )
 
 
-@torch.no_grad()
 @dataclass
 class Shares:
     """How the rows of this rank's student replica are split among the teacher replicas that
@@ -175,6 +174,7 @@ def student_shares(grid: ModelGrid) -> Shares:
     )
 
 
+@torch.no_grad()
 def score_on_grid(
     chunks: list[torch.nn.Module],
     grid: ModelGrid,
@@ -288,7 +288,10 @@ class TeacherSet:
 
     def __init__(self, names: list[str], chunks: list[list[torch.nn.Module]], grids: list):
         self.names, self.chunks, self.grids = names, chunks, grids
-        by_grid = {id(g): student_shares(g) for g in grids}  # one collective per grid, in order
+        by_grid: dict[int, Shares] = {}
+        for g in grids:  # one collective per distinct grid, in the same order on every rank
+            if id(g) not in by_grid:
+                by_grid[id(g)] = student_shares(g)
         self.shares = [by_grid[id(g)] for g in grids]
 
     def __len__(self) -> int:

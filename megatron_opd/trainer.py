@@ -36,6 +36,7 @@ class Trainer:
             teacher,
         )
         self.rollout_model = rollout_model  # a refit copy on its own layout (--rollout-*)
+        self.copy_iteration = None  # the iteration whose weights the copy holds
         self.tokenizer = inputs.tokenizer
         self.prompts = inputs.prompts
         self.vocab_size = inputs.student_arch.vocab_size
@@ -99,6 +100,14 @@ class Trainer:
         self.step_routes = torch.tensor(routed[self.dp_rank * local : (self.dp_rank + 1) * local])
         return responses[self.dp_rank * local : (self.dp_rank + 1) * local]
 
+    def _fresh_copy(self):
+        """The rollout copy, refitted unless it already holds this iteration's weights (they
+        change only inside :meth:`train_one_step`, which ends by advancing the iteration)."""
+        if self.copy_iteration != self.iteration:
+            self.rollout_model.refit(self.student)
+            self.copy_iteration = self.iteration
+        return self.rollout_model
+
     def train_one_step(self) -> dict[str, float]:
         args = self.args
 
@@ -109,9 +118,8 @@ class Trainer:
         if self.rollout_model is None:
             sampler, seed = self.student, seed + self.dp_rank
         else:  # each rollout replica adds its own index to the seed
-            self.rollout_model.refit(self.student)
+            sampler = self._fresh_copy()
             refit_time = time.perf_counter() - t0
-            sampler = self.rollout_model
         batch = opd.rollout(sampler, self.tokenizer, self.step_prompts(), self.rollout_cfg, seed)
         if self._exit_requested():
             return None  # abandoned before the weights changed
@@ -285,10 +293,7 @@ class Trainer:
             system_prompt=args.system_prompt,
             seed=args.seed,
         )
-        sampler = self.student
-        if self.rollout_model is not None:  # the copy holds the weights before the last update
-            self.rollout_model.refit(self.student)
-            sampler = self.rollout_model
+        sampler = self.student if self.rollout_model is None else self._fresh_copy()
         scores, records = evaluation.evaluate(
             sampler,
             self.tokenizer,
