@@ -68,7 +68,7 @@ def atomic_save(
         if is_rank0() and before_rename is not None:
             before_rename(tmp)
         if is_rank0() and meta is not None:
-            write_json_atomic(tmp / META_FILE, meta)
+            write_json_atomic(tmp / META_FILE, stamp(meta))
         _barrier()
         if is_rank0():
             integrity.write_manifest(tmp)  # every rank's files are complete after the barrier
@@ -157,6 +157,14 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path, strict: boo
     for i, c in enumerate(chunks):
         part = state["model"] if len(chunks) == 1 else state[f"model{i}"]
         unwrap(c).load_state_dict(part, strict=strict)
+
+
+def stamp(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with the megatron-core version that wrote the checkpoint (0.16 cannot read what
+    0.17+ writes: :func:`megatron_opd.integrity.check_readable` says so by name)."""
+    from megatron_opd import compat
+
+    return {**meta, "megatron_core": compat.megatron_core_version()}
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

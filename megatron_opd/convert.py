@@ -514,7 +514,7 @@ def write_model_checkpoint(
         "source": source,
     }
     # Written last: its presence marks a complete checkpoint.
-    checkpointing.write_json_atomic(save_dir / checkpointing.META_FILE, meta)
+    checkpointing.write_json_atomic(save_dir / checkpointing.META_FILE, checkpointing.stamp(meta))
     return save_dir
 
 

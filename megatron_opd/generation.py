@@ -1,8 +1,9 @@
 """Sampling from the model's own weights through Megatron-Core's static inference engine.
 
 ``generate`` wires ``StaticInferenceEngine(legacy=True)`` + ``GPTInferenceWrapper`` +
-``SimpleTextGenerationController`` over a KV cache (``StaticInferenceContext``) and adds what
-rollouts need and the stock controller lacks:
+``TextGenerationController`` over a KV cache (``StaticInferenceContext``) and adds what rollouts
+need and the stock controller lacks (the constructors differ across Megatron-Core versions;
+:mod:`megatron_opd.compat.inference` bridges them):
 
 * padded vocabulary columns (ids >= the true vocab size) get logit -inf before sampling, so they are
   never sampled and carry no probability;
@@ -76,9 +77,6 @@ def _inference_classes():
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
         GPTInferenceWrapper,
     )
-    from megatron.core.inference.text_generation_controllers.simple_text_generation_controller import (  # noqa: E501
-        SimpleTextGenerationController,
-    )
 
     class VocabMaskedWrapper(GPTInferenceWrapper):
         def __init__(self, *args, vocab_size: int, **kwargs):
@@ -101,7 +99,7 @@ def _inference_classes():
                 logits[..., self.vocab_size :] = float("-inf")
             return logits
 
-    class RolloutController(SimpleTextGenerationController):
+    class RolloutController(compat.inference.controller_class()):
         def __init__(
             self, *args, stop_token_ids: Sequence[int], return_logprobs: bool = True, **kwargs
         ):
@@ -120,22 +118,21 @@ def _inference_classes():
             # across layouts for the same seed.
             true_vocab = self.inference_wrapped_model.vocab_size
             last_token_logits = last_token_logits[..., :true_vocab]
-            sampled = super().sample_from_logits(
-                last_token_logits, sampling_params, vocab_size, **kw
-            )
+            params = sampling_params or kw.get("common_inference_params")
+            if params.top_k == 0 and params.top_p == 0.0 and not params.top_n_logprobs:
+                # plain sampling: our sampler, on every Megatron-Core version (greedy and
+                # filtered sampling are Megatron's own code)
+                sampled = sample_categorical(
+                    last_token_logits, params.temperature, self.sampling_rng
+                )
+            else:
+                sampled = super().sample_from_logits(
+                    last_token_logits, sampling_params, vocab_size, **kw
+                )
             if self.return_logprobs:
                 logprobs = F.log_softmax(last_token_logits.float(), dim=-1)
                 self.step_logprobs = logprobs.gather(1, sampled.view(-1, 1).long()).view(-1)
             return sampled
-
-        def _torch_sampling_func(
-            self, last_token_logits, temperature, top_k, top_p, vocab_size=None
-        ):
-            if top_k != 0 or top_p != 0.0:  # greedy and filtered sampling: Megatron's own code
-                return super()._torch_sampling_func(
-                    last_token_logits, temperature, top_k, top_p, vocab_size
-                )
-            return sample_categorical(last_token_logits, temperature, self.sampling_rng)
 
         def prep_inference_input(self, prompts_tokens, active_requests, use_attention_mask=False):
             inference_input = super().prep_inference_input(
@@ -257,9 +254,6 @@ def generate(
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.inference.engines import StaticInferenceEngine
     from megatron.core.inference.inference_request import InferenceRequest
-    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
-        InferenceWrapperConfig,
-    )
     from megatron.core.inference.sampling_params import SamplingParams
 
     if len(model_chunks) != 1:
@@ -286,7 +280,7 @@ def generate(
         else pg_collection.pp
     )
     padded_vocab = _padded_vocab_size(core, pp_group)
-    vocab_size = vocab_size or getattr(core, "vocab_size", padded_vocab)
+    vocab_size = vocab_size or getattr(core, "true_vocab_size", padded_vocab)
     stop_token_ids = tokenizer.stop_token_ids if stop_token_ids is None else stop_token_ids
     batch = min(len(prompts_token_ids), max_batch_size or len(prompts_token_ids))
     max_length = max(len(p) for p in prompts_token_ids) + max_new_tokens
@@ -298,14 +292,7 @@ def generate(
         reason = dynamic_engine_unavailable()
         if reason:
             raise ValueError(f"--rollout-engine dynamic: {reason}")
-    wrapper_config = InferenceWrapperConfig(
-        hidden_size=config.hidden_size,
-        params_dtype=config.params_dtype,
-        inference_batch_times_seqlen_threshold=-1,  # no micro-batching across pipeline stages
-        padded_vocab_size=padded_vocab,
-        inference_max_requests=batch,
-        inference_max_seq_length=max_length,
-    )
+    wrapper_config = compat.inference.wrapper_config(config, padded_vocab, batch, max_length)
     if engine == "dynamic":
         params = SamplingParams(
             temperature=1.0 if greedy else float(temperature),
@@ -317,16 +304,17 @@ def generate(
         )
         return _generate_dynamic(
             model, tokenizer, prompts_token_ids, params, stop_token_ids, wrapper_config,
-            vocab_size, seed,
+            vocab_size, seed, batch, max_length,
         )  # fmt: skip
     context = StaticInferenceContext(batch, max_length)
-    wrapped = VocabMaskedWrapper(
-        model, wrapper_config, context, pg_collection=pg_collection, vocab_size=vocab_size
+    wrapped = compat.inference.wrap_model(
+        VocabMaskedWrapper, model, wrapper_config, context, pg_collection, vocab_size=vocab_size
     )
-    controller = RolloutController(
+    controller = compat.inference.make_controller(
+        RolloutController,
         wrapped,
         _MegatronTokenizer(tokenizer, tokenizer.pad_id),
-        pp_group=pp_group,
+        pp_group,
         stop_token_ids=stop_token_ids,
         return_logprobs=return_logprobs,
     )
@@ -361,6 +349,7 @@ def generate(
         # run_engine rather than engine.generate, which reseeds torch's global RNG on every call
         engine.run_engine()
     finally:
+        compat.inference.engine_finished()
         model.train(was_training)
 
     stops = set(int(t) for t in stop_token_ids)
@@ -378,46 +367,68 @@ def generate(
 
 
 def dynamic_engine_unavailable() -> Optional[str]:
-    """Why the dynamic engine cannot run here (``None`` when it can): Megatron-Core 0.16.1's
-    ``DynamicInferenceEngine`` needs CUDA and flash-attn >= 2.7.3 (``transformer/attention.py``)."""
+    """Why the dynamic engine cannot run here (``None`` when it can): Megatron-Core's
+    ``DynamicInferenceEngine`` (0.16 and 0.19 alike) needs CUDA, and in dynamic mode its attention
+    calls flash-attn >= 2.7.3, flash-attn 3 or flash-attn 4 itself (``transformer/attention.py``;
+    never ``core_attention``, so SDPA cannot stand in), with einops."""
     if not compat.has_cuda():
         return "Megatron-Core's dynamic engine needs CUDA; use --rollout-engine static on CPU"
+    if not _flash_attention_present():
+        return (
+            "Megatron-Core's dynamic engine needs flash-attn >= 2.7.3, flash-attn 3 or "
+            "flash-attn 4; use --rollout-engine static"
+        )
     try:
-        import flash_attn  # noqa: F401
+        import einops  # noqa: F401
     except ImportError:
-        return "Megatron-Core's dynamic engine needs flash-attn; use --rollout-engine static"
+        return "Megatron-Core's dynamic engine needs einops; use --rollout-engine static"
     return None
 
 
+def _flash_attention_present() -> bool:
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    if any(importlib.util.find_spec(m) for m in ("flash_attn_3", "flashattn_hopper")):
+        return True
+    for dist, oldest in (("flash-attn-4", (4, 0)), ("flash-attn", (2, 7, 3))):
+        try:
+            found = version(dist)
+        except PackageNotFoundError:
+            continue
+        release = tuple(int(p) for p in found.split("+")[0].split(".")[:3] if p.isdigit())
+        if release >= oldest:
+            return True
+    return False
+
+
 def _generate_dynamic(
-    model, tokenizer, prompts, params, stop_token_ids, wrapper_config, vocab_size, seed
-) -> list[Generation]:
+    model, tokenizer, prompts, params, stop_token_ids, wrapper_config, vocab_size, seed, batch,
+    max_length,
+) -> list[Generation]:  # fmt: skip
     """Continuous batching: a finished sequence leaves the batch at once and its KV blocks go to
     the next request, so no step computes a sequence that is done. Stop tokens: the first is the
     engine's ``termination_id``; the others are one-token stop words (finished one step later,
     the stop token kept, as in the static path)."""
-    from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
-    from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
     from megatron.core.inference.inference_request import DynamicInferenceRequest
-    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-        TextGenerationController,
-    )
 
     VocabMaskedWrapper, _ = _inference_classes()
     stops = sorted(set(int(t) for t in stop_token_ids))
     params.termination_id = stops[0] if stops else -1
-    context = DynamicInferenceContext.from_config(
-        inference_config=wrapper_config,
-        model=model,
-        max_batch_size=wrapper_config.inference_max_requests,
-        buffer_size_gb=DYNAMIC_KV_BUFFER_GB,
+    compat.inference.keep_stop_tokens(params)
+    context = compat.inference.make_dynamic_context(
+        model, wrapper_config, batch, max_length, DYNAMIC_KV_BUFFER_GB
     )
-    wrapped = VocabMaskedWrapper(model, wrapper_config, context, vocab_size=vocab_size)
+    wrapped = compat.inference.wrap_model(
+        VocabMaskedWrapper, model, wrapper_config, context, vocab_size=vocab_size
+    )
     wrapped.prep_model_for_inference()
-    controller = TextGenerationController(wrapped, _MegatronTokenizer(tokenizer, tokenizer.pad_id))
+    controller = compat.inference.controller_class()(
+        wrapped, _MegatronTokenizer(tokenizer, tokenizer.pad_id)
+    )
     if seed is not None:
         controller.sampling_rng.manual_seed(seed)
-    engine = DynamicInferenceEngine(controller, context, random_seed=int(seed or 0))
+    engine = compat.inference.make_dynamic_engine(controller, context, int(seed or 0))
     device = compat.default_device()
     for request_id, prompt in enumerate(prompts):
         request = DynamicInferenceRequest(
@@ -434,6 +445,7 @@ def _generate_dynamic(
         while engine.has_unfinished_requests():
             records.extend(engine.step_modern()["finished_request_records"])
     finally:
+        compat.inference.engine_finished()
         model.train(was_training)
     by_id = {}
     for record in records:

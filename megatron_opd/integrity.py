@@ -19,9 +19,12 @@ from typing import Optional
 from megatron_opd.cli import UserError
 
 MANIFEST_FILE = "manifest.json"
-# a Megatron dist checkpoint cannot load without these
-REQUIRED = ("metadata.json", ".metadata", "common.pt")
-NOT_COVERED = (MANIFEST_FILE, "megatron_opd.json")
+# a Megatron dist checkpoint cannot load without these (and common.pt, where the writing
+# Megatron-Core keeps the common state there: 0.16; 0.19 keeps it in the .distcp files)
+REQUIRED = ("metadata.json", ".metadata")
+COMMON_FILE = "common.pt"
+META_FILE = "megatron_opd.json"
+NOT_COVERED = (MANIFEST_FILE, META_FILE)
 _CHUNK = 8 << 20
 
 
@@ -76,6 +79,7 @@ def verify(
     manifest_path = directory / MANIFEST_FILE
     if not (directory / "metadata.json").exists():
         return  # not a dist checkpoint: the loader says what it is missing
+    check_readable(directory, flag)
     recorded: Optional[dict] = None
     if manifest_path.exists():
         try:
@@ -83,7 +87,12 @@ def verify(
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{flag}: {where}: {MANIFEST_FILE} is corrupt") from None
     if recorded is None:
-        for name in REQUIRED:
+        from megatron_opd.compat import versions
+
+        required = (
+            REQUIRED if versions.reads_common_state_from_distcp() else REQUIRED + (COMMON_FILE,)
+        )
+        for name in required:
             path = directory / name
             if not path.exists():
                 raise UserError(f"{flag}: {where}: {name} is missing; the checkpoint is damaged")
@@ -107,3 +116,26 @@ def verify(
                 "the checkpoint is damaged",
                 rank_local=True,
             )
+
+
+def check_readable(directory: str | Path, flag: str) -> None:
+    """Refuse, before any model is built, a checkpoint this Megatron-Core cannot read: one written
+    by megatron-core 0.17+ (common state inside the ``.distcp`` files, no ``common.pt``) read by
+    0.16. The other way round works: 0.19 reads 0.16's checkpoints."""
+    from megatron_opd import compat
+
+    directory = Path(directory)
+    if (directory / COMMON_FILE).exists() or compat.versions.reads_common_state_from_distcp():
+        return
+    written = "a newer megatron-core"
+    try:
+        written = (
+            "megatron-core " + json.loads((directory / META_FILE).read_text())["megatron_core"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise UserError(
+        f"{flag}: {_describe(directory)} was written by {written}, and megatron-core "
+        f"{compat.megatron_core_version()} cannot read it (its common state is inside the .distcp "
+        "files); load it with megatron-core >= 0.17"
+    )

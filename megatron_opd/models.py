@@ -319,7 +319,9 @@ def build_model(
             # main copies of all of them
             model.to(config.params_dtype)
         model.to(compat.default_device())
-        model.vocab_size = arch.vocab_size  # the true size; the output layer holds the padded one
+        # GPTModel.vocab_size stays the padded width (0.19's inference controller reads it as
+        # the logits' width); ids at or above the true size are never sampled
+        model.true_vocab_size = arch.vocab_size
         chunks.append(model)
     return chunks
 

@@ -114,9 +114,9 @@ def decode_setup(model, batch: int, cache_len: int, padded: bool):
     rewrites the same cache slot each call, so every call is the same step)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    from megatron_opd import models
+    from megatron_opd import compat, models
 
-    vocab = model.vocab_size
+    vocab = model.true_vocab_size
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (batch, cache_len), generator=g)
     pads = torch.randint(0, cache_len // 2, (batch,), generator=g) if padded else None
@@ -126,7 +126,7 @@ def decode_setup(model, batch: int, cache_len: int, padded: bool):
         torch.arange(sk)[None, :] < pads[:, None] if padded else torch.zeros(batch, sk, dtype=bool)
     )
     prefill_mask = models.causal_mask(cache_len) | keys_masked[:, None, None, :cache_len]
-    with torch.no_grad():
+    with torch.no_grad(), compat.inference.inference_mode():
         model(
             prompt,
             models.position_ids(batch, cache_len),
@@ -140,7 +140,7 @@ def decode_setup(model, batch: int, cache_len: int, padded: bool):
     step_mask = keys_masked[:, None, None, :] if padded else None
 
     def step():
-        with torch.no_grad():
+        with torch.no_grad(), compat.inference.inference_mode():
             return model(
                 token, position, step_mask, inference_context=context, runtime_gather_output=True
             )
