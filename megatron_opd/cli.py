@@ -151,6 +151,10 @@ KNOWN_WARNINGS = (
     r"Apex is not installed",
     r"torch\.distributed\..* is deprecated",
     r"TypedStorage is deprecated",
+    # torch.distributed.checkpoint, when a converter reads a checkpoint outside a process group
+    r"torch\.distributed is disabled, unavailable or uninitialized",
+    # megatron-core 0.19 calls torch.distributed.checkpoint.load with positional arguments
+    r"The argument order of load has been changed",
 )
 
 
@@ -171,6 +175,8 @@ def quiet() -> None:
     # a failed save is reported by checkpointing.atomic_save (one line); the writer's own
     # "Local process 0 encountered an error" would be a second
     logging.getLogger("megatron.core.dist_checkpointing").setLevel(logging.CRITICAL)
+    # megatron-core 0.19 imports torch.utils.cpp_extension, which warns on a machine without CUDA
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------------------------

@@ -269,9 +269,9 @@ def _damage(src: Path, dst: Path, how: str) -> str:
     if how == "truncate":
         shard.write_bytes(shard.read_bytes()[:-100])
         return shard.name
-    if how == "empty":
-        (dst / "common.pt").write_bytes(b"")
-        return "common.pt"
+    if how == "empty":  # a file every Megatron-Core version writes (0.19 writes no common.pt)
+        (dst / "metadata.json").write_bytes(b"")
+        return "metadata.json"
     (dst / ".metadata").unlink()
     return ".metadata"
 
@@ -286,9 +286,9 @@ def test_damaged_checkpoint_is_refused_with_the_file(pair, tmp_path, monkeypatch
         assert "damaged" in line
     # a checkpoint from before manifests: the presence checks still name the file
     old = tmp_path / "old"
-    _damage(pair["teacher"], old, "empty")
+    name = _damage(pair["teacher"], old, "empty")
     (old / integrity.MANIFEST_FILE).unlink()
-    assert "common.pt is empty" in _refused(
+    assert f"{name} is empty" in _refused(
         pair, monkeypatch, capsys, "--opd-teacher-load", str(old)
     )
 
