@@ -27,9 +27,13 @@ status is 1 if any failed):
        a Qwen3-4B-shaped teacher, random weights, bf16, 8 prompts x 1024 new tokens with stop
        tokens ignored; PowerOPD and full_vocab_kl, each after a short warm-up step; beside the
        paper's Table 4.
-  (d)  rollout decode rate (``generation.generate``): the time per decode step from two
-       generation lengths (prefill cancels), against the bound of reading the weights once per
-       step at the copy bandwidth and at the datasheet's.
+  (d)  rollout decode rate (``generation.generate``, a fresh random student of (c)'s shape): the
+       time per decode step from two generation lengths (prefill cancels), against the bound of
+       reading the weights once per step at the copy bandwidth and at the datasheet's.
+
+They run in the order env, a, b, d, c: (d)'s decode step estimates (c)'s rollouts, and an OPD
+step that would end past ``--budget`` seconds (default 420) is skipped, as is any section that
+would start after it; each skip counts as a failure.
 
 Writes ``gpu_check.json`` and ``gpu_check.txt`` to ``--out-dir`` ($OUT, else $OUT_DIR, else a new
 temporary directory).
@@ -63,6 +67,7 @@ DATASHEET_TBS = {"H200": 4.8, "H100": 3.35}  # HBM bandwidth by the vendors' dat
 # The paper's Table 4, Qwen3-0.6B <- Qwen3-4B: seconds per step, peak GiB
 PAPER_TABLE4 = {"power": (9.03, 60.72), "full_vocab_kl": (22.14, 78.99)}
 QWEN3_VOCAB = 151_936
+PROMPT_DATA, MAX_PROMPT_LENGTH = "builtin:64", 256
 
 
 def qwen3(layers, hidden, heads, kv_heads, head_dim, intermediate, vocab=QWEN3_VOCAB):
@@ -156,8 +161,11 @@ class Context:
     failed: list[str] = field(default_factory=list)
     copy_tbs: Optional[float] = None  # measured in (b)
     peak_tbs: Optional[float] = None  # the datasheet's, when the card is known
-    student: Any = None  # (chunks, tokenizer, prompts) from (c), reused by (d)
-    rollout_rate: Optional[float] = None  # (c)'s rollout, response tokens/s
+    budget: float = math.inf  # seconds for all sections
+    deadline: float = math.inf  # time.perf_counter() by which the sections must be done
+    prompts: Any = None  # (tokenizer, PromptSet), shared by (c) and (d)
+    decode_step: Optional[float] = None  # seconds, measured in (d)
+    weight_bytes: Optional[int] = None  # the student's, from (d)
 
     @property
     def cuda(self) -> bool:
@@ -426,7 +434,8 @@ def opd_args(ctx: Context, student_dir: Path, kind: str, new_tokens: int):
     sh = ctx.shapes
     flags = [
         "--load", student_dir, "--opd-teacher-load", student_dir,
-        "--opd-reward", kind, "--prompt-data", "builtin:64", "--max-prompt-length", 256,
+        "--opd-reward", kind, "--prompt-data", PROMPT_DATA,
+        "--max-prompt-length", MAX_PROMPT_LENGTH,
         "--global-batch-size", sh.prompts, "--micro-batch-size", sh.micro_batch,
         "--rollout-max-new-tokens", new_tokens, "--no-opd-mask-terminal-stop",
         "--lr", "1e-6", "--lr-warmup-fraction", 0, "--train-iters", 100, "--seed", 5,
@@ -436,23 +445,87 @@ def opd_args(ctx: Context, student_dir: Path, kind: str, new_tokens: int):
     return arguments.parse_args([str(f) for f in flags])
 
 
+def rollout_inputs(ctx: Context):
+    """The tokenizer (stop tokens ignored: every response has the full length) and prompts."""
+    if ctx.prompts is None:
+        from megatron_opd import data
+        from megatron_opd.testing import save_bpe_tokenizer
+        from megatron_opd.tokenizer import load_tokenizer
+
+        save_bpe_tokenizer(ctx.workdir / "tokenizer")
+        tokenizer = load_tokenizer(ctx.workdir / "tokenizer")
+        tokenizer.stop_token_ids = []
+        problems = data.load_prompt_source(PROMPT_DATA, seed=0)
+        ctx.prompts = tokenizer, data.PromptSet.build(problems, tokenizer, MAX_PROMPT_LENGTH)
+    return ctx.prompts
+
+
+def weight_bound(ctx: Context, rate: float, batch: int) -> None:
+    """Rows: the decode rate if every step read the weights once and did nothing else."""
+    for label, tbs in (("copy", ctx.copy_tbs), ("datasheet", ctx.peak_tbs)):
+        if tbs and ctx.weight_bytes:
+            bound = batch / (ctx.weight_bytes / (tbs * 1e12))
+            ctx.row(
+                "d",
+                f"bound: weights once per step at {label} {tbs:.3g} TB/s",
+                bound,
+                "tok/s",
+                f"{ctx.weight_bytes / 1e9:.3g} GB of weights; decode {rate / bound:.1%}",
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) decode rate (before (c): its decode step sizes (c)'s budget check)
+
+
+def section_decode(ctx: Context) -> None:
+    from megatron_opd import generation
+
+    sh = ctx.shapes
+    tokenizer, prompts = rollout_inputs(ctx)
+    torch.manual_seed(6)
+    chunks = models.build_model(sh.student, models.transformer_config(sh.student, dtype=sh.dtype))
+    batch = prompts.token_ids[: sh.prompts]
+    times = {}
+    short, long = sh.decode_tokens
+    for n in (short, long):
+
+        def run(n=n):
+            generation.generate(
+                chunks, tokenizer, batch, n, seed=0, return_logprobs=False, stop_token_ids=[]
+            )
+
+        times[n] = timed(ctx, run, reps=1, warmup=n == short)  # one warm-up for both
+    ctx.decode_step = (times[long] - times[short]) / (long - short)
+    ctx.weight_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
+    rate = len(batch) / ctx.decode_step
+    ctx.row(
+        "d",
+        f"decode step, batch {len(batch)}",
+        ctx.decode_step * 1e3,
+        "ms",
+        f"{long} vs {short} new tokens; prompts {min(map(len, batch))}-{max(map(len, batch))}",
+    )
+    ctx.row("d", "decode tokens/s", rate, "tok/s")
+    weight_bound(ctx, rate, len(batch))
+    kv = kv_bytes(sh.student, len(batch), long + max(map(len, batch)))
+    print(f"(d) KV cache read at the last of {long} steps, not in the bound: {kv / 1e9:.3f} GB")
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) one OPD step
+
+
 def section_opd_step(ctx: Context) -> None:
-    from megatron_opd import data, launch
-    from megatron_opd.testing import save_bpe_tokenizer
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd import launch
     from megatron_opd.trainer import Trainer
 
     sh = ctx.shapes
-    save_bpe_tokenizer(ctx.workdir / "tokenizer")
-    tokenizer = load_tokenizer(ctx.workdir / "tokenizer")
-    tokenizer.stop_token_ids = []  # stops ignored: every response has the full length
+    tokenizer, prompts = rollout_inputs(ctx)
     student_dir = ctx.workdir / "student"
     t0 = time.perf_counter()
     random_checkpoint(ctx, sh.student, student_dir)
     teacher = random_teacher(ctx, sh.teacher)
-    args = opd_args(ctx, student_dir, "power", sh.new_tokens)
-    problems = data.load_prompt_source(args.prompt_data, seed=0)
-    prompts = data.PromptSet.build(problems, tokenizer, args.max_prompt_length)
     inputs = launch.Inputs(
         student_dir=student_dir,
         resume_root=None,
@@ -464,8 +537,8 @@ def section_opd_step(ctx: Context) -> None:
         tokenizer=tokenizer,
         prompts=prompts,
     )
+    args = opd_args(ctx, student_dir, "power", sh.new_tokens)
     student, optimizer, scheduler = launch.build_student(args, inputs)
-    ctx.student = (student, tokenizer, prompts)
     params = sum(p.numel() for c in student for p in c.parameters()) / 1e9
     t_params = sum(p.numel() for c in teacher for p in c.parameters()) / 1e9
     print(
@@ -473,11 +546,21 @@ def section_opd_step(ctx: Context) -> None:
         f"{time.perf_counter() - t0:.1f} s; {sh.prompts} prompts x {sh.new_tokens} new tokens, "
         f"micro-batch {sh.micro_batch}"
     )
+    estimate = None  # seconds for a kind's warm-up and timed step
+    if ctx.decode_step:
+        estimate = 1.3 * ctx.decode_step * (sh.new_tokens + sh.warmup_tokens) + 15
+    skipped = []
     for kind in ("power", "full_vocab_kl"):
+        left = ctx.deadline - time.perf_counter()
+        if estimate is not None and estimate > left:
+            skipped.append(f"{kind} skipped: about {estimate:.0f} s needed, {left:.0f} s left")
+            continue
+        t_kind = time.perf_counter()
         for new_tokens in (sh.warmup_tokens, sh.new_tokens):  # warm-up, then the timed step
             args = opd_args(ctx, student_dir, kind, new_tokens)
             trainer = Trainer(args, inputs, student, optimizer, scheduler, teacher)
             m = trainer.train_one_step()
+        estimate = 1.2 * (time.perf_counter() - t_kind)
         if m["response/mean_len"] != sh.new_tokens:
             raise AssertionError(f"{kind}: mean response {m['response/mean_len']} tokens")
         bad = [k for k in ("loss", "reward/mean", "grad_norm") if not math.isfinite(m.get(k, 0))]
@@ -489,66 +572,14 @@ def section_opd_step(ctx: Context) -> None:
         ctx.row("c", f"{kind}: step", m["time/step"], "s", f"paper {paper_s} s")
         ctx.row("c", f"{kind}: response tokens/s", m["tokens_per_sec"], "tok/s", "over the step")
         rollout_rate = sh.prompts * sh.new_tokens / m["time/rollout"]
-        ctx.rollout_rate = ctx.rollout_rate or rollout_rate
-        ctx.row("c", f"{kind}: rollout tokens/s", rollout_rate, "tok/s", "prefill included")
+        reference = "prefill included"
+        if ctx.copy_tbs and ctx.weight_bytes:
+            bound = sh.prompts / (ctx.weight_bytes / (ctx.copy_tbs * 1e12))
+            reference += f"; {rollout_rate / bound:.1%} of (d)'s bound at copy bandwidth"
+        ctx.row("c", f"{kind}: rollout tokens/s", rollout_rate, "tok/s", reference)
         ctx.row("c", f"{kind}: peak memory", m["memory/peak_gib"], "GiB", f"paper {paper_gib} GiB")
-
-
-# ----------------------------------------------------------------------------------------------
-# (d) decode rate
-
-
-def section_decode(ctx: Context) -> None:
-    from megatron_opd import generation
-
-    sh = ctx.shapes
-    warm = ctx.student is not None
-    if not warm:  # (c) failed before its student existed: a fresh one
-        from megatron_opd import data
-        from megatron_opd.testing import save_bpe_tokenizer
-        from megatron_opd.tokenizer import load_tokenizer
-
-        save_bpe_tokenizer(ctx.workdir / "tokenizer_d")
-        tokenizer = load_tokenizer(ctx.workdir / "tokenizer_d")
-        problems = data.load_prompt_source("builtin:64", seed=0)
-        prompts = data.PromptSet.build(problems, tokenizer, 256)
-        config = models.transformer_config(sh.student, dtype=sh.dtype)
-        ctx.student = (models.build_model(sh.student, config), tokenizer, prompts)
-    chunks, tokenizer, prompts = ctx.student
-    batch = prompts.token_ids[: sh.prompts]
-    times = {}
-    for n in sh.decode_tokens:
-
-        def run(n=n):
-            generation.generate(
-                chunks, tokenizer, batch, n, seed=0, return_logprobs=False, stop_token_ids=[]
-            )
-
-        # (c)'s rollouts warmed the same code up; a fresh student gets one warm-up run
-        times[n] = timed(ctx, run, reps=1, warmup=n == sh.decode_tokens[0] and not warm)
-    short, long = sh.decode_tokens
-    step = (times[long] - times[short]) / (long - short)
-    weights = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
-    rate = len(batch) / step
-    ctx.row(
-        "d", f"decode step, batch {len(batch)}", step * 1e3, "ms", f"{long} vs {short} new tokens"
-    )
-    ctx.row("d", "decode tokens/s", rate, "tok/s")
-    for label, tbs in (("copy", ctx.copy_tbs), ("datasheet", ctx.peak_tbs)):
-        if tbs:
-            bound = len(batch) / (weights / (tbs * 1e12))
-            reached = f"decode {rate / bound:.1%}"
-            if ctx.rollout_rate:
-                reached += f", (c)'s rollout {ctx.rollout_rate / bound:.1%}"
-            ctx.row(
-                "d",
-                f"bound: weights once per step at {label} {tbs:.3g} TB/s",
-                bound,
-                "tok/s",
-                f"{weights / 1e9:.3g} GB of weights; {reached}",
-            )
-    kv = kv_bytes(sh.student, len(batch), long + max(map(len, batch)))
-    print(f"(d) KV cache read at the last of {long} steps, not in the bound: {kv / 1e9:.3f} GB")
+    if skipped:
+        raise TimeoutError("; ".join(skipped) + f" of the budget (--budget {ctx.budget:.0f} s)")
 
 
 def kv_bytes(arch: models.ArchConfig, batch: int, positions: int, element: int = 2) -> int:
@@ -568,8 +599,8 @@ SECTIONS = (
     ("env", section_env),
     ("a", section_numerics),
     ("b", section_reward_op),
-    ("c", section_opd_step),
     ("d", section_decode),
+    ("c", section_opd_step),
 )
 NOTES = (
     "(a) bf16 model vs an fp32 copy of its weights, forward + backward; max rel err = "
@@ -579,14 +610,20 @@ NOTES = (
     "teacher read in both passes, gradient written); scratch and [N] vectors not counted",
     "(c) trainer.Trainer.train_one_step after a short warm-up step; random weights, stops "
     "ignored; paper: Table 4 (Qwen3-0.6B <- 4B)",
-    "(d) decode step = (time at the longer - time at the shorter generation) / the difference "
-    "in steps; bound = batch / (weight bytes / bandwidth); the KV cache read is not in it",
+    "(d) a fresh random student, before (c); decode step = (time at the longer - time at the "
+    "shorter generation) / the difference in steps; bound = batch / (weight bytes / bandwidth); "
+    "the KV cache read is not in it",
 )
 
 
 def run_section(ctx: Context, name: str, fn) -> None:
     t0 = time.perf_counter()
     print(f"\n=== {name} ===", flush=True)
+    if t0 > ctx.deadline and name != "env":
+        line = f"{name}: skipped: the budget of {ctx.budget:.0f} s (--budget) is spent"
+        ctx.failed.append(line)
+        print(f"FAILED {line}", flush=True)
+        return
     try:
         fn(ctx)
     except Exception as e:
@@ -628,6 +665,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--small", action="store_true", help="tiny shapes (default without CUDA)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=float(os.environ.get("GPU_CHECK_BUDGET_S", 420)),
+        help="seconds for all sections (default $GPU_CHECK_BUDGET_S or 420): a section that "
+        "would start later, or an OPD step estimated not to fit, is skipped and counts as failed",
+    )
     p.add_argument("--only", nargs="*", choices=[n for n, _ in SECTIONS], default=None)
     args = p.parse_args(argv)
     out_dir = args.out_dir or Path(
@@ -642,6 +686,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     ctx = Context(small_shapes() if small else full_shapes(), device, workdir)
     t0 = time.perf_counter()
+    ctx.budget, ctx.deadline = args.budget, t0 + args.budget
     try:
         for name, fn in SECTIONS:
             if args.only is None or name in args.only or name == "env":

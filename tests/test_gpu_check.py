@@ -43,6 +43,22 @@ def test_full_shapes_are_qwen3_0_6b_and_4b():
     assert (shapes.prompts, shapes.new_tokens, shapes.op_tokens) == (8, 1024, (1024, 8))
 
 
+def test_budget_spent_skips_and_fails(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out-dir", str(tmp_path),
+         "--small", "--only", "a", "--budget", "0"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore"),
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["failed"] == ["a: skipped: the budget of 0 s (--budget) is spent"]
+    assert result["rows"] == []
+    assert "skip dynamic inference engine" in proc.stdout  # env runs whatever the budget
+
+
 @pytest.mark.slow
 def test_gpu_check_small_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHONPATH")}
