@@ -32,7 +32,7 @@ status is 1 if any failed):
        reading the weights once per step at the copy bandwidth and at the datasheet's.
 
 They run in the order env, a, b, d, c: (d)'s decode step estimates (c)'s rollouts, and an OPD
-step that would end past ``--budget`` seconds (default 420) is skipped, as is any section that
+step that would end past ``--budget`` seconds (default 360) is skipped, as is any section that
 would start after it; each skip counts as a failure.
 
 Writes ``gpu_check.json`` and ``gpu_check.txt`` to ``--out-dir`` ($OUT, else $OUT_DIR, else a new
@@ -166,6 +166,7 @@ class Context:
     prompts: Any = None  # (tokenizer, PromptSet), shared by (c) and (d)
     decode_step: Optional[float] = None  # seconds, measured in (d)
     weight_bytes: Optional[int] = None  # the student's, from (d)
+    section_times: dict[str, float] = field(default_factory=dict)
 
     @property
     def cuda(self) -> bool:
@@ -405,7 +406,7 @@ def section_reward_op(ctx: Context) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# (c) one OPD step
+# random models, the trainer's flags, tokenizer and prompts for (c) and (d)
 
 
 def random_checkpoint(ctx: Context, arch: models.ArchConfig, directory: Path) -> None:
@@ -485,29 +486,31 @@ def section_decode(ctx: Context) -> None:
     tokenizer, prompts = rollout_inputs(ctx)
     torch.manual_seed(6)
     chunks = models.build_model(sh.student, models.transformer_config(sh.student, dtype=sh.dtype))
-    batch = prompts.token_ids[: sh.prompts]
-    times = {}
-    short, long = sh.decode_tokens
-    for n in (short, long):
-
-        def run(n=n):
-            generation.generate(
-                chunks, tokenizer, batch, n, seed=0, return_logprobs=False, stop_token_ids=[]
-            )
-
-        times[n] = timed(ctx, run, reps=1, warmup=n == short)  # one warm-up for both
-    ctx.decode_step = (times[long] - times[short]) / (long - short)
     ctx.weight_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
-    rate = len(batch) / ctx.decode_step
-    ctx.row(
-        "d",
-        f"decode step, batch {len(batch)}",
-        ctx.decode_step * 1e3,
-        "ms",
-        f"{long} vs {short} new tokens; prompts {min(map(len, batch))}-{max(map(len, batch))}",
-    )
-    ctx.row("d", "decode tokens/s", rate, "tok/s")
-    weight_bound(ctx, rate, len(batch))
+    batch = prompts.token_ids[: sh.prompts]
+    short, long = sh.decode_tokens
+    # the dynamic engine only where it runs (CUDA and flash-attn); env printed why not
+    engines = ["static"] + (["dynamic"] if generation.dynamic_engine_unavailable() is None else [])
+    for engine in engines:
+        times = {}
+        for n in (short, long):
+
+            def run(n=n, engine=engine):
+                generation.generate(
+                    chunks, tokenizer, batch, n, seed=0, return_logprobs=False,
+                    stop_token_ids=[], engine=engine,
+                )  # fmt: skip
+
+            times[n] = timed(ctx, run, reps=1, warmup=n == short)  # one warm-up for both
+        step = (times[long] - times[short]) / (long - short)
+        prefix = "" if engine == "static" else "dynamic engine: "
+        lengths = f"prompts {min(map(len, batch))}-{max(map(len, batch))} tokens"
+        ctx.row("d", f"{prefix}decode step, batch {len(batch)}", step * 1e3, "ms",
+                f"{long} vs {short} new tokens; {lengths}")  # fmt: skip
+        ctx.row("d", f"{prefix}decode tokens/s", len(batch) / step, "tok/s")
+        if engine == "static":  # what (c)'s rollouts use
+            ctx.decode_step = step
+            weight_bound(ctx, len(batch) / step, len(batch))
     kv = kv_bytes(sh.student, len(batch), long + max(map(len, batch)))
     print(f"(d) KV cache read at the last of {long} steps, not in the bound: {kv / 1e9:.3f} GB")
 
@@ -632,7 +635,9 @@ def run_section(ctx: Context, name: str, fn) -> None:
         ctx.failed.append(line)
         print(f"FAILED {line}", flush=True)
     free_memory(ctx)  # the section's tensors went with its frame
-    print(f"--- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    elapsed = time.perf_counter() - t0
+    ctx.section_times[name] = round(elapsed, 1)
+    print(f"--- {name}: {elapsed:.1f} s", flush=True)
 
 
 def format_value(v: float) -> str:
@@ -668,8 +673,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument(
         "--budget",
         type=float,
-        default=float(os.environ.get("GPU_CHECK_BUDGET_S", 420)),
-        help="seconds for all sections (default $GPU_CHECK_BUDGET_S or 420): a section that "
+        default=float(os.environ.get("GPU_CHECK_BUDGET_S", 360)),
+        help="seconds for all sections (default $GPU_CHECK_BUDGET_S or 360): a section that "
         "would start later, or an OPD step estimated not to fit, is skipped and counts as failed",
     )
     p.add_argument("--only", nargs="*", choices=[n for n, _ in SECTIONS], default=None)
@@ -695,7 +700,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)
-    ctx.notes.append(f"total {time.perf_counter() - t0:.0f} s")
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in ctx.section_times.items())
+    total = time.perf_counter() - t0
+    ctx.notes.append(f"total {total:.0f} s ({times}); budget {args.budget:.0f} s")
     text = table(ctx, mode)
     print("\n" + text, flush=True)
     (out_dir / "gpu_check.txt").write_text(text + "\n")
@@ -705,6 +712,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "rows": [vars(r) for r in ctx.rows],
         "failed": ctx.failed,
         "notes": ctx.notes,
+        "section_seconds": ctx.section_times,
     }
     (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"written: {out_dir / 'gpu_check.json'}, {out_dir / 'gpu_check.txt'}")

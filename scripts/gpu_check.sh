@@ -29,10 +29,12 @@ for w in "$ROOT"/.whl/*.whl; do
 done
 if ((${#wheels[@]})); then
     site=${GPU_CHECK_SITE:-/tmp/site}
-    echo "installing ${#wheels[@]} carried wheel(s) into $site: $(cd "$ROOT/.whl" && ls ./*.whl | tr '\n' ' ')"
+    echo "installing ${#wheels[@]} carried wheel(s) into $site: ${wheels[*]##*/}"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" "${wheels[@]}" || exit 1
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+elif compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+    echo "no carried wheel is built for this Python ($tag): none installed"
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
