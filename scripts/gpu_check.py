@@ -648,7 +648,7 @@ def format_value(v: float) -> str:
     return f"{v:.3e}"
 
 
-def table(ctx: Context, mode: str) -> str:
+def table(ctx: Context, mode: str, notes: list[str]) -> str:
     lines = [
         f"gpu_check ({mode}): {ctx.device}",
         "",
@@ -661,9 +661,25 @@ def table(ctx: Context, mode: str) -> str:
         )
     lines.append("")
     lines += NOTES
-    lines += ctx.notes
+    lines += notes
     lines.append(f"failed: {len(ctx.failed)}" + "".join(f"\n  {f}" for f in ctx.failed))
     return "\n".join(lines)
+
+
+def write_results(ctx: Context, mode: str, out_dir: Path, total: float, budget: float) -> None:
+    """gpu_check.txt (the table) and gpu_check.json (the same rows, failures, section times)."""
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in ctx.section_times.items())
+    notes = [*ctx.notes, f"total {total:.0f} s ({times}); budget {budget:.0f} s"]
+    (out_dir / "gpu_check.txt").write_text(table(ctx, mode, notes) + "\n")
+    result = {
+        "mode": mode,
+        "device": str(ctx.device),
+        "rows": [vars(r) for r in ctx.rows],
+        "failed": ctx.failed,
+        "notes": notes,
+        "section_seconds": ctx.section_times,
+    }
+    (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -696,25 +712,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name, fn in SECTIONS:
             if args.only is None or name in args.only or name == "env":
                 run_section(ctx, name, fn)
+                # after every section: a run killed at the device's time limit keeps its rows
+                write_results(ctx, mode, out_dir, time.perf_counter() - t0, args.budget)
     finally:
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)
-    times = ", ".join(f"{k} {v:.0f} s" for k, v in ctx.section_times.items())
-    total = time.perf_counter() - t0
-    ctx.notes.append(f"total {total:.0f} s ({times}); budget {args.budget:.0f} s")
-    text = table(ctx, mode)
-    print("\n" + text, flush=True)
-    (out_dir / "gpu_check.txt").write_text(text + "\n")
-    result = {
-        "mode": mode,
-        "device": str(device),
-        "rows": [vars(r) for r in ctx.rows],
-        "failed": ctx.failed,
-        "notes": ctx.notes,
-        "section_seconds": ctx.section_times,
-    }
-    (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
+    print("\n" + (out_dir / "gpu_check.txt").read_text(), flush=True)
     print(f"written: {out_dir / 'gpu_check.json'}, {out_dir / 'gpu_check.txt'}")
     distributed.teardown()
     return 1 if ctx.failed else 0

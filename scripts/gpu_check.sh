@@ -8,6 +8,10 @@
 #   GPU_CHECK_SMALL=1 bash scripts/gpu_check.sh       # small shapes on a GPU too
 #   PYTHON=.venv/bin/python OUT_DIR=runs/gpu_check bash scripts/gpu_check.sh --only a b
 #
+# On the device machine a session is lent (after fetch_gpu_wheels.sh in the checkout that the tool
+# sends): run with command "bash scripts/gpu_check.sh", carry [".whl"], timeout_s 480. The
+# sections stop starting after --budget (GPU_CHECK_BUDGET_S, default 360 s); expect 3-5 minutes.
+#
 # Wheels: every .whl/*.whl built for this Python (its cpXY tag, or py3-none-any) is installed with
 # --no-deps into GPU_CHECK_SITE (default /tmp/site), which goes first on PYTHONPATH; nothing is
 # installed when none matches (here, where the venv already has megatron-core). Output: the table
