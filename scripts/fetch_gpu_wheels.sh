@@ -2,23 +2,30 @@
 # Download into .whl/ (git-ignored) the wheels that the lent GPU machine's image lacks, for its
 # Python 3.12 on x86-64; scripts/gpu_check.sh installs them there with --no-deps.
 #
-#   bash scripts/fetch_gpu_wheels.sh          # megatron-core at the version pyproject.toml pins
-#   MEGATRON_CORE_VERSION=0.19.2 bash scripts/fetch_gpu_wheels.sh
+#   bash scripts/fetch_gpu_wheels.sh          # megatron-core at the newest tested version
+#   MEGATRON_CORE_VERSION=0.16.1 bash scripts/fetch_gpu_wheels.sh
+#   bash scripts/fetch_gpu_wheels.sh --print-version    # the version it would fetch, nothing else
 #
-# What the image lacks: of this project's run-time dependencies (pyproject.toml) only
-# megatron-core; torch 2.11, numpy, packaging (megatron-core's own requirements), pyyaml,
-# sentencepiece, transformers, tokenizers, safetensors, tensorboard, psutil, tqdm and einops are
-# there (the device's KINDS.md). wandb is not, and is imported only with --wandb-project.
+# The version: NEWEST_TESTED in megatron_opd/compat/versions.py (the machine's Python 3.12 is the
+# newest stack's). What the image lacks: of this project's run-time dependencies (pyproject.toml)
+# only megatron-core; torch 2.11, triton, numpy, packaging (megatron-core's own requirements),
+# pyyaml, sentencepiece, transformers, tokenizers, safetensors, tensorboard, psutil, tqdm and einops
+# are there (the device's KINDS.md). wandb is not, and is imported only with --wandb-project.
 # Never add torch or anything depending on it: it would replace the image's CUDA build.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-pinned=$(sed -n 's/.*"megatron-core==\([^"]*\)".*/\1/p' "$ROOT/pyproject.toml" | head -1)
-version=${MEGATRON_CORE_VERSION:-$pinned}
+tested=$(sed -n 's/^OLDEST, NEWEST_TESTED = "[^"]*", "\([^"]*\)"$/\1/p' \
+    "$ROOT/megatron_opd/compat/versions.py")
+version=${MEGATRON_CORE_VERSION:-$tested}
 if [[ -z $version ]]; then
-    echo "no megatron-core==X pin in pyproject.toml; set MEGATRON_CORE_VERSION" >&2
+    echo "NEWEST_TESTED not found in megatron_opd/compat/versions.py; set MEGATRON_CORE_VERSION" >&2
     exit 1
+fi
+if [[ ${1:-} == --print-version ]]; then
+    echo "$version"
+    exit 0
 fi
 dest=$ROOT/.whl
 mkdir -p "$dest"

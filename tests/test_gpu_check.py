@@ -43,6 +43,18 @@ def test_full_shapes_are_qwen3_0_6b_and_4b():
     assert (shapes.prompts, shapes.new_tokens, shapes.op_tokens) == (8, 1024, (1024, 8))
 
 
+def test_wheels_are_fetched_at_the_newest_tested_megatron_core():
+    from megatron_opd.compat import versions
+
+    env = {k: v for k, v in os.environ.items() if k != "MEGATRON_CORE_VERSION"}
+    script = ROOT / "scripts" / "fetch_gpu_wheels.sh"
+    proc = subprocess.run(
+        ["bash", str(script), "--print-version"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == versions.NEWEST_TESTED
+
+
 def test_budget_spent_skips_and_fails(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out-dir", str(tmp_path),
@@ -63,6 +75,7 @@ def test_budget_spent_skips_and_fails(tmp_path):
 def test_gpu_check_small_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHONPATH")}
     env.update(PYTHON=sys.executable, OUT_DIR=str(tmp_path), GPU_CHECK_SMALL="1")
+    env["GPU_CHECK_SITE"] = str(tmp_path / "site")  # where carried wheels for this Python would go
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
         capture_output=True,
