@@ -186,8 +186,8 @@ def test_shell_scripts_pass_shellcheck():
     except SlurmUnavailable as e:
         pytest.skip(str(e))
     scripts = [*sorted(SLURM_DIR.glob("*.sbatch")), ROOT / "scripts" / "gpu_check.sh"]
-    scripts.append(ROOT / "examples" / "launch.sh")
-    assert len(scripts) == 4
+    scripts += [ROOT / "scripts" / "fetch_gpu_wheels.sh", ROOT / "examples" / "launch.sh"]
+    assert len(scripts) == 5
     proc = subprocess.run(
         ["shellcheck", "--shell=bash", "--severity=style", *map(str, scripts)],
         capture_output=True,
