@@ -7,7 +7,7 @@ and the schedule calls ``loss_func(output_tensor) -> (loss_sum, num_tokens, repo
                  (full_vocab_kl: sum of KL(pi_S || pi_T) over the valid positions)
     num_tokens = the number of those tokens (an int tensor, as the schedule accumulates it)
 
-Normalization (checked against megatron/core 0.16.1): with ``TransformerConfig.
+Normalization (checked against megatron/core 0.16.1 and 0.19.2): with ``TransformerConfig.
 calculate_per_token_loss=True`` the schedule (``pipeline_parallel/schedules.py``,
 ``forward_step_calc_loss``) back-propagates ``loss_sum`` unscaled and adds up ``num_tokens`` over
 the micro-batches; ``distributed/finalize_model_grads.py`` then all-reduces that count over the
@@ -19,8 +19,8 @@ whatever the micro-batch split and the DP size. The caller must therefore set
 (:func:`require_per_token_loss` checks both); without them the schedule divides each micro-batch by
 its own count and by the number of micro-batches, which is not the paper's normalization.
 
-Report: 0.16.1's schedule only appends the third value of every micro-batch to the list that
-``forward_backward_func`` returns on the last pipeline stage; it does not combine them. Each report
+Report: the schedule (0.16.1 and 0.19.2) only appends the third value of every micro-batch to the
+list that ``forward_backward_func`` returns on the last pipeline stage; it does not combine them. Each report
 value here is a tensor that merges by sum (min / max for the reward extrema, and a fixed-size
 histogram for percentiles), so :func:`reduce_reports` combines micro-batches and DP ranks exactly.
 
