@@ -20,9 +20,10 @@ whatever the micro-batch split and the DP size. The caller must therefore set
 its own count and by the number of micro-batches, which is not the paper's normalization.
 
 Report: the schedule (0.16.1 and 0.19.2) only appends the third value of every micro-batch to the
-list that ``forward_backward_func`` returns on the last pipeline stage; it does not combine them. Each report
-value here is a tensor that merges by sum (min / max for the reward extrema, and a fixed-size
-histogram for percentiles), so :func:`reduce_reports` combines micro-batches and DP ranks exactly.
+list that ``forward_backward_func`` returns on the last pipeline stage; it does not combine them.
+Each report value here is a tensor that merges by sum (min / max for the reward extrema, and a
+fixed-size histogram for percentiles), so :func:`reduce_reports` combines micro-batches and DP
+ranks exactly.
 
 Z-score needs the mean and std of the log-ratio over the whole step *before* any micro-batch's
 backward: run the pre-update student forward-only over the step, then

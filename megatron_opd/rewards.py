@@ -264,7 +264,8 @@ def summarize_statistics(stats: dict[str, torch.Tensor]) -> dict[str, float]:
         for q in PERCENTILES:
             # nearest rank: the smallest value with at least q% of the tokens at or below it
             rank = max(math.ceil(q / 100.0 * n), 1)
-            index = int(torch.searchsorted(cum, torch.tensor(float(rank), dtype=cum.dtype, device=cum.device)))
+            key = torch.tensor(float(rank), dtype=cum.dtype, device=cum.device)
+            index = int(torch.searchsorted(cum, key))
             value = _histogram_bin_value(index)
             out[f"reward_p{q}"] = min(max(value, out["reward_min"]), out["reward_max"])
     else:

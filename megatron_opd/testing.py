@@ -207,3 +207,21 @@ def convert_hf_checkpoint(hf_dir, save, tokenizer_dir=None) -> None:
         capture_output=True,
         env=dict(standalone_env(), PYTHONWARNINGS="ignore"),
     )  # fmt: skip
+
+
+def logits_from_an_output_layer(logits):
+    """``logits`` as if an output layer had just produced them: the same storage (no copy), not a
+    leaf, so an op's in-place gradient flows on instead of autograd cloning it into ``.grad``
+    (what the benchmarks of the reward op need to time it as training runs it)."""
+    import torch
+
+    class OutputLayer(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    return OutputLayer.apply(logits.detach().requires_grad_())

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_opd import distributed  # noqa: E402
 from megatron_opd.distributed import ParallelConfig  # noqa: E402
 from megatron_opd.models import padded_vocab_size  # noqa: E402
-from megatron_opd.testing import run_distributed  # noqa: E402
+from megatron_opd.testing import logits_from_an_output_layer, run_distributed  # noqa: E402
 from megatron_opd.vocab_parallel import DEFAULT_CHUNK_SIZE  # noqa: E402
 
 ALPHA = 1.0
@@ -55,20 +55,6 @@ SEQ_PER_SAMPLE = 1024
 BASELINE = "Megatron CE"
 SHARDED = ["op", "op, own grad", "OPD loss", BASELINE, "full-vocab KL"]
 COLUMNS = ["op", "op, own grad", "OPD loss", BASELINE, "reference", "full-vocab KL"]
-
-
-class _OutputLayer(torch.autograd.Function):
-    """Stands for the output layer that produced the logits: shares their storage (no copy) and
-    consumes their gradient in backward, as the layer's matmuls would. Without it the logits would
-    be a leaf, and autograd would clone an in-place gradient into ``.grad``."""
-
-    @staticmethod
-    def forward(ctx, logits):
-        return logits.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
 
 
 def _status_kb(field: str) -> int:
@@ -128,7 +114,7 @@ def _rank(group_name: str, tp: int, dtype_name: str, tokens: int, vocab: int, re
             if pristine is not None:
                 student.copy_(pristine)
             return None
-        return _OutputLayer.apply(student.detach().requires_grad_())
+        return logits_from_an_output_layer(student)
 
     def op(prepare, inplace=True):
         x = fresh_student(prepare)

@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_opd import distributed, models  # noqa: E402
+from megatron_opd.testing import logits_from_an_output_layer  # noqa: E402
 
 GIB = 2**30
 DATASHEET_TBS = {"H200": 4.8, "H100": 3.35}  # HBM bandwidth by the vendors' datasheets, TB/s
@@ -326,19 +327,6 @@ def section_numerics(ctx: Context) -> None:
 # (b) reward op bandwidth
 
 
-class _OutputLayer(torch.autograd.Function):
-    """Stands for the output layer that made the logits: the op's input is then no leaf, so its
-    in-place gradient flows on instead of being copied into a ``.grad``."""
-
-    @staticmethod
-    def forward(ctx, logits):
-        return logits.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
-
-
 def measure_copy(ctx: Context) -> float:
     """Device-to-device (or RAM) copy bandwidth, TB/s, counting bytes read plus written."""
     n = (2 * GIB if ctx.cuda else 256 * 2**20) // 4
@@ -384,11 +372,11 @@ def section_reward_op(ctx: Context) -> None:
                 sampled_token_logprobs(student, targets, vocab, None, chunk)
 
         def forward_backward(chunk=chunk):
-            x = _OutputLayer.apply(student.detach().requires_grad_())
+            x = logits_from_an_output_layer(student)
             sampled_token_logprobs(x, targets, vocab, None, chunk, True).backward(upstream)
 
         def kl_forward_backward(chunk=chunk):
-            x = _OutputLayer.apply(student.detach().requires_grad_())
+            x = logits_from_an_output_layer(student)
             full_vocab_reverse_kl(x, teacher, vocab, None, chunk, True).backward(upstream)
 
         for label, fn, passes in (

@@ -288,9 +288,7 @@ def test_damaged_checkpoint_is_refused_with_the_file(pair, tmp_path, monkeypatch
     old = tmp_path / "old"
     name = _damage(pair["teacher"], old, "empty")
     (old / integrity.MANIFEST_FILE).unlink()
-    assert f"{name} is empty" in _refused(
-        pair, monkeypatch, capsys, "--opd-teacher-load", str(old)
-    )
+    assert f"{name} is empty" in _refused(pair, monkeypatch, capsys, "--opd-teacher-load", str(old))
 
 
 def _unshare_works() -> bool:
