@@ -3,8 +3,9 @@
     python examples/toy_reproduction/compare.py --seeds 8 --heldout 256 --jobs 2   # the full run
     python examples/toy_reproduction/compare.py --quick      # the pipeline in miniature (CI)
 
-1. ``make_models.py`` trains the teacher and the student with ``--heldout M`` held-out problems
-   (cached in ``--out/models``); ``scripts/evaluate.py`` scores the student once: the start.
+1. ``make_models.py`` trains the teacher and the student, setting aside max(M, 256) held-out
+   problems (cached in ``--out/models``); the comparison uses the first M (``--heldout``), so M
+   can change without retraining. ``scripts/evaluate.py`` scores the student once: the start.
 2. Every method x seed (seeds 1..N) trains through ``scripts/pretrain_opd.py`` with the sweep's
    flags (``run.SweepConfig``: steps, lr, batch, rollouts) and the method's reward flags, saves its
    final checkpoint, and ``scripts/evaluate.py`` scores it on all M problems with the same
@@ -52,6 +53,7 @@ DEFAULT_METHODS = ("vanilla", "clip", "full_vocab_kl", "power_1", "power_5", "po
 DEFAULT_METHODS += ("tropd", "sign")
 BASELINES = ("vanilla", "full_vocab_kl")
 GAP_ALPHAS = (1.0, 5.0, 50.0)
+HELDOUT_POOL = 256  # held-out problems the models set aside
 # yardstick -> (label, scale, higher is better)
 YARDSTICKS = {
     "accuracy": ("Avg@k (points)", 100.0, True),
@@ -72,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
-    p.add_argument("--quick", action="store_true", help="a miniature: 2 methods, tiny models")
+    p.add_argument("--quick", action="store_true", help="a miniature: the 2 baselines, tiny models")
     args = p.parse_args(argv)
     for flag, value, low in (("--seeds", args.seeds, 1), ("--heldout", args.heldout, 2),
                              ("--jobs", args.jobs, 1), ("--steps", args.steps, 1)):  # fmt: skip
@@ -85,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config(args) -> tuple[sweep.SweepConfig, tuple[str, ...]]:
     cfg = sweep.sweep_config(sweep.parse_args(["--quick"] if args.quick else []))
-    methods = ("vanilla", "full_vocab_kl", "sign") if args.quick else DEFAULT_METHODS
+    methods = BASELINES if args.quick else DEFAULT_METHODS
     if args.methods:
         methods = tuple(args.methods)
     missing = [b for b in BASELINES if b not in methods]
@@ -99,7 +101,8 @@ def config(args) -> tuple[sweep.SweepConfig, tuple[str, ...]]:
     if "--heldout-problems" in cfg.model_args:
         i = cfg.model_args.index("--heldout-problems")
         del cfg.model_args[i : i + 2]
-    cfg.model_args += ["--heldout-problems", str(args.heldout)]
+    pool = args.heldout if args.quick else max(args.heldout, HELDOUT_POOL)
+    cfg.model_args += ["--heldout-problems", str(pool)]
     return cfg, methods
 
 
@@ -114,13 +117,14 @@ def _drop(flags: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
-def evaluate_cmd(cfg, models: Path, load: Path, out: Path) -> list[str]:
+def evaluate_cmd(cfg, models: Path, load: Path, out: Path, heldout: int) -> list[str]:
     from make_models import eval_config
 
     ev = eval_config(cfg.eval_samples)
     return [sys.executable, str(ROOT / "scripts" / "evaluate.py"),
             "--load", str(load), "--teacher", str(models / "teacher"),
-            "--data", str(models / "heldout.jsonl"), "--samples", str(ev.samples),
+            "--data", str(models / "heldout.jsonl"), "--limit", str(heldout),
+            "--samples", str(ev.samples),
             "--temperature", f"{ev.temperature:g}", "--max-new-tokens", str(ev.max_new_tokens),
             "--max-prompt-length", str(ev.max_prompt_length), "--seed", str(ev.seed),
             "--micro-batch-size", "16", "--gap-alpha", *(f"{a:g}" for a in GAP_ALPHAS),
@@ -157,7 +161,7 @@ def _run(cmd: list[str], log: Path, threads: int) -> int:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def run_one(cfg, models: Path, out: Path, method: str, seed: int, threads: int) -> dict:
+def run_one(cfg, models: Path, out: Path, method: str, seed: int, threads: int, heldout: int):
     name = f"{method}_seed{seed}"
     run_dir = out / "runs" / name
     result_file = run_dir / "result.json"
@@ -178,7 +182,8 @@ def run_one(cfg, models: Path, out: Path, method: str, seed: int, threads: int) 
     result["train_seconds"] = time.perf_counter() - t0
     if rc == 0:
         t1 = time.perf_counter()
-        rc = _run(evaluate_cmd(cfg, models, run_dir / "ckpt", run_dir / "eval"), log, threads)
+        cmd = evaluate_cmd(cfg, models, run_dir / "ckpt", run_dir / "eval", heldout)
+        rc = _run(cmd, log, threads)
         result["eval_seconds"] = time.perf_counter() - t1
     result["returncode"] = rc
     if rc == 0:
@@ -197,11 +202,11 @@ def run_one(cfg, models: Path, out: Path, method: str, seed: int, threads: int) 
     return result
 
 
-def start_scores(cfg, models: Path, out: Path, threads: int) -> dict[str, list[float]]:
-    eval_dir = out / "start"
+def start_scores(cfg, models: Path, out: Path, threads: int, heldout: int):
+    eval_dir = out / f"start_{heldout}"
     if not (eval_dir / "gap.jsonl").exists():
         eval_dir.mkdir(parents=True, exist_ok=True)
-        cmd = evaluate_cmd(cfg, models, models / "student", eval_dir)
+        cmd = evaluate_cmd(cfg, models, models / "student", eval_dir, heldout)
         if _run(cmd, out / "logs" / "start_eval.log", threads) != 0:
             raise SystemExit(f"evaluating the start failed; see {out / 'logs' / 'start_eval.log'}")
     return per_problem(eval_dir)
@@ -353,13 +358,19 @@ def main(argv=None) -> dict:
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
     t0 = time.perf_counter()
     models_info = sweep.make_models(cfg, out / "models", threads=os.cpu_count() or 1)
-    start = start_scores(cfg, out / "models", out, threads=os.cpu_count() or 1)
+    n_pool = len((out / "models" / "heldout.jsonl").read_text().splitlines())
+    if n_pool < args.heldout:
+        raise SystemExit(f"compare.py: error: --heldout {args.heldout}: the models in "
+                         f"{out / 'models'} set aside only {n_pool} problems")  # fmt: skip
+    start = start_scores(cfg, out / "models", out, os.cpu_count() or 1, args.heldout)
     print(f"start: Avg@{cfg.eval_samples} {100 * statistics.fmean(start['accuracy']):.1f} on "
           f"{len(start['accuracy'])} problems; {len(methods)} methods x {len(cfg.seeds)} seeds",
           flush=True)  # fmt: skip
     jobs = [(m, s) for s in cfg.seeds for m in methods]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda j: run_one(cfg, out / "models", out, *j, threads), jobs))
+        results = list(
+            pool.map(lambda j: run_one(cfg, out / "models", out, *j, threads, args.heldout), jobs)
+        )
     wall = time.perf_counter() - t0
     table = compare(results, start, methods)
     start_info = {"accuracy": 100 * statistics.fmean(start["accuracy"])}
