@@ -249,7 +249,13 @@ def compare(results: list[dict], start: dict, methods) -> dict:
                 if m == b or not paired:
                     continue
                 table = _table(paired, key, base, scale)
-                e[f"vs_{b}"] = stats.crossed_mean_interval(table).as_dict()
+                iv = stats.crossed_mean_interval(table)
+                e[f"vs_{b}"] = iv.as_dict()
+                if key == "accuracy" and iv.seeds > 1:
+                    # with these components and problems, the seeds for a half-width of 3 points
+                    e[f"vs_{b}"]["seeds_for_3_points"] = stats.seeds_needed(
+                        iv.sd_seed, iv.sd_problem, iv.problems, 3.0, iv.sd_residual
+                    )
             entry[key] = e
         entry["grad_norm_median"] = statistics.fmean(r["grad_norm_median"] for r in runs)
         out[m] = entry
@@ -288,8 +294,8 @@ def markdown(table: dict, start_info: dict, cfg, wall: float) -> str:
             else []
         ),  # fmt: skip
         f"| method | seeds | Avg@{k} change | vs vanilla | vs full_vocab_kl | verdict vs vanilla "
-        "| verdict vs full_vocab_kl |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| verdict vs full_vocab_kl | seeds for ±3 vs vanilla |",
+        "|---|---:|---:|---:|---:|---|---|---:|",
     ]
     for m, e in table.items():
         if "accuracy" not in e:
@@ -302,7 +308,11 @@ def markdown(table: dict, start_info: dict, cfg, wall: float) -> str:
             iv = a.get(f"vs_{b}")
             cells.append(_fmt(iv, 1) if iv else "—")
             verdicts.append(verdict(iv, True) if iv else "—")
-        lines.append(f"| {m} | {len(e['seeds'])} | " + " | ".join(cells + verdicts) + " |")
+        need = a.get("vs_vanilla", {}).get("seeds_for_3_points", "—")
+        need = "no: the problems' share alone is wider" if need is None else need
+        lines.append(
+            f"| {m} | {len(e['seeds'])} | " + " | ".join(cells + verdicts) + f" | {need} |"
+        )
     lines += ["", "Divergence yardsticks (change from the start per token; lower is closer):", ""]
     keys = [key for key in YARDSTICKS if key != "accuracy"]
     lines.append("| method | " + " | ".join(YARDSTICKS[key][0] for key in keys) + " |")
