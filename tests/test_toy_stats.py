@@ -108,3 +108,25 @@ def test_seeds_needed():
     assert stats.t_quantile(0.975, got - 1) * math.sqrt(var) <= 3.0
     var = 16 / (got - 1) + 100 / 256
     assert stats.t_quantile(0.975, got - 2) * math.sqrt(var) > 3.0
+
+
+def test_existing_seeds_table_recounts():
+    """docs/reproduction.md's table over the earlier sweeps' four seeds: two rows by hand."""
+    import existing_seeds
+
+    t3 = 3.1824  # two-sided 95% point of t with 3 degrees of freedom
+    # full-vocab KL's change: 38.5 - 33, 47.3 - 33, 42.4 - 29.3, 41.0 - 29.3
+    xs = [5.5, 14.3, 13.1, 11.7]
+    m = sum(xs) / 4
+    half = t3 * math.sqrt(statistics_var(xs) / 4)
+    got = existing_seeds.table()["full_vocab_kl"]["accuracy"]["change"]
+    assert got["mean"] == pytest.approx(m) and got["half_width"] == pytest.approx(half, rel=1e-4)
+    assert got["low"] > 0  # the only method whose gain excludes 0
+    # PowerOPD alpha 5 minus vanilla, same seed and stream: 16.2, 16.6, 3.1, 6.6
+    xs = [16.2, 16.6, 3.1, 6.6]
+    got = existing_seeds.table()["power_5"]["accuracy"]["vs_vanilla"]
+    assert got["mean"] == pytest.approx(sum(xs) / 4)
+    assert got["half_width"] == pytest.approx(t3 * math.sqrt(statistics_var(xs) / 4), rel=1e-4)
+    assert got["low"] < 0 < got["high"]  # not resolved
+    sd, pairs = existing_seeds.pooled_seed_sd()
+    assert pairs == 18 and sd == pytest.approx(4.1507, abs=1e-4)

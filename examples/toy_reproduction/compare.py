@@ -345,7 +345,13 @@ def markdown(table: dict, start_info: dict, cfg, wall: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, out: Path, k: int) -> Path:
+def plot(
+    table: dict,
+    out: Path,
+    k: int,
+    note: str = "95% interval over seeds and problems",
+    name: str = "compare.png",
+) -> Path:
     from megatron_opd.plots import pyplot, save_figure
 
     plt = pyplot()
@@ -362,11 +368,11 @@ def plot(table: dict, out: Path, k: int) -> Path:
                 ax.errorbar(iv["mean"], y, xerr=iv["half_width"], fmt="o", capsize=4, color=color)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("Avg@k points (95% interval over seeds and problems)")
+        ax.set_xlabel(f"Avg@{k} points ({note})")
     axes[0].set_yticks(range(len(methods)), methods)
     axes[0].invert_yaxis()
     out.mkdir(parents=True, exist_ok=True)
-    return save_figure(fig, out / "compare.png")
+    return save_figure(fig, out / name)
 
 
 def main(argv=None) -> dict:
