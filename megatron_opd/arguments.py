@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--opd-clip-max", type=float, default=1.0)
     g.add_argument("--opd-tanh-temperature", type=float, default=5.0)
     g.add_argument(
+        "--opd-tropd-alpha",
+        type=float,
+        default=0.2,
+        help="tropd: weight of the teacher in the proximal teacher a*pi_T + (1-a)*pi_S, in (0, 1]",
+    )
+    g.add_argument(
         "--opd-mask-terminal-stop",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -411,6 +417,7 @@ def reward_config(args: argparse.Namespace):
         clip_min=args.opd_clip_min,
         clip_max=args.opd_clip_max,
         tanh_temperature=args.opd_tanh_temperature,
+        tropd_alpha=args.opd_tropd_alpha,
     )
 
 

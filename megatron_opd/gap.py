@@ -4,14 +4,22 @@ For each response ``o`` the student samples at temperature 1 over the true vocab
 response position ``t`` (the final stop token included: the student chose it):
 
     kl_t           KL(pi_S(. | o_<t) || pi_T(. | o_<t)), exact over the whole vocabulary
+    tv_t           total variation 1/2 sum_v |pi_S(v) - pi_T(v)|, exact (the sign reward's target)
+    power_div_a_t  sum_v [pi_S^(1+a) - (1+a) pi_T^a pi_S + a pi_T^(1+a)] at each requested a
+                   (the Bregman divergence of x^(1+a) that PowerOPD's expected update descends;
+                   the run's --opd-alpha in training; see ``megatron_opd.divergences``)
     teacher_nll_t  -log pi_T(o_t | o_<t)
     log_ratio_t    log pi_T(o_t) - log pi_S(o_t)  (its mean estimates -KL; OPD trains on it)
     entropy_t      H(pi_S(. | o_<t))
 
 Summaries are token means over every response token of a benchmark (``*_per_token``), plus the
-mean response length. The teacher and the student sit on the same TP x PP grid; the per-position
-numbers come from the project's vocab-parallel ops on the last pipeline stage (no rank holds more
-than its logits shard) and every rank of a data-parallel group gets them.
+mean response length. Which yardstick a reward should be judged on depends on the reward: the
+log-ratio descends the KL in expectation, PowerOPD the power divergence at its alpha, the sign
+reward the total variation; accuracy, where the task can be scored, judges them all.
+
+The teacher and the student sit on the same TP x PP grid; the per-position numbers come from the
+project's vocab-parallel ops on the last pipeline stage (no rank holds more than its logits shard)
+and every rank of a data-parallel group gets them.
 
 :class:`GapWatch` turns a series of gaps into one warning when it keeps growing.
 """
@@ -27,11 +35,22 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import opd
+from megatron_opd.divergences import vocab_parallel_divergences
 from megatron_opd.entropy import vocab_parallel_entropy
 from megatron_opd.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
 
-# per-response sums, in this order, in every record (``tokens`` is the count they are over)
-SUM_KEYS = ("kl_sum", "teacher_nll_sum", "log_ratio_sum", "entropy_sum")
+# per-response sums, in this order, in every record (``tokens`` is the count they are over),
+# then one ``power_div_<a>_sum`` per requested alpha (:func:`sum_keys`)
+SUM_KEYS = ("kl_sum", "teacher_nll_sum", "log_ratio_sum", "entropy_sum", "tv_sum")
+
+
+def power_key(alpha: float) -> str:
+    """The name of the power divergence at ``alpha`` (``power_div_5`` for 5.0)."""
+    return f"power_div_{alpha:g}"
+
+
+def sum_keys(power_alphas: Sequence[float] = ()) -> tuple[str, ...]:
+    return SUM_KEYS + tuple(power_key(a) + "_sum" for a in power_alphas)
 
 
 def _is_last_stage() -> bool:
@@ -40,15 +59,15 @@ def _is_last_stage() -> bool:
     return parallel_state.is_pipeline_last_stage()
 
 
-def _to_every_stage(sums: Optional[torch.Tensor], rows: int) -> torch.Tensor:
-    """The last pipeline stage's ``[rows, 1 + len(SUM_KEYS)]`` float64 sums, on every stage."""
+def _to_every_stage(sums: Optional[torch.Tensor], rows: int, width: int) -> torch.Tensor:
+    """The last pipeline stage's ``[rows, width]`` float64 sums, on every stage."""
     from megatron.core import parallel_state as ps
 
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return sums
     from megatron_opd import compat
 
-    out = sums if sums is not None else torch.zeros(rows, 1 + len(SUM_KEYS), dtype=torch.float64)
+    out = sums if sums is not None else torch.zeros(rows, width, dtype=torch.float64)
     out = out.to(compat.default_device()).contiguous()
     dist.broadcast(
         out,
@@ -66,8 +85,10 @@ def score_responses(
     vocab_size: int,
     pad_id: int,
     micro_batch_size: int = 4,
+    power_alphas: Sequence[float] = (),
 ) -> list[dict[str, float]]:
-    """Per response: ``tokens`` and the sums of :data:`SUM_KEYS` over its tokens (float64).
+    """Per response: ``tokens`` and the sums of ``sum_keys(power_alphas)`` over its tokens
+    (float64).
 
     Every rank of a model-parallel group must pass the same rows; each rank gets all of them.
     Rows go through the teacher and then the student one micro-batch at a time (rows of similar
@@ -78,6 +99,7 @@ def score_responses(
     if len(prompts) != len(responses):
         raise ValueError("one response per prompt")
     tp_group = parallel_state.get_tensor_model_parallel_group()
+    keys = sum_keys(power_alphas)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     out: list[Optional[dict[str, float]]] = [None] * len(prompts)
     for c in student + teacher:
@@ -86,10 +108,10 @@ def score_responses(
         rows = order[start : start + micro_batch_size]
         item = _micro_batch([prompts[i] for i in rows], [responses[i] for i in rows], pad_id)
         (teacher_logits,) = opd.score_teacher(teacher, [item], vocab_size, keep_logits=True)
-        sums = _student_pass(student, item, teacher_logits, vocab_size, tp_group)
-        sums = _to_every_stage(sums, len(rows))
+        sums = _student_pass(student, item, teacher_logits, vocab_size, tp_group, power_alphas)
+        sums = _to_every_stage(sums, len(rows), 1 + len(keys))
         for row, values in zip(rows, sums.tolist(), strict=False):
-            out[row] = {"tokens": int(values[0]), **dict(zip(SUM_KEYS, values[1:], strict=True))}
+            out[row] = {"tokens": int(values[0]), **dict(zip(keys, values[1:], strict=True))}
     return out
 
 
@@ -109,7 +131,7 @@ def _micro_batch(prompts, responses, pad_id: int) -> opd.MicroBatch:
 
 
 @torch.no_grad()
-def _student_pass(student, item, teacher_logits, vocab_size: int, tp_group):
+def _student_pass(student, item, teacher_logits, vocab_size: int, tp_group, power_alphas=()):
     def step(data_iterator, model):
         mb = next(data_iterator)
         logits = opd._run_forward(model, mb.tokens, mb.first)
@@ -118,6 +140,9 @@ def _student_pass(student, item, teacher_logits, vocab_size: int, tp_group):
             mask, targets = mb.logit_mask.bool(), mb.logit_targets
             lp_s = sampled_token_logprobs(output, targets, vocab_size, tp_group)
             lp_t = sampled_token_logprobs(teacher_logits, targets, vocab_size, tp_group)
+            tv, power = vocab_parallel_divergences(
+                output, teacher_logits, vocab_size, tp_group, power_alphas
+            )
             per_token = torch.stack(
                 [
                     mask.double(),
@@ -125,10 +150,12 @@ def _student_pass(student, item, teacher_logits, vocab_size: int, tp_group):
                     -lp_t.double(),
                     (lp_t.double() - lp_s.double()),
                     vocab_parallel_entropy(output, vocab_size, tp_group).double(),
+                    tv,
+                    *power,
                 ],
                 dim=-1,
             )
-            sums = torch.where(mask.unsqueeze(-1), per_token, 0.0).sum(dim=1)  # [b, 5]
+            sums = torch.where(mask.unsqueeze(-1), per_token, 0.0).sum(dim=1)  # [b, 6 + alphas]
             return torch.zeros((), device=output.device), torch.tensor(0), {"sums": sums}
 
         return logits, collect
@@ -145,14 +172,18 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Token means over every response token of ``records`` and the mean response length."""
     tokens = sum(r["tokens"] for r in records)
     n = max(tokens, 1)
-    return {
+    out = {
         "kl_per_token": sum(r["kl_sum"] for r in records) / n,
         "teacher_nll_per_token": sum(r["teacher_nll_sum"] for r in records) / n,
         "log_ratio_mean": sum(r["log_ratio_sum"] for r in records) / n,
         "student_entropy": sum(r["entropy_sum"] for r in records) / n,
-        "mean_response_tokens": tokens / max(len(records), 1),
-        "responses": float(len(records)),
+        "tv_per_token": sum(r["tv_sum"] for r in records) / n,
     }
+    powers = [k for k in (records[0] if records else {}) if k.startswith("power_div_")]
+    for key in powers:
+        out[key[: -len("_sum")] + "_per_token"] = sum(r[key] for r in records) / n
+    out.update(mean_response_tokens=tokens / max(len(records), 1), responses=float(len(records)))
+    return out
 
 
 def summaries_by_benchmark(
@@ -166,16 +197,22 @@ def summaries_by_benchmark(
 
 
 def markdown_table(summaries: dict[str, dict[str, float]]) -> str:
+    first = next(iter(summaries.values()), {})
+    powers = [k for k in first if k.startswith("power_div_")]
+    alphas = [k[len("power_div_") : -len("_per_token")] for k in powers]
     lines = [
-        "| benchmark | responses | KL(π_S‖π_T) / token | teacher NLL / token | "
-        "mean log π_T − log π_S | student entropy | mean length |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| benchmark | responses | KL(π_S‖π_T) / token | TV / token | "
+        + "".join(f"D_α={a} / token | " for a in alphas)
+        + "teacher NLL / token | mean log π_T − log π_S | student entropy | mean length |",
+        "|---|---:|---:|---:|" + "---:|" * len(alphas) + "---:|---:|---:|---:|",
     ]
     for name, s in summaries.items():
         label = "**mean**" if name == "mean" else name
         lines.append(
             f"| {label} | {s['responses']:.0f} | {s['kl_per_token']:.4f} | "
-            f"{s['teacher_nll_per_token']:.4f} | {s['log_ratio_mean']:.4f} | "
+            f"{s['tv_per_token']:.4f} | "
+            + "".join(f"{s[k]:.4g} | " for k in powers)
+            + f"{s['teacher_nll_per_token']:.4f} | {s['log_ratio_mean']:.4f} | "
             f"{s['student_entropy']:.4f} | {s['mean_response_tokens']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -266,6 +303,7 @@ def evaluate_gap(
     records: Optional[Sequence[dict[str, Any]]] = None,
     micro_batch_size: int = 4,
     sampler=None,
+    power_alphas: Sequence[float] = (),
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """The gap on ``cfg.samples`` student samples per held-out problem, and one record per sample.
 
@@ -273,7 +311,8 @@ def evaluate_gap(
     k, limits, seed). ``records``: that evaluation's records with ``response_ids`` (see
     ``evaluation.evaluate(keep_token_ids=True)``), reused when they were sampled at temperature 1
     without top-p; otherwise the student samples afresh at temperature 1 over the true vocabulary
-    (from ``sampler``, the student's rollout copy, when given).
+    (from ``sampler``, the student's rollout copy, when given). ``power_alphas``: the alphas of
+    the power divergences to report.
     """
     from megatron_opd.evaluation import _dp_info, rank_jobs, sample_jobs
 
@@ -302,6 +341,7 @@ def evaluate_gap(
                 vocab_size,
                 tokenizer.pad_id,
                 micro_batch_size,
+                power_alphas,
             )
             for (i, j), ids, s in zip(mine, responses, sums, strict=True):
                 local.append({"benchmark": name, "index": i, "sample": j, **s, "response_ids": ids})
@@ -357,6 +397,7 @@ class TrainingGapWatch:
             records=records if reusable else None,
             micro_batch_size=self.args.micro_batch_size,
             sampler=trainer.rollout_model,
+            power_alphas=(self.args.opd_alpha,),
         )
         self.held_out.update(summaries["mean"]["kl_per_token"], trainer.iteration)
         return metrics(summaries)

@@ -13,6 +13,11 @@ Kinds (PowerOPD, arXiv:2606.17199, and the baselines it compares against):
 * ``clip``       clamp(log_ratio, min, max)
 * ``tanh``       tanh(log_ratio / tau)
 * ``zscore``     (log_ratio - mean) / std           mean and std over the whole optimizer step
+* ``tropd``      log(a*pi_T/pi_S + 1 - a)           TOP-D / TROPD (arXiv:2607.04751; prime-rl
+  PR #2966, NeMo-RL PR #4011): the log-ratio to the proximal teacher a*pi_T + (1-a)*pi_S, with
+  0 < a <= 1 (``--opd-tropd-alpha``); floored at log(1 - a), a = 1 is the log-ratio
+* ``sign``       sign(lp_t - lp_s)                  the sign-only reward (TV-OPD): its expected
+  update descends the total variation between pi_S and pi_T
 * ``full_vocab_kl``  exact reverse KL, differentiated through the student's whole distribution; it
   has no sampled-token reward, so :func:`compute_reward` returns the log-ratio for reporting only.
 """
@@ -25,7 +30,17 @@ from typing import Optional
 
 import torch
 
-REWARD_KINDS = ("power", "boxcox", "log_ratio", "clip", "tanh", "zscore", "full_vocab_kl")
+REWARD_KINDS = (
+    "power",
+    "boxcox",
+    "log_ratio",
+    "clip",
+    "tanh",
+    "zscore",
+    "tropd",
+    "sign",
+    "full_vocab_kl",
+)
 
 
 @dataclass
@@ -37,6 +52,7 @@ class RewardConfig:
     clip_min: float = -1.0
     clip_max: float = 1.0
     tanh_temperature: float = 5.0
+    tropd_alpha: float = 0.2
 
     def validate(self) -> None:
         if self.kind not in REWARD_KINDS:
@@ -51,6 +67,8 @@ class RewardConfig:
             )
         if not self.tanh_temperature > 0 or not math.isfinite(self.tanh_temperature):
             raise ValueError(f"--opd-tanh-temperature must be > 0, got {self.tanh_temperature:g}")
+        if not 0 < self.tropd_alpha <= 1:
+            raise ValueError(f"--opd-tropd-alpha must be in (0, 1], got {self.tropd_alpha:g}")
 
 
 def log_ratio_reward(lp_t: torch.Tensor, lp_s: torch.Tensor) -> torch.Tensor:
@@ -89,6 +107,31 @@ def clip_reward(r: torch.Tensor, clip_min: float = -1.0, clip_max: float = 1.0) 
 
 def tanh_reward(r: torch.Tensor, tau: float = 5.0) -> torch.Tensor:
     return torch.tanh(r.float() / tau)
+
+
+def tropd_reward(lp_t: torch.Tensor, lp_s: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log(alpha * pi_T/pi_S + 1 - alpha) = log(alpha*pi_T + (1-alpha)*pi_S) - log pi_S, fp32.
+
+    0 < alpha <= 1. Bounded below by log(1 - alpha) (a token the teacher rejects costs at most
+    that), unbounded above like the log-ratio; the sign of the log-ratio, zero iff lp_t == lp_s.
+    With d = lp_t - lp_s: log1p(alpha * expm1(d)) near d = 0, where the result is small and must
+    keep its relative precision, and logaddexp(log alpha + d, log(1 - alpha)) elsewhere, which
+    neither overflows for large d nor loses the floor for very negative d.
+    """
+    if not 0 < alpha <= 1:
+        raise ValueError(f"--opd-tropd-alpha must be in (0, 1], got {alpha:g}")
+    d = lp_t.float() - lp_s.float()
+    if alpha == 1.0:
+        return d
+    near = torch.log1p(alpha * torch.expm1(d.clamp(-1.0, 1.0)))
+    far = torch.logaddexp(d + math.log(alpha), torch.full_like(d, math.log1p(-alpha)))
+    return torch.where(d.abs() < 1.0, near, far)
+
+
+def sign_reward(lp_t: torch.Tensor, lp_s: torch.Tensor) -> torch.Tensor:
+    """sign(lp_t - lp_s) in {-1, 0, 1}: E_{v~pi_S}[sign(pi_T(v) - pi_S(v)) grad log pi_S(v)]
+    = -2 grad TV(pi_S, pi_T), so the REINFORCE update descends the total variation."""
+    return torch.sign(lp_t.float() - lp_s.float())
 
 
 def masked_moments(r: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +181,10 @@ def compute_reward(
         r = clip_reward(log_ratio_reward(lp_t, lp_s), cfg.clip_min, cfg.clip_max)
     elif kind == "tanh":
         r = tanh_reward(log_ratio_reward(lp_t, lp_s), cfg.tanh_temperature)
+    elif kind == "tropd":
+        r = tropd_reward(lp_t, lp_s, cfg.tropd_alpha)
+    elif kind == "sign":
+        r = sign_reward(lp_t, lp_s)
     elif kind == "zscore":
         mean, std = zscore_moments if zscore_moments is not None else (None, None)
         r = zscore_reward(log_ratio_reward(lp_t, lp_s), mask, mean, std)

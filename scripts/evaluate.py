@@ -12,9 +12,11 @@ layout. ``--hf-dir`` takes a Hugging Face directory instead (converted once, on 
 ``--teacher CKPT`` adds the distillation gap (``megatron_opd.gap``) on the same held-out prompts:
 for the student's own samples at temperature 1 (the Avg@k samples when ``--temperature 1``,
 otherwise ``--samples`` fresh ones per problem), the exact per-token KL(pi_S || pi_T) over the full
-vocabulary, the teacher's NLL per token, the mean sampled log-ratio, the student's entropy and the
-response length; in ``results.json`` (``"gap"``), ``results.md`` and ``gap.jsonl`` (per sample,
-with its token ids). The teacher loads at the same TP/PP layout and must share the vocabulary.
+vocabulary, the exact total variation and the power divergence at each ``--gap-alpha`` (the Bregman
+divergence PowerOPD descends), the teacher's NLL per token, the mean sampled log-ratio, the
+student's entropy and the response length; in ``results.json`` (``"gap"``), ``results.md`` and
+``gap.jsonl`` (per sample, with its token ids). The teacher loads at the same TP/PP layout and must
+share the vocabulary.
 """
 
 from __future__ import annotations
@@ -58,7 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--micro-batch-size", type=int, default=4, help="rows per forward pass of the gap"
     )
+    p.add_argument(
+        "--gap-alpha",
+        type=float,
+        nargs="+",
+        default=[5.0],
+        help="with --teacher: report the power divergence at each of these alphas (> 0)",
+    )
     args = p.parse_args(argv)
+    for a in args.gap_alpha:
+        if not 0 < a < float("inf"):
+            p.error(f"--gap-alpha must be > 0 and finite, got {a:g}")
     cli.check_numbers(
         p,
         args,
@@ -168,6 +180,7 @@ def main(argv=None) -> None:
                 convert.read_checkpoint(ckpt)[0].vocab_size,
                 records=records if reusable else None,
                 micro_batch_size=args.micro_batch_size,
+                power_alphas=tuple(args.gap_alpha),
             )
             extra.update(teacher=str(teacher_ckpt), gap=summaries)
         for r in records:

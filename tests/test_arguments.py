@@ -49,6 +49,8 @@ def test_config_unknown_key(tmp_path):
         (["--opd-alpha", "-1"], 1, "--opd-alpha must be > 0, got -1"),
         (["--opd-clip-min", "2"], 1, r"--opd-clip-min \(2\) must be < --opd-clip-max \(1\)"),
         (["--opd-tanh-temperature", "0"], 1, "--opd-tanh-temperature must be > 0"),
+        (["--opd-tropd-alpha", "1.5"], 1, r"--opd-tropd-alpha must be in \(0, 1\], got 1.5"),
+        (["--opd-tropd-alpha", "0"], 1, r"--opd-tropd-alpha must be in \(0, 1\], got 0"),
         (
             ["--global-batch-size", "6", "--micro-batch-size", "4"],
             1,

@@ -18,7 +18,9 @@ from opd_setup import ROOT, make_pair, read_metrics, torchrun
 
 from megatron_opd import gap
 
-EVAL = ["--data", "builtin:40", "--limit", "4", "--samples", "2", "--max-new-tokens", "10"]
+GAP_ALPHAS = (0.5, 5.0)
+EVAL = ["--data", "builtin:40", "--limit", "4", "--samples", "2", "--max-new-tokens", "10",
+        "--gap-alpha", *map(str, GAP_ALPHAS)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def _prompts(pair) -> list[list[int]]:
 
 
 def _hf_recount(pair, records: list[dict]) -> list[dict]:
-    """Per record, in float64 by transformers: the sums of evaluate_gap's four quantities."""
+    """Per record, in float64 by transformers: the sums of evaluate_gap's quantities."""
     from transformers import AutoModelForCausalLM
 
     root = Path(pair["student"]).parent
@@ -61,15 +63,19 @@ def _hf_recount(pair, records: list[dict]) -> list[dict]:
             lt = torch.log_softmax(teacher(seq).logits[0, positions], -1)
             target = torch.tensor(response).unsqueeze(1)
             lp_s, lp_t = ls.gather(1, target)[:, 0], lt.gather(1, target)[:, 0]
-            out.append(
-                {
-                    "tokens": len(response),
-                    "kl_sum": (ls.exp() * (ls - lt)).sum().item(),
-                    "teacher_nll_sum": -lp_t.sum().item(),
-                    "log_ratio_sum": (lp_t - lp_s).sum().item(),
-                    "entropy_sum": -(ls.exp() * ls).sum().item(),
-                }
-            )
+            ps, pt = ls.exp(), lt.exp()
+            ref = {
+                "tokens": len(response),
+                "kl_sum": (ps * (ls - lt)).sum().item(),
+                "teacher_nll_sum": -lp_t.sum().item(),
+                "log_ratio_sum": (lp_t - lp_s).sum().item(),
+                "entropy_sum": -(ps * ls).sum().item(),
+                "tv_sum": 0.5 * (ps - pt).abs().sum().item(),
+            }
+            for a in GAP_ALPHAS:
+                terms = ps ** (1 + a) - (1 + a) * pt**a * ps + a * pt ** (1 + a)
+                ref[gap.power_key(a) + "_sum"] = terms.sum().item()
+            out.append(ref)
     return out
 
 
@@ -80,12 +86,14 @@ def _assert_equal_to_recount(pair, out_dir: Path) -> dict:
     recount = _hf_recount(pair, records)
     for r, ref in zip(records, recount, strict=True):
         assert r["tokens"] == ref["tokens"] >= 1
-        for key in gap.SUM_KEYS:
+        assert set(gap.sum_keys(GAP_ALPHAS)) <= set(r)
+        for key in gap.sum_keys(GAP_ALPHAS):
             assert r[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (r["index"], key)
     expected = gap.summarize([{**r, **ref} for r, ref in zip(records, recount, strict=True)])
     for key, value in expected.items():
         assert result["gap"]["mean"][key] == pytest.approx(value, rel=1e-4), key
     assert result["gap"]["mean"]["kl_per_token"] > 0.05  # a real gap, not a trivially equal pair
+    assert 0.01 < result["gap"]["mean"]["tv_per_token"] < 1
     return result
 
 
@@ -108,7 +116,8 @@ def test_evaluate_teacher_gap_equals_hf_float64_recount_tp1(pair, tmp_path):
     ]
     gap_rows = [json.loads(line) for line in (out / "gap.jsonl").read_text().splitlines()]
     assert [c["response_tokens"] for c in completions] == [g["tokens"] for g in gap_rows]
-    assert "KL(π_S‖π_T)" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "KL(π_S‖π_T)" in md and "TV / token" in md and "D_α=0.5 / token" in md
 
 
 def _evaluate_torchrun(pair, out: Path, *layout: str) -> None:
@@ -149,6 +158,11 @@ def test_evaluate_teacher_errors(pair, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("evaluate.py: error: --teacher") and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        script.main([*args, "--teacher", str(pair["teacher"]), "--gap-alpha", "5", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "evaluate.py: error: --gap-alpha must be > 0 and finite, got 0"
 
 
 @pytest.mark.slow
@@ -179,7 +193,9 @@ def test_eval_interval_gap_equals_evaluate_script(pair, tmp_path):
          "--temperature", "1.0", "--seed", "7", "--output", str(out), "--no-progress"]
     )  # fmt: skip
     reference = json.loads((out / "results.json").read_text())["gap"]["mean"]
-    for key in ("kl_per_token", "teacher_nll_per_token", "log_ratio_mean", "student_entropy"):
+    # the training run's power divergence is at its own --opd-alpha (5, the default)
+    for key in ("kl_per_token", "teacher_nll_per_token", "log_ratio_mean", "student_entropy",
+                "tv_per_token", "power_div_5_per_token"):  # fmt: skip
         assert evals[0][f"gap/mean/{key}"] == pytest.approx(reference[key], rel=1e-5), key
     assert evals[1]["gap/mean/kl_per_token"] != evals[0]["gap/mean/kl_per_token"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
@@ -226,6 +242,76 @@ def test_vocab_parallel_entropy_tp2():
     ref = -(ref_lp.exp() * ref_lp).sum(-1)
     for got in run_distributed(_entropy_worker, 2, logits, vocab, timeout=200):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def _divergences_float64(student: torch.Tensor, teacher: torch.Tensor, vocab: int, alphas):
+    ls = torch.log_softmax(student[..., :vocab].double(), -1)
+    lt = torch.log_softmax(teacher[..., :vocab].double(), -1)
+    ps, pt = ls.exp(), lt.exp()
+    tv = 0.5 * (ps - pt).abs().sum(-1)
+    power = [(ps ** (1 + a) - (1 + a) * pt**a * ps + a * pt ** (1 + a)).sum(-1) for a in alphas]
+    kl = (ps * (ls - lt)).sum(-1)
+    return tv, torch.stack(power), kl, ((ps - pt) ** 2).sum(-1)
+
+
+DIV_ALPHAS = (1e-4, 0.5, 1.0, 5.0, 50.0)
+
+
+def test_divergences_match_float64_and_ignore_padding():
+    from megatron_opd.divergences import vocab_parallel_divergences
+
+    g = torch.Generator().manual_seed(4)
+    vocab = 50
+    student = torch.randn(3, 5, 64, generator=g) * 6
+    teacher = student + torch.randn(3, 5, 64, generator=g) * 3
+    teacher[0, 0] = student[0, 0]  # identical rows: every divergence is 0
+    student[..., vocab:] = 1e4  # padded columns: must not count
+    teacher[..., vocab:] = -1e4
+    tv, power = vocab_parallel_divergences(student, teacher, vocab, None, DIV_ALPHAS, chunk_size=4)
+    ref_tv, ref_power, kl, l2 = _divergences_float64(student, teacher, vocab, DIV_ALPHAS)
+    assert tv.shape == (3, 5) and power.shape == (len(DIV_ALPHAS), 3, 5)
+    torch.testing.assert_close(tv, ref_tv, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(power, ref_power, rtol=1e-6, atol=1e-12)
+    assert tv[0, 0] == 0 and (power[:, 0, 0].abs() < 1e-15).all()
+    assert (power >= -1e-15).all() and (tv <= 1).all()
+    # alpha = 1: the squared L2 distance; alpha -> 0: D / alpha -> KL(pi_S || pi_T)
+    torch.testing.assert_close(power[2], l2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(power[0] / 1e-4, kl, rtol=2e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="alphas must be > 0"):
+        vocab_parallel_divergences(student, teacher, vocab, None, (0.0,))
+
+
+def _divergences_worker(student: torch.Tensor, teacher: torch.Tensor, vocab: int, tp: int):
+    from megatron.core import parallel_state as ps
+
+    from megatron_opd import distributed
+    from megatron_opd.divergences import vocab_parallel_divergences
+
+    distributed.initialize(distributed.ParallelConfig(tp, 1))
+    rank = ps.get_tensor_model_parallel_rank()
+    s = student.chunk(tp, dim=-1)[rank].contiguous()
+    t = teacher.chunk(tp, dim=-1)[rank].contiguous()
+    return vocab_parallel_divergences(
+        s, t, vocab, ps.get_tensor_model_parallel_group(), DIV_ALPHAS, chunk_size=3
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 4])
+def test_vocab_parallel_divergences_tp(tp):
+    """Real gloo groups: at TP4 with vocab 40 of 64 columns the last shard holds only padding."""
+    from megatron_opd.testing import run_distributed
+
+    g = torch.Generator().manual_seed(2)
+    vocab = 40
+    student = torch.randn(4, 3, 64, generator=g) * 10
+    teacher = student * 0.5 + torch.randn(4, 3, 64, generator=g) * 4
+    ref_tv, ref_power, _, _ = _divergences_float64(student, teacher, vocab, DIV_ALPHAS)
+    for tv, power in run_distributed(
+        _divergences_worker, tp, student, teacher, vocab, tp, timeout=300
+    ):
+        torch.testing.assert_close(tv, ref_tv, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(power, ref_power, rtol=1e-6, atol=1e-12)
 
 
 def test_gap_watch_warns_once_on_a_rising_gap(capsys):

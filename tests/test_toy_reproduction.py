@@ -203,3 +203,128 @@ def test_claims_follow_the_numbers():
     claims, got = verdicts()
     assert got == ["not reproduced"] * 5
     assert math.isclose(claims["2."]["measured"]["ratio"], 0.75)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare.py: the comparison with intervals, in miniature
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    from megatron_opd.distributed import standalone_env
+
+    out = tmp_path_factory.mktemp("compare")
+    env = dict(standalone_env(), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "compare.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), proc.stdout
+
+
+def _accuracy_by_problem(eval_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (eval_dir / "completions.jsonl").read_text().splitlines() if x]
+    n = 1 + max(r["index"] for r in rows)
+    return [
+        statistics.fmean(float(r["correct"]) for r in rows if r["index"] == i) for i in range(n)
+    ]
+
+
+def _kl_by_problem(eval_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (eval_dir / "gap.jsonl").read_text().splitlines() if x]
+    n = 1 + max(r["index"] for r in rows)
+    return [
+        sum(r["kl_sum"] for r in rows if r["index"] == i)
+        / sum(r["tokens"] for r in rows if r["index"] == i)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.slow
+def test_quick_comparison_recounts(comparison):
+    """Every interval's centre recounted from the evaluation files the runs wrote (completions
+    and gap samples), the pairing by seed, and the interval maths applied to those tables."""
+    import compare
+    import stats
+
+    out, results, stdout = comparison
+    methods = results["methods"]
+    assert set(methods) == {"vanilla", "full_vocab_kl"}
+    heldout = results["heldout"]
+    start_acc = _accuracy_by_problem(out / "start_8")
+    assert len(start_acc) == heldout == 8
+    start_kl = _kl_by_problem(out / "start_8")
+    for method, entry in methods.items():
+        assert entry["seeds"] == [1, 2] and entry["failed"] == []
+        acc = {s: _accuracy_by_problem(out / "runs" / f"{method}_seed{s}" / "eval") for s in (1, 2)}
+        kl = {s: _kl_by_problem(out / "runs" / f"{method}_seed{s}" / "eval") for s in (1, 2)}
+        change = [[100 * (a - b) for a, b in zip(acc[s], start_acc, strict=True)] for s in (1, 2)]
+        expected = stats.crossed_mean_interval(change)
+        got = entry["accuracy"]["change"]
+        assert got["mean"] == pytest.approx(expected.mean, abs=1e-9)
+        assert got["half_width"] == pytest.approx(expected.half_width, abs=1e-9)
+        # Avg@2 over 8 problems: the change is a multiple of 100 / 16 points
+        assert (got["mean"] * 16 / 100) == pytest.approx(round(got["mean"] * 0.16), abs=1e-9)
+        kl_change = statistics.fmean(
+            a - b for s in (1, 2) for a, b in zip(kl[s], start_kl, strict=True)
+        )
+        assert entry["kl"]["change"]["mean"] == pytest.approx(kl_change, rel=1e-9)
+        for key in ("tv", "power_div_1", "power_div_5", "power_div_50"):
+            assert key in entry and math.isfinite(entry[key]["change"]["mean"])
+        if method != "vanilla":  # the pairing: the same seed's vanilla run
+            base = {
+                s: _accuracy_by_problem(out / "runs" / f"vanilla_seed{s}" / "eval") for s in (1, 2)
+            }
+            paired = [[100 * (a - b) for a, b in zip(acc[s], base[s], strict=True)] for s in (1, 2)]
+            iv = stats.crossed_mean_interval(paired)
+            assert entry["accuracy"]["vs_vanilla"]["mean"] == pytest.approx(iv.mean, abs=1e-9)
+            assert entry["accuracy"]["vs_vanilla"]["half_width"] == pytest.approx(
+                iv.half_width, abs=1e-9
+            )
+        else:
+            assert "vs_vanilla" not in entry["accuracy"]
+    # the runs share every flag but the reward's, and train without in-run evaluation
+    runs = {
+        m: json.loads((out / "runs" / f"{m}_seed1" / "result.json").read_text()) for m in methods
+    }
+    for m, r in runs.items():
+        own = compare.METHODS[m]
+        assert r["flags"][-len(own) :] == own
+        assert "--eval-interval" not in r["flags"] and "--save" in r["flags"]
+    shared = {
+        m: [f.replace(f"{m}_seed", "RUN_seed") for f in r["flags"][: -len(compare.METHODS[m])]]
+        for m, r in runs.items()
+    }
+    assert shared["vanilla"] == shared["full_vocab_kl"]
+    md = (out / "results.md").read_text()
+    assert "| full_vocab_kl |" in md and "95%" in md
+    png = (out / "plots" / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "full_vocab_kl_seed2: ok" in stdout
+
+
+def test_compare_verdicts_follow_the_intervals():
+    import compare
+
+    assert compare.verdict({"mean": 2.0, "low": 0.5, "high": 3.5}, True) == "better"
+    assert compare.verdict({"mean": 2.0, "low": -0.5, "high": 4.5}, True) == "not resolved"
+    assert compare.verdict({"mean": -2.0, "low": -3.0, "high": -1.0}, True) == "worse"
+    # a divergence: lower is better
+    assert compare.verdict({"mean": -0.2, "low": -0.3, "high": -0.1}, False) == "better"
+
+
+def test_compare_flag_errors(capsys):
+    import compare
+
+    for argv, message in (
+        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--heldout", "1"], "--heldout must be >= 2, got 1"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            compare.parse_args(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
