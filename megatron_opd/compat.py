@@ -550,7 +550,20 @@ def _watch_checkpoint_writers() -> None:
     fsa._megatron_opd_watched = True
 
 
+def _no_stack_dump_on_sigterm() -> None:
+    """Megatron-Core's ``inference/data_parallel_inference_coordinator.py`` (imported with its
+    inference engines) registers ``faulthandler`` for SIGTERM at import: every rank that torchrun
+    stops after another rank failed then prints a stack dump. Unregistered once imported."""
+    import faulthandler
+    import signal
+    import sys
+
+    if "megatron.core.inference.data_parallel_inference_coordinator" in sys.modules:
+        faulthandler.unregister(signal.SIGTERM)
+
+
 def apply_process_hygiene() -> None:
     """The patches that apply with or without CUDA: quiet inference bars, watched writers."""
     _quiet_static_engine_progress()
     _watch_checkpoint_writers()
+    _no_stack_dump_on_sigterm()

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from megatron_opd import checkpointing, cli, compat, data, gap, opd, resume
 from megatron_opd.arguments import reward_config
+from megatron_opd.distributed import print_rank0
 from megatron_opd.metrics_logger import MetricsLogger
 
 
@@ -341,10 +342,9 @@ class Trainer:
                 if metrics is None:  # exit signal mid-step: keep the pre-step state
                     self.stream.load_state_dict(before)
                     self.save()
-                    print(
+                    print_rank0(
                         f"exit signal: saved iteration {self.iteration} (iteration "
-                        f"{self.iteration + 1} abandoned mid-step), exiting",
-                        flush=True,
+                        f"{self.iteration + 1} abandoned mid-step), exiting"
                     )
                     return
                 applied = metrics.pop("applied") == 1.0
@@ -373,7 +373,7 @@ class Trainer:
                     return
                 if self._exit_requested():
                     self.save()
-                    print(f"exit signal: saved iteration {self.iteration}, exiting", flush=True)
+                    print_rank0(f"exit signal: saved iteration {self.iteration}, exiting")
                     return
             self.save()
         finally:
