@@ -68,8 +68,10 @@ class Trainer:
             metrics_file=args.metrics_file,
             config=vars(args),
             enabled=is_last_rank,
-            # a resumed run redoes the steps after its checkpoint: their old rows go
-            start_step=self.iteration if inputs.resume_root is not None else None,
+            # a resumed run redoes the steps after its checkpoint, and a run under --save that
+            # has none yet (relaunched before its first save finished) redoes them all: their
+            # old rows go
+            start_step=self.iteration if inputs.resume_root is not None or args.save else None,
         )
         self.rollout_cfg = opd.RolloutConfig(
             max_new_tokens=args.rollout_max_new_tokens,
