@@ -109,14 +109,16 @@ def _causes(error: BaseException):
     seen, todo = set(), [error]
     while todo:
         error = todo.pop()
-        if error is None or id(error) in seen:
+        if not isinstance(error, BaseException) or id(error) in seen:
             continue
         seen.add(id(error))
         yield error
-        todo += [error.__cause__ or error.__context__]
+        todo.append(error.__cause__ or error.__context__)
         failures = getattr(error, "failures", None)
-        if isinstance(failures, dict):
-            todo += [getattr(f, "exc", f) for f in failures.values()]
+        for failure in failures.values() if isinstance(failures, dict) else ():
+            # a WrappedException, or (exception, traceback) where it is a plain tuple
+            parts = failure if isinstance(failure, tuple) else (getattr(failure, "exc", None),)
+            todo += [p for p in parts if isinstance(p, BaseException)]
 
 
 def _out_of_space(directory: Path) -> bool:
