@@ -97,13 +97,28 @@ def atomic_save(
 
 def _no_space(error: BaseException) -> bool:
     """ENOSPC anywhere in the chain (Megatron's writers re-raise their children's errors)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+    for cause in _causes(error):
+        if getattr(cause, "errno", None) == errno.ENOSPC or "No space left on device" in str(cause):
             return True
-        error = error.__cause__ or error.__context__
     return False
+
+
+def _causes(error: BaseException):
+    """``error``, its causes and contexts, and the other ranks' errors a ``CheckpointException``
+    carries (on the coordinator: ``failures``, rank -> ``WrappedException(exc, traceback)``)."""
+    seen, todo = set(), [error]
+    while todo:
+        error = todo.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        todo.append(error.__cause__ or error.__context__)
+        failures = getattr(error, "failures", None)
+        for failure in failures.values() if isinstance(failures, dict) else ():
+            # a WrappedException, or (exception, traceback) where it is a plain tuple
+            parts = failure if isinstance(failure, tuple) else (getattr(failure, "exc", None),)
+            todo += [p for p in parts if isinstance(p, BaseException)]
 
 
 def _out_of_space(directory: Path) -> bool:
@@ -126,12 +141,9 @@ def _out_of_space(directory: Path) -> bool:
 def _writer_died(error: BaseException) -> Optional[BaseException]:
     from megatron_opd.compat import WriterDied
 
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, WriterDied):
-            return error
-        error = error.__cause__ or error.__context__
+    for cause in _causes(error):
+        if isinstance(cause, WriterDied):
+            return cause
     return None
 
 

@@ -105,11 +105,20 @@ def failed_alone() -> bool:
     return error is not None and bool(getattr(error, "rank_local", False))
 
 
-def exit_with(error: Exception, prog: str) -> NoReturn:
+def exit_with(error: BaseException, prog: str) -> NoReturn:
     """End the script for ``error``: one line (from one rank) and its exit code; a bug, or any
-    error under ``--debug``, is re-raised with its traceback."""
+    error under ``--debug``, is re-raised with its traceback.
+
+    In a job of several ranks that share a store, the ranks settle who reports
+    (``megatron_opd.failures``): exactly one rank prints, every rank exits with that code."""
+    from megatron_opd import failures
+
     code = exit_code_of(error)
-    if code is None or debug_requested():
+    if debug_requested():
+        raise error
+    if failures.board() is not None:
+        raise SystemExit(failures.report(error, code, prog)) from None
+    if code is None:
         raise error
     _print_once(f"{prog}: error: {error}", getattr(error, "rank_local", False))
     sys.stdout.flush()
@@ -124,10 +133,15 @@ def run(main: Callable[[], Any], prog: str) -> NoReturn:
     collection took more than 10 s after a signalled save, past torchrun's 30 s shutdown window
     (torchrun then kills the worker). Everything worth keeping is written and closed by then; the
     checkpoint helpers die with this process (``compat.die_with_parent``)."""
+    from megatron_opd import failures
+
+    failures.start_watching()  # another rank's failure ends this one, quietly
     try:
         try:
             main()
-        except Exception as error:  # noqa: BLE001 - exit_with re-raises bugs
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as error:  # noqa: BLE001 - torch's CheckpointException is one
             exit_with(error, prog)
     except SystemExit as done:
         code = done.code

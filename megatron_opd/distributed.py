@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -199,15 +200,46 @@ def build_model_grid(
     )
 
 
-def teardown() -> None:
-    """Destroy Megatron's groups and the default process group (safe to call twice)."""
+def teardown(timeout_s: float = 60.0) -> None:
+    """Destroy Megatron's groups and the default process group (safe to call twice).
+
+    The ranks first wait for each other, for at most ``timeout_s``, through the store rather
+    than a collective, so a rank whose peer has gone neither blocks nor raises. Called while an
+    exception propagates (from a ``finally``), it does not wait at all: a failing rank's peers
+    may be gone, and ``cli.run`` ends the process."""
     from megatron.core import parallel_state
 
+    failing = sys.exc_info()[1] is not None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
-        dist.barrier()
+        if not failing:
+            _bounded_barrier(timeout_s)
         dist.destroy_process_group()
+
+
+_teardowns = 0
+
+
+def _bounded_barrier(timeout_s: float) -> None:
+    """Every rank arrives, or ``timeout_s`` passes, or the store is gone: whichever is first."""
+    import time
+
+    global _teardowns
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    _teardowns += 1
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"megatron_opd/teardown/{attempt}/{_teardowns}"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except RuntimeError:  # the store's host rank is gone
+        pass
 
 
 LAUNCHER_VARIABLES = (

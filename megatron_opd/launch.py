@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_opd import arguments, checkpointing, data, distributed, models, resume
+from megatron_opd import arguments, checkpointing, data, distributed, models, outputs, resume
 from megatron_opd.tokenizer import load_tokenizer
 
 
@@ -63,6 +63,7 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
 
     arguments.validate_args(args, world_size)
     resume.prepare_save_dir(args)
+    outputs.check_run_outputs(args)
     resume_root = None
     for root in (args.save, None if args.finetune else args.load):
         if root and checkpointing.latest_iteration(root) is not None:

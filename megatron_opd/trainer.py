@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from megatron_opd import checkpointing, cli, compat, data, gap, opd, resume
 from megatron_opd.arguments import reward_config
+from megatron_opd.distributed import print_rank0
 from megatron_opd.metrics_logger import MetricsLogger
 
 
@@ -67,8 +68,10 @@ class Trainer:
             metrics_file=args.metrics_file,
             config=vars(args),
             enabled=is_last_rank,
-            # a resumed run redoes the steps after its checkpoint: their old rows go
-            start_step=self.iteration if inputs.resume_root is not None else None,
+            # a resumed run redoes the steps after its checkpoint, and a run under --save that
+            # has none yet (relaunched before its first save finished) redoes them all: their
+            # old rows go
+            start_step=self.iteration if inputs.resume_root is not None or args.save else None,
         )
         self.rollout_cfg = opd.RolloutConfig(
             max_new_tokens=args.rollout_max_new_tokens,
@@ -341,10 +344,9 @@ class Trainer:
                 if metrics is None:  # exit signal mid-step: keep the pre-step state
                     self.stream.load_state_dict(before)
                     self.save()
-                    print(
+                    print_rank0(
                         f"exit signal: saved iteration {self.iteration} (iteration "
-                        f"{self.iteration + 1} abandoned mid-step), exiting",
-                        flush=True,
+                        f"{self.iteration + 1} abandoned mid-step), exiting"
                     )
                     return
                 applied = metrics.pop("applied") == 1.0
@@ -373,7 +375,7 @@ class Trainer:
                     return
                 if self._exit_requested():
                     self.save()
-                    print(f"exit signal: saved iteration {self.iteration}, exiting", flush=True)
+                    print_rank0(f"exit signal: saved iteration {self.iteration}, exiting")
                     return
             self.save()
         finally:

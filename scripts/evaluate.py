@@ -108,7 +108,11 @@ def check_teacher(args, student_ckpt: Optional[Path]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from megatron_opd import checkpointing, distributed, evaluation, integrity
+    from megatron_opd import checkpointing, distributed, evaluation, integrity, outputs
+
+    outputs.check_output_dir("--output", args.output)
+    outputs.check_output_file("--metrics-file", args.metrics_file)
+    outputs.check_output_dir("--tensorboard-dir", args.tensorboard_dir)
     from megatron_opd.evaluation import EvalConfig
 
     cfg = EvalConfig(

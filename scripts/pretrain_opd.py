@@ -44,11 +44,8 @@ def main(argv=None) -> None:
         cli.exit_with(e, "pretrain_opd.py")
 
     launch.initialize(args)
-    try:
-        launch.build_trainer(args, inputs).run()
-    finally:
-        if not cli.failed_alone():  # a rank failing alone must not wait in a barrier for the rest
-            distributed.teardown()
+    launch.build_trainer(args, inputs).run()
+    distributed.teardown()  # on success only: a failure ends the process in cli.run
 
 
 if __name__ == "__main__":

@@ -317,6 +317,95 @@ def test_read_only_save_is_refused_before_any_model(pair, tmp_path):
     assert f"--save {save} is not writable: Read-only file system" in line
 
 
+def _script_module(name: str):
+    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name[:-3]] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_output_paths_are_refused_before_any_model(pair, tmp_path, monkeypatch, capsys):
+    """A directory where a file is wanted, a file where a directory is wanted, a file in the
+    way of a parent: one line naming the flag, exit 2, before any model is built."""
+    afile, adir = tmp_path / "file", tmp_path / "dir"
+    afile.write_text("x")
+    adir.mkdir()
+    for extra, message in [
+        (["--metrics-file", str(adir)], f"--metrics-file {adir} is a directory; it must name a"),
+        (
+            ["--metrics-file", f"{afile}/m.jsonl"],
+            f"--metrics-file {afile}/m.jsonl: {afile} is not a",
+        ),
+        (["--tensorboard-dir", str(afile)], f"--tensorboard-dir {afile} is not a directory"),
+        (["--tensorboard-dir", f"{afile}/tb/x"], f"--tensorboard-dir {afile}/tb/x: {afile} is not"),
+        (["--opd-dump-tokens", str(afile)], f"--opd-dump-tokens {afile} is not a directory"),
+        (["--wandb-save-dir", str(afile)], f"--wandb-save-dir {afile} is not a directory"),
+    ]:
+        line = _refused(pair, monkeypatch, capsys, *extra)
+        assert line.startswith("pretrain_opd.py: error: ") and message in line, (extra, line)
+    assert afile.read_text() == "x" and list(adir.iterdir()) == []  # nothing written
+
+    evaluate = _script_module("evaluate.py")
+
+    def built(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr("megatron_opd.distributed.initialize", built)
+    base = ["--load", str(pair["student"]), "--data", "builtin:4", "--output", str(tmp_path / "o")]
+    for extra, message in [
+        (["--output", str(afile)], f"--output {afile} is not a directory"),
+        (["--output", f"{afile}/eval"], f"--output {afile}/eval: {afile} is not a directory"),
+        (["--metrics-file", str(adir)], f"--metrics-file {adir} is a directory"),
+        (["--tensorboard-dir", str(afile)], f"--tensorboard-dir {afile} is not a directory"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            try:
+                evaluate.main(base + extra)
+            except Exception as error:
+                cli.exit_with(error, "evaluate.py")
+        assert exc.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (extra, lines)
+
+
+UNWRITABLE = """
+import sys
+from megatron_opd import cli, outputs
+ro = sys.argv[1]
+for check, flag, path in [
+    (outputs.check_output_file, "--metrics-file", f"{ro}/m.jsonl"),
+    (outputs.check_output_file, "--metrics-file", f"{ro}/sub/m.jsonl"),
+    (outputs.check_output_dir, "--tensorboard-dir", f"{ro}/tb"),
+    (outputs.check_output_dir, "--opd-dump-tokens", ro),
+    (outputs.check_output_dir, "--output", f"{ro}/eval/x"),
+]:
+    try:
+        check(flag, path)
+        print("accepted", flag, path)
+    except cli.UserError as e:
+        print(e)
+"""
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -rm (user namespaces)")
+def test_unwritable_output_parents_are_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    proc = _in_mount_namespace(
+        f"mount -t tmpfs -o ro,size=1m tmpfs {ro}", [PY, "-c", UNWRITABLE, str(ro)],
+        capture_output=True, text=True, env=dict(_env(), PYTHONPATH=str(ROOT)), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"--metrics-file {ro}/m.jsonl is not writable: Read-only file system",
+        f"--metrics-file {ro}/sub/m.jsonl is not writable: Read-only file system",
+        f"--tensorboard-dir {ro}/tb is not writable: Read-only file system",
+        f"--opd-dump-tokens {ro} is not writable: Read-only file system",
+        f"--output {ro}/eval/x is not writable: Read-only file system",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Crash edges under torchrun (slow): kill -9 during a save, a killed writer, SIGTERM, full disk
 

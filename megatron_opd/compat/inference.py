@@ -147,6 +147,7 @@ def inference_mode():
 def apply() -> None:
     _install_static_cache_rotary()
     _quiet_static_engine_progress()
+    _no_stack_dump_on_sigterm()
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,3 +223,15 @@ def _quiet_static_engine_progress() -> None:
 
     quiet_bar._megatron_opd_quiet = True
     static_engine.tqdm = quiet_bar
+
+
+def _no_stack_dump_on_sigterm() -> None:
+    """Megatron-Core's ``inference/data_parallel_inference_coordinator.py`` (imported with its
+    inference engines) registers ``faulthandler`` for SIGTERM at import: every rank that torchrun
+    stops after another rank failed then prints a stack dump. Unregistered once imported."""
+    import faulthandler
+    import signal
+    import sys
+
+    if "megatron.core.inference.data_parallel_inference_coordinator" in sys.modules:
+        faulthandler.unregister(signal.SIGTERM)

@@ -1,0 +1,468 @@
+"""Fault soak: a PP2 (or TP2) run of N steps under torchrun on a tiny model pair, hit by K faults at
+random moments and relaunched after each with the same command (as a requeued Slurm job is), must
+end with the weights, optimizer state and metrics of a straight run of the same N steps.
+
+    python scripts/fault_soak.py --faults 3 --steps 8 --layout PP2 --seed 0 --work runs/soak
+
+Faults, drawn from ``--seed`` (the same seed gives the same schedule): kill -9 of a random rank;
+kill -9 of a random rank's checkpoint writer process, during a save (where Megatron-Core writes
+from threads there is no such process, and the rank itself is killed during its save; the table
+says which); SIGTERM of the job (torchrun forwards it; ``--exit-signal-handler`` saves and exits).
+Each fires once the launch has logged a drawn number of steps (0-2), after a drawn delay (0-3 s).
+
+Checks, printed as a table; exit code 1 on any failure:
+
+- the final checkpoint's every tensor (model and optimizer) and its iteration, data position and
+  scheduler equal the straight run's, bit for bit (one layout throughout: no resharding);
+- the metrics file holds each step 1..N exactly once, each row equal to the straight run's
+  (timings and memory aside);
+- no rank prints a traceback; no process of a launch outlives it (found by an environment
+  marker, then killed); no temporary (``*.tmp``, ``*.old``, ``.write_test.*``) is left at the end;
+- every launch ends within ``--hang-after`` seconds (printed; a launch past it is a hang).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
+
+FAULT_KINDS = ("kill_rank", "kill_writer", "sigterm")
+LAYOUT_FLAGS = {
+    "PP2": ["--pipeline-model-parallel-size", "2"],
+    "TP2": ["--tensor-model-parallel-size", "2"],
+}
+VOLATILE = ("time/", "tokens_per_sec", "memory/")  # metrics that differ between equal runs
+
+
+@dataclass
+class Fault:
+    kind: str
+    rank: int
+    after_steps: int
+    delay_s: float
+
+    def __str__(self) -> str:
+        where = "job" if self.kind == "sigterm" else f"rank {self.rank}"
+        return f"{self.kind} ({where}) after {self.after_steps} steps + {self.delay_s:.2f} s"
+
+
+def schedule(seed: int, faults: int, world: int) -> list[Fault]:
+    rng = random.Random(seed)
+    return [
+        Fault(rng.choice(FAULT_KINDS), rng.randrange(world), rng.randrange(3), rng.uniform(0, 3))
+        for _ in range(faults)
+    ]
+
+
+@dataclass
+class Launch:
+    number: int
+    fault: Fault | None
+    outcome: str = ""
+    returncode: int | None = None
+    seconds: float = 0.0
+    start_iteration: int = 0
+    end_iteration: int = 0
+    orphans: int = 0
+    tracebacks: int = 0
+    rank_lines: list[str] = field(default_factory=list)
+    hung: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny pair and the command
+
+
+def make_pair(root: Path) -> dict[str, Path]:
+    """``root/student`` (2 layers) and ``root/teacher`` (4 layers): random tiny Qwen3s sharing a
+    BPE tokenizer, converted by the project's converter (the test suite's pair)."""
+    from megatron_opd.testing import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
+
+    out = {"student": root / "student", "teacher": root / "teacher"}
+    if all((p / "metadata.json").exists() for p in out.values()):
+        return out
+    tok = root / "tokenizer"
+    save_bpe_tokenizer(tok)
+    vocab = len(json.loads((tok / "tokenizer.json").read_text())["model"]["vocab"]) + 3
+    for name, layers, seed in (("teacher", 4, 1), ("student", 2, 2)):
+        hf = root / f"hf_{name}"
+        save_hf_qwen3(hf, layers, seed=seed, vocab=vocab, scale=0.25)
+        convert_hf_checkpoint(hf, out[name], tokenizer_dir=tok)
+    return out
+
+
+def run_flags(pair: dict[str, Path], steps: int, layout: str, save: Path, metrics: Path):
+    return [
+        str(ROOT / "scripts" / "pretrain_opd.py"),
+        "--load", str(pair["student"]), "--opd-teacher-load", str(pair["teacher"]),
+        *LAYOUT_FLAGS[layout],
+        "--opd-alpha", "0.5", "--global-batch-size", "4", "--micro-batch-size", "1",
+        "--lr", "1e-3", "--lr-warmup-fraction", "0", "--rollout-max-new-tokens", "12",
+        "--max-prompt-length", "160", "--prompt-data", "builtin:64", "--seed", "7",
+        "--train-iters", str(steps), "--save", str(save), "--save-interval", "1",
+        "--metrics-file", str(metrics), "--exit-signal-handler",
+    ]  # fmt: skip
+
+
+def torchrun(flags: list[str], logs: Path) -> list[str]:
+    from megatron_opd.testing import free_port
+
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+        f"--master-port={free_port()}", "--log-dir", str(logs), "--redirects", "3", *flags,
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def children(pid: int) -> list[int]:
+    return [int(k) for k in _read(Path(f"/proc/{pid}/task/{pid}/children")).split()]
+
+
+def rank_pids(torchrun_pid: int) -> dict[int, int]:
+    out = {}
+    for pid in children(torchrun_pid):
+        for item in _read(Path(f"/proc/{pid}/environ")).split(b"\0"):
+            if item.startswith(b"RANK="):
+                out[int(item[5:])] = pid
+    return out
+
+
+def writer_pids(rank_pid: int) -> list[int]:
+    """Forked dist-checkpoint writers: the rank's children with its own command line."""
+    own = _read(Path(f"/proc/{rank_pid}/cmdline"))
+    return [c for c in children(rank_pid) if own and _read(Path(f"/proc/{c}/cmdline")) == own]
+
+
+def marked(mark: str) -> list[int]:
+    """Live processes whose environment carries ``mark``."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            if mark.encode() in _read(proc / "environ"):
+                if b"State:\tZ" not in _read(proc / "status"):
+                    out.append(int(proc.name))
+    return out
+
+
+def latest(save: Path) -> int:
+    text = _read(save / "latest_checkpointed_iteration.txt").decode().strip()
+    return int(text) if text.isdigit() else 0
+
+
+def logged_steps(logs: Path) -> int:
+    """Steps the launch has logged so far (the last rank's console lines)."""
+    return sum(_read(p).count(b"\niter ") + _read(p).startswith(b"iter ") for p in
+               logs.glob("*/attempt_0/*/stdout.log"))  # fmt: skip
+
+
+def temporaries(*dirs: Path) -> list[Path]:
+    found = []
+    for d in dirs:
+        if d.exists():
+            found += [p for p in d.iterdir() if p.suffix in (".tmp", ".old")]
+            found += list(d.glob(".write_test.*"))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# One launch, with or without a fault
+
+
+def launch(
+    number: int, flags: list[str], work: Path, save: Path, fault: Fault | None, hang_after: float
+) -> Launch:
+    logs = work / "logs" / f"launch{number:03d}"
+    mark = f"MEGATRON_OPD_SOAK_{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **{mark: "1"})
+    result = Launch(number, fault, start_iteration=latest(save))
+    console = (work / "logs" / f"launch{number:03d}.console").open("w")
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        torchrun(flags, logs), stdout=console, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    armed_at, fired, writer_misses, saving = None, fault is None, 0, False
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now - started > hang_after:
+            result.hung = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        if not fired:
+            if armed_at is None and logged_steps(logs) >= fault.after_steps:
+                armed_at = now
+            if armed_at is not None and now - armed_at >= fault.delay_s:
+                fired, note = fire(fault, proc, save, writer_misses, saving)
+                if note == "not yet":
+                    fired = False
+                    now_saving = bool(list(save.glob("iter_*.tmp")))
+                    writer_misses += saving and not now_saving  # a save ended unseen
+                    saving = now_saving
+                else:
+                    result.outcome = note
+        time.sleep(0.002 if armed_at is not None and not fired else 0.05)
+    proc.wait()
+    console.close()
+    result.returncode = proc.returncode
+    result.seconds = time.monotonic() - started
+    if not fired:
+        result.outcome = "not fired: the run ended first"
+    elif fault is None:
+        result.outcome = "straight to the end"
+    deadline = time.monotonic() + 30
+    while marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = marked(mark)
+    result.orphans = len(left)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for err in logs.glob("*/attempt_0/*/stderr.log"):
+        text = _read(err).decode(errors="replace")
+        result.tracebacks += text.count("Traceback") + text.count("Stack (most recent")
+        result.rank_lines += [line for line in text.splitlines() if line.strip()]
+    result.end_iteration = latest(save)
+    return result
+
+
+def fire(fault: Fault, proc: subprocess.Popen, save: Path, writer_misses: int, saving: bool):
+    """Inflict ``fault``; returns (True, what was done) or (False, "not yet")."""
+    if fault.kind == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+        return True, "SIGTERM to torchrun"
+    ranks = rank_pids(proc.pid)
+    if fault.rank not in ranks:
+        return False, "not yet"  # the ranks have not started
+    pid = ranks[fault.rank]
+    if fault.kind == "kill_rank":
+        os.kill(pid, signal.SIGKILL)
+        return True, f"kill -9 rank {fault.rank} (pid {pid})"
+    writers = writer_pids(pid)
+    if writers:
+        os.kill(writers[0], signal.SIGKILL)
+        return True, f"kill -9 writer {writers[0]} of rank {fault.rank}"
+    if writer_misses >= 2 and list(save.glob("iter_*.tmp")):
+        # two saves went by without a writer process: they are threads of the rank
+        os.kill(pid, signal.SIGKILL)
+        return True, f"no writer process: kill -9 rank {fault.rank} (pid {pid}) mid-save"
+    return False, "not yet"
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing the two runs
+
+
+def checkpoint_state(directory: Path) -> dict:
+    """Every tensor of a dist checkpoint (read without a process group) and its common.pt."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(directory), f"{tmp}/state.pt")
+        state = torch.load(f"{tmp}/state.pt", weights_only=False)
+    state["common.pt"] = torch.load(directory / "common.pt", weights_only=False)
+    return state
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Where two nested states differ (tensors bit for bit, NaN equal to NaN)."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )
+        return [] if same else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}/{k} (only in one)" for k in set(a) ^ set(b)]
+        for k in sorted(set(a) & set(b), key=str):
+            out += differences(a[k], b[k], f"{path}/{k}")
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path]
+
+
+def metric_rows(path: Path) -> list[dict]:
+    rows = []
+    for line in _read(path).decode().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def stable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from megatron_opd import cli
+
+    p = cli.ArgumentParser(prog="fault_soak.py", description=__doc__.split("\n")[0])
+    p.add_argument("--faults", type=int, default=3, help="K faults")
+    p.add_argument("--steps", type=int, default=8, help="N training steps")
+    p.add_argument("--layout", choices=sorted(LAYOUT_FLAGS), default="PP2")
+    p.add_argument("--seed", type=int, default=0, help="draws the fault schedule")
+    p.add_argument("--work", type=str, required=True, help="directory for runs and logs")
+    p.add_argument(
+        "--pair", type=str, default=None, help="an existing tiny pair (student/, teacher/)"
+    )
+    p.add_argument("--hang-after", type=float, default=600.0, help="seconds a launch may take")
+    args = p.parse_args(argv)
+    cli.check_numbers(
+        p,
+        args,
+        {"--faults": cli.at_least(0), "--steps": cli.at_least(1), "--hang-after": cli.above(0)},
+    )
+    if args.steps < 2 * args.faults + 2:
+        raise cli.UserError(
+            f"--steps {args.steps} is too few for --faults {args.faults}: a fault may fire up to "
+            f"2 steps into a launch; give --steps >= {2 * args.faults + 2}"
+        )
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_opd import outputs
+
+    outputs.check_output_dir("--work", args.work)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    pair = make_pair(Path(args.pair) if args.pair else work / "pair")
+    plan = schedule(args.seed, args.faults, 2)
+    print(f"fault soak: {args.layout}, {args.steps} steps, {args.faults} faults, seed {args.seed};"
+          f" a launch longer than {args.hang_after:.0f} s is a hang", flush=True)  # fmt: skip
+    for i, f in enumerate(plan):
+        print(f"  fault {i + 1}: {f}", flush=True)
+
+    straight_save, straight_metrics = work / "straight", work / "straight.jsonl"
+    soak_save, soak_metrics = work / "soak", work / "soak.jsonl"
+    for d in (straight_save, soak_save):
+        if d.exists():
+            raise SystemExit(f"fault_soak.py: error: --work {work} already holds {d.name}/")
+    straight = launch(
+        0, run_flags(pair, args.steps, args.layout, straight_save, straight_metrics), work,
+        straight_save, None, args.hang_after,
+    )  # fmt: skip
+    launches = []
+    flags = run_flags(pair, args.steps, args.layout, soak_save, soak_metrics)
+    number = 1
+    while True:
+        fault = plan[number - 1] if number <= len(plan) else None
+        result = launch(number, flags, work, soak_save, fault, args.hang_after)
+        launches.append(result)
+        print(row(result), flush=True)
+        if result.hung or fault is None:
+            break
+        if fault is not None and result.outcome.startswith("not fired"):
+            break
+        number += 1
+    return report(args, straight, launches, straight_save, soak_save, straight_metrics,
+                  soak_metrics)  # fmt: skip
+
+
+HEADER = (
+    f"{'launch':>6}  {'fault':<44} {'what was done':<44} {'exit':>5} {'iters':>9} {'s':>6} "
+    f"{'orph':>4} {'tb':>3}"
+)
+
+
+def row(r: Launch) -> str:
+    fault = str(r.fault) if r.fault else "-"
+    iters = f"{r.start_iteration}->{r.end_iteration}"
+    code = "HANG" if r.hung else str(r.returncode)
+    return (f"{r.number:>6}  {fault:<44.44} {r.outcome:<44.44} {code:>5} {iters:>9} "
+            f"{r.seconds:>6.1f} {r.orphans:>4} {r.tracebacks:>3}")  # fmt: skip
+
+
+def report(args, straight, launches, straight_save, soak_save, straight_metrics, soak_metrics):
+    problems = []
+    print("\n" + HEADER)
+    for r in [straight, *launches]:
+        print(row(r))
+        if r.hung:
+            problems.append(f"launch {r.number} hung (> {args.hang_after:.0f} s)")
+        if r.orphans:
+            problems.append(f"launch {r.number} left {r.orphans} processes")
+        if r.tracebacks:
+            problems.append(f"launch {r.number}: a rank printed a traceback")
+        if len(r.rank_lines) > 1:
+            problems.append(f"launch {r.number}: {len(r.rank_lines)} lines on the ranks' stderr")
+    if straight.returncode != 0:
+        problems.append(f"the straight run exited {straight.returncode}")
+    fired = sum(1 for r in launches if r.fault is not None and not r.outcome.startswith("not"))
+    if fired < args.faults:
+        problems.append(f"{fired} of {args.faults} faults fired")
+    last = launches[-1]
+    if last.returncode != 0 or latest(soak_save) != args.steps:
+        problems.append(f"the soak ended at iteration {latest(soak_save)}, exit {last.returncode}")
+    tensors = 0
+    if not problems or latest(soak_save) == args.steps == latest(straight_save):
+        a = checkpoint_state(straight_save / f"iter_{args.steps:07d}")
+        b = checkpoint_state(soak_save / f"iter_{args.steps:07d}")
+        tensors = sum(1 for v in a.values() if hasattr(v, "shape"))
+        diff = differences(a, b)
+        if diff:
+            problems.append(f"final checkpoints differ at {len(diff)} places: {diff[:3]}")
+    rows_a, rows_b = metric_rows(straight_metrics), metric_rows(soak_metrics)
+    steps = [r["step"] for r in rows_b]
+    if steps != list(range(1, args.steps + 1)):
+        dup = sorted({s for s in steps if steps.count(s) > 1})
+        miss = sorted(set(range(1, args.steps + 1)) - set(steps))
+        problems.append(f"metrics steps: duplicates {dup}, missing {miss}")
+    elif [stable(r) for r in rows_a] != [stable(r) for r in rows_b]:
+        problems.append("metrics rows differ from the straight run's")
+    left = temporaries(soak_save, straight_save, soak_metrics.parent)
+    if left:
+        problems.append(f"temporaries left: {[p.name for p in left]}")
+    print(
+        f"\nfaults fired {fired}/{args.faults}; launches {len(launches)}; final checkpoint: "
+        f"{tensors} tensors + common.pt compared bit for bit; metrics rows {len(rows_b)} "
+        f"(steps 1..{args.steps} once each: {steps == list(range(1, args.steps + 1))}); "
+        f"orphans {sum(r.orphans for r in launches)}; temporaries {len(left)}; "
+        f"hangs {sum(r.hung for r in launches)}"
+    )
+    for p in problems:
+        print(f"FAIL: {p}")
+    print("PASS" if not problems else "FAILED", flush=True)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Faults on one rank of several, under torchrun with 2 ranks: exactly one rank prints one line,
+every rank exits with the documented code, no rank prints a traceback or waits forever.
+
+Each rank's output is kept apart (torchrun ``--redirects 3 --log-dir``), so that torchrun's own
+``ChildFailedError`` summary (expected) is not mistaken for a rank's traceback, and the exit code
+of every rank is read from that summary. The failing rank and the layout (TP2, PP2, DP2) vary
+from case to case."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from opd_setup import ROOT, make_pair, read_metrics
+
+from megatron_opd import cli
+from megatron_opd.distributed import standalone_env
+from megatron_opd.testing import free_port
+
+PY = sys.executable
+LAYOUTS = {
+    "TP2": ["--tensor-model-parallel-size", "2"],
+    "PP2": ["--pipeline-model-parallel-size", "2"],
+    "DP2": [],
+}
+
+
+@dataclass
+class Job:
+    returncode: int
+    console: str  # torchrun's own stdout + stderr
+    out: dict  # rank -> its stdout
+    err: dict  # rank -> its stderr
+    codes: dict  # rank -> its exit code (0 when torchrun lists no failure for it)
+
+    def lines(self) -> list[str]:
+        """Every rank's non-empty stderr lines."""
+        return [line for r in sorted(self.err) for line in self.err[r].splitlines() if line.strip()]
+
+    def assert_one_line(self, code: int, expected: str) -> str:
+        """Exactly one rank printed exactly one line holding ``expected``; every rank exited
+        ``code``; no rank printed a traceback or a stack dump."""
+        for r, text in self.err.items():
+            assert "Traceback" not in text and "Stack (most" not in text, (r, text[-3000:])
+        lines = self.lines()
+        assert len(lines) == 1, (lines, self.console[-3000:])
+        assert expected in lines[0], lines[0]
+        assert self.codes == {r: code for r in self.err}, (self.codes, self.console[-3000:])
+        return lines[0]
+
+
+def torchrun_cmd(nproc: int, argv: list[str], logs: Path) -> list[str]:
+    """torchrun running ``argv`` (a script and its flags), each rank's output in its own files
+    under ``logs``."""
+    return [
+        PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}", "--log-dir", str(logs), "--redirects", "3", *argv,
+    ]  # fmt: skip
+
+
+def job_env() -> dict:
+    env = dict(standalone_env(), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("PYTHONWARNINGS", None)  # the scripts must be quiet on their own
+    return env
+
+
+def start(cmd: list[str], **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=job_env(), **popen
+    )
+
+
+_FAILURE = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+
+
+def finish(proc: subprocess.Popen, logs: Path, nproc: int, timeout: float = 600) -> Job:
+    try:
+        console = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the job did not finish within {timeout} s") from None
+    out, err = {}, {}
+    for r in range(nproc):
+        found = sorted(logs.glob(f"*/attempt_0/{r}"))
+        assert found, (r, console[-3000:])
+        out[r] = (found[-1] / "stdout.log").read_text()
+        err[r] = (found[-1] / "stderr.log").read_text()
+    codes = {r: 0 for r in range(nproc)}
+    codes.update({int(r): int(c) for r, c in _FAILURE.findall(console)})
+    return Job(proc.returncode, console, out, err, codes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol alone: a small script with real process groups raises on one rank
+
+
+FAULTS = """
+import os, signal, sys
+from megatron_opd import cli
+cli.quiet()
+import torch.distributed as dist
+from megatron_opd import distributed
+case, bad, tp, pp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rank = int(os.environ["RANK"])
+
+def main():
+    if case == "early" and rank == bad:  # before the process groups exist, on one rank
+        raise cli.UserError(f"--load x: damaged (seen by rank {rank})", rank_local=True)
+    distributed.initialize(distributed.ParallelConfig(tp, pp))
+    dist.barrier()
+    if rank == bad:
+        if case == "user":
+            raise cli.UserError(f"--opd-teacher-load t: damaged (rank {rank})", rank_local=True)
+        if case == "disk":
+            raise cli.RunError(f"no space left on device writing x (rank {rank})")
+        if case == "bug":
+            raise KeyError(f"a bug on rank {rank}")
+        if case == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+    if case == "stop":  # every rank decides to stop
+        raise cli.RunStopped(f"stopped (rank {rank})")
+    dist.barrier()  # the other ranks wait here for the failed one
+    distributed.teardown()
+
+cli.run(main, "faults")
+"""
+
+# (case, failing rank, TP, PP, every rank's exit code, the line)
+PROTOCOL_CASES = [
+    ("early", 1, 1, 2, cli.USER_ERROR_EXIT, "faults: error: --load x: damaged (seen by rank 1)"),
+    ("user", 0, 2, 1, cli.USER_ERROR_EXIT, "faults: error: --opd-teacher-load t: damaged (rank 0)"),
+    ("disk", 1, 1, 1, cli.RUN_ERROR_EXIT, "faults: error: no space left on device writing x"),
+    ("stop", 0, 1, 2, cli.NON_FINITE_EXIT, "faults: error: stopped (rank"),
+    ("bug", 1, 2, 1, 1, None),
+    ("kill", 0, 1, 1, None, None),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_one_report_per_job(tmp_path):
+    """One launch per case, all at once (each is mostly interpreters importing torch)."""
+    script = tmp_path / "faults.py"
+    script.write_text(FAULTS)
+    started = []
+    for case, bad, tp, pp, *_ in PROTOCOL_CASES:
+        logs = tmp_path / f"{case}_logs"
+        started.append(
+            start(torchrun_cmd(2, [str(script), case, str(bad), str(tp), str(pp)], logs))
+        )
+    for (case, bad, _, _, code, line), proc in zip(PROTOCOL_CASES, started, strict=True):
+        job = finish(proc, tmp_path / f"{case}_logs", 2, timeout=300)
+        if case == "bug":  # a bug: its traceback, from the failing rank only, exit 1 everywhere
+            assert "KeyError: 'a bug on rank 1'" in job.err[bad], job.err
+            assert job.err[1 - bad] == "" and job.codes == {0: 1, 1: 1}, (job.err, job.codes)
+        elif case == "kill":  # the survivor: at most one line, no traceback, never a hang
+            assert job.codes[bad] == -signal.SIGKILL, job.codes
+            assert job.codes[1 - bad] in (-signal.SIGTERM, cli.RUN_ERROR_EXIT), job.codes
+            assert "Traceback" not in job.err[1 - bad] and len(job.lines()) <= 1, job.err
+        else:
+            job.assert_one_line(code, line)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real runs: scripts/pretrain_opd.py on the tiny pair
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("faults"))
+
+
+def _flags(pair, *extra: str) -> list[str]:
+    return [
+        str(ROOT / "scripts/pretrain_opd.py"),
+        "--load", str(pair["student"]), "--opd-teacher-load", str(pair["teacher"]),
+        "--opd-alpha", "0.5", "--global-batch-size", "2", "--micro-batch-size", "1",
+        "--lr", "1e-3", "--lr-warmup-fraction", "0", "--rollout-max-new-tokens", "12",
+        "--max-prompt-length", "160", "--prompt-data", "builtin:64", "--seed", "7", *extra,
+    ]  # fmt: skip
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -rm (user namespaces)")
+def test_full_disk_at_pp2(pair, tmp_path):
+    """The second save of a PP2 run does not fit (a 2.5 MB tmpfs, 1.6 MB a checkpoint): one line
+    from one rank, exit 4 on both, the first checkpoint stays latest, no temporary left."""
+    save, logs = tmp_path / "small", tmp_path / "logs"
+    save.mkdir()
+    flags = _flags(pair, "--pipeline-model-parallel-size", "2", "--train-iters", "2",
+                   "--save", str(save), "--save-interval", "1")  # fmt: skip
+    listing = tmp_path / "listing"
+    # torchrun in a private mount namespace; what the tmpfs holds is listed before it goes
+    script = (
+        f"mount -t tmpfs -o size=2500k tmpfs {save} && "
+        + " ".join(f"'{c}'" for c in torchrun_cmd(2, flags, logs))
+        + f"; rc=$?; ls -A {save} > {listing}; "
+        f"cat {save}/latest_checkpointed_iteration.txt >> {listing}; exit $rc"
+    )
+    ns = start(["unshare", "-rm", "sh", "-c", script])
+    job = finish(ns, logs, 2)
+    job.assert_one_line(cli.RUN_ERROR_EXIT, f"no space left on device writing {save}/iter_0000002")
+    assert listing.read_text().split() == [
+        "iter_0000001", "latest_checkpointed_iteration.txt", "1",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_damaged_teacher_at_pp2(pair, tmp_path):
+    """A teacher checkpoint from before manifests with a truncated shard: the load fails after
+    the process groups exist; one line, exit 2 on both ranks."""
+    bad = tmp_path / "teacher"
+    shutil.copytree(pair["teacher"], bad)
+    (bad / "manifest.json").unlink()
+    shard = sorted(bad.glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    flags = _flags(pair, "--pipeline-model-parallel-size", "2", "--opd-teacher-load", str(bad),
+                   "--train-iters", "1")  # fmt: skip
+    job = finish(start(torchrun_cmd(2, flags, tmp_path / "logs")), tmp_path / "logs", 2)
+    line = job.assert_one_line(cli.USER_ERROR_EXIT, f"{bad}: the checkpoint is damaged")
+    assert f"{shard.name} is truncated" in line
+
+
+@pytest.mark.slow
+def test_non_finite_stop_at_dp2(pair, tmp_path):
+    """A teacher with NaN weights at TP1 x DP2: every step is skipped, the run stops itself; one
+    line, exit 3 on both ranks."""
+    import torch
+    from opd_setup import convert
+    from transformers import AutoModelForCausalLM
+
+    hf = pair["teacher"].parent / "hf_teacher"
+    model = AutoModelForCausalLM.from_pretrained(str(hf))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    nan_hf = tmp_path / "hf_nan"
+    model.save_pretrained(str(nan_hf))
+    for f in hf.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, nan_hf / f.name)
+    convert(nan_hf, tmp_path / "nan_teacher")
+    flags = _flags(pair, "--opd-teacher-load", str(tmp_path / "nan_teacher"), "--train-iters",
+                   "5", "--opd-max-consecutive-skips", "2")  # fmt: skip
+    job = finish(start(torchrun_cmd(2, flags, tmp_path / "logs")), tmp_path / "logs", 2)
+    job.assert_one_line(cli.NON_FINITE_EXIT, "2 steps in a row had non-finite")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        kids = (Path("/proc") / str(pid) / "task" / str(pid) / "children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def rank_pids(torchrun_pid: int) -> dict[int, int]:
+    """rank -> pid of each rank torchrun started (its children running pretrain_opd.py)."""
+    out = {}
+    for pid in _children(torchrun_pid):
+        if b"pretrain_opd.py" in _cmdline(pid):
+            try:
+                env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in env:
+                if item.startswith(b"RANK="):
+                    out[int(item[5:])] = pid
+    return out
+
+
+def writer_pids(rank_pid: int) -> list[int]:
+    """The rank's forked checkpoint writers: children with the rank's own command line (none
+    where Megatron-Core writes from threads)."""
+    own = _cmdline(rank_pid)
+    return [c for c in _children(rank_pid) if own and _cmdline(c) == own]
+
+
+@pytest.mark.slow
+def test_dead_writer_at_tp2(pair, tmp_path):
+    """kill -9 of rank 1's checkpoint writer process during a TP2 save: one line, exit 4 on both
+    ranks, the previous checkpoint stays latest, no temporary left."""
+    save, logs = tmp_path / "run", tmp_path / "logs"
+    flags = _flags(pair, "--tensor-model-parallel-size", "2", "--train-iters", "8", "--save",
+                   str(save), "--save-interval", "1")  # fmt: skip
+    proc = start(torchrun_cmd(2, flags, logs))
+    killed = None
+    deadline = time.time() + 600
+    while killed is None and proc.poll() is None and time.time() < deadline:
+        ranks = rank_pids(proc.pid)
+        writers = writer_pids(ranks[1]) if 1 in ranks else []
+        if writers:
+            os.kill(writers[0], signal.SIGKILL)
+            killed = writers[0]
+        time.sleep(0.002)
+    job = finish(proc, logs, 2)
+    if killed is None:
+        assert job.returncode == 0, job.console[-3000:]
+        pytest.skip("no checkpoint writer process seen: this Megatron-Core writes from threads")
+    line = job.assert_one_line(cli.RUN_ERROR_EXIT, "a checkpoint writer process")
+    assert f"(pid {killed}) died" in line, line
+    assert not list(save.glob("*.tmp")) and not list(save.glob("*.old"))
+    latest = save / "latest_checkpointed_iteration.txt"
+    if latest.exists():  # the first save may be the one that failed
+        done = int(latest.read_text())
+        assert sorted(p.name for p in save.glob("iter_*")) == [f"iter_{done:07d}"]
+
+
+@pytest.mark.slow
+def test_sigterm_at_tp2(pair, tmp_path):
+    """SIGTERM to torchrun mid-run with --exit-signal-handler: both ranks save the same
+    iteration and exit 0; one rank says so, in one line; nothing on stderr."""
+    save, metrics, logs = tmp_path / "run", tmp_path / "m.jsonl", tmp_path / "logs"
+    flags = _flags(pair, "--tensor-model-parallel-size", "2", "--train-iters", "1000", "--save",
+                   str(save), "--metrics-file", str(metrics), "--exit-signal-handler")  # fmt: skip
+    proc = start(torchrun_cmd(2, flags, logs))
+    deadline = time.time() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    job = finish(proc, logs, 2, timeout=60)
+    said = [line for r in job.out for line in job.out[r].splitlines() if "exit signal" in line]
+    assert len(said) == 1, job.out
+    last = read_metrics(metrics)[-1]["step"]
+    assert f"exit signal: saved iteration {last}" in said[0], said
+    assert all(text == "" for text in job.err.values()), job.err
+    assert job.codes == {0: 0, 1: 0}, job.console[-3000:]
+    assert int((save / "latest_checkpointed_iteration.txt").read_text()) == last
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/fault_soak.py at its CI size
+
+
+def _soak_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fault_soak", ROOT / "scripts/fault_soak.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_soak"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fault_soak_schedule_is_seeded():
+    soak = _soak_module()
+    plan = soak.schedule(6, 30, 2)
+    assert plan == soak.schedule(6, 30, 2) != soak.schedule(7, 30, 2)
+    assert {f.kind for f in plan} == set(soak.FAULT_KINDS) and {f.rank for f in plan} == {0, 1}
+    assert {f.kind for f in soak.schedule(6, 3, 2)} == set(soak.FAULT_KINDS)  # the CI run's
+
+
+@pytest.mark.slow
+def test_fault_soak_small(pair, tmp_path):
+    """3 faults (kill -9 of a rank, of a writer, SIGTERM) in a PP2 run of 8 steps: the weights,
+    optimizer state and metrics equal a straight run's; no orphan, temporary or hang."""
+    cmd = [PY, str(ROOT / "scripts/fault_soak.py"), "--faults", "3", "--steps", "8", "--seed",
+           "6", "--work", str(tmp_path / "soak"), "--pair", str(pair["student"].parent),
+           "--hang-after", "400"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=job_env(), timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert "faults fired 3/3" in proc.stdout and proc.stdout.rstrip().endswith("PASS")
