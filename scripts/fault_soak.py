@@ -24,6 +24,7 @@ Checks, printed as a table; exit code 1 on any failure:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -149,6 +150,15 @@ def rank_pids(torchrun_pid: int) -> dict[int, int]:
     return out
 
 
+@functools.cache
+def writer_processes() -> bool:
+    """Whether this Megatron-Core forks checkpoint writer processes (0.16) or writes from
+    threads of the rank (0.19), where a writer fault is the rank killed mid-save."""
+    from megatron_opd.compat.writers import writers_are_processes
+
+    return writers_are_processes()
+
+
 def writer_pids(rank_pid: int) -> list[int]:
     """Forked dist-checkpoint writers: the rank's children with its own command line."""
     own = _read(Path(f"/proc/{rank_pid}/cmdline"))
@@ -262,12 +272,12 @@ def fire(fault: Fault, proc: subprocess.Popen, save: Path, writer_misses: int, s
     if fault.kind == "kill_rank":
         os.kill(pid, signal.SIGKILL)
         return True, f"kill -9 rank {fault.rank} (pid {pid})"
-    writers = writer_pids(pid)
+    writers = writer_pids(pid) if writer_processes() else []
     if writers:
         os.kill(writers[0], signal.SIGKILL)
         return True, f"kill -9 writer {writers[0]} of rank {fault.rank}"
-    if writer_misses >= 2 and list(save.glob("iter_*.tmp")):
-        # two saves went by without a writer process: they are threads of the rank
+    if (not writer_processes() or writer_misses >= 2) and list(save.glob("iter_*.tmp")):
+        # no writer process: Megatron-Core writes from threads of the rank
         os.kill(pid, signal.SIGKILL)
         return True, f"no writer process: kill -9 rank {fault.rank} (pid {pid}) mid-save"
     return False, "not yet"
