@@ -75,6 +75,7 @@ class Board:
 
 _board: Optional[Board] = None
 _agent_tried = False
+_job_store = None  # the launcher's store when the ranks are split into pools (megatron_opd.pools)
 _board_lock = threading.Lock()
 _handling = threading.Event()  # set while the main thread reports its own failure
 
@@ -106,11 +107,27 @@ def _shared_store():
             return dist.PrefixStore(f"megatron_opd/failures/attempt_{attempt}/", agent)
         except (RuntimeError, KeyError, ValueError):
             pass
+    if _job_store is not None:  # each pool's default group has its own: the job's is shared
+        return dist.PrefixStore("megatron_opd/failures/", _job_store)
     if dist.is_available() and dist.is_initialized():
         return dist.PrefixStore(
             "megatron_opd/failures/", dist.distributed_c10d._get_default_store()
         )
     return None
+
+
+def use_job_store(store) -> None:
+    """The store every rank of the job shares, where the pools' default groups do not."""
+    global _job_store
+    _job_store = store
+
+
+def _imported(name: str) -> bool:
+    """``name`` is imported and done importing. The watcher thread starts while the main thread
+    is still importing torch; importing torch.distributed from the watcher then raced it, and the
+    process died with "terminate called after throwing an instance of 'python_error'"."""
+    module = sys.modules.get(name)
+    return module is not None and not getattr(module.__spec__, "_initializing", False)
 
 
 def board() -> Optional[Board]:
@@ -119,7 +136,7 @@ def board() -> Optional[Board]:
     global _board
     with _board_lock:
         rank, world = _env_rank_and_world()
-        if _board is None and world > 1 and "torch" in sys.modules:
+        if _board is None and world > 1 and _imported("torch") and _imported("torch.distributed"):
             store = _shared_store()
             if store is not None:
                 _board = Board(store, rank, world)

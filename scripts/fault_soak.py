@@ -8,7 +8,10 @@ Faults, drawn from ``--seed`` (the same seed gives the same schedule): kill -9 o
 kill -9 of a random rank's checkpoint writer process, during a save (where Megatron-Core writes
 from threads there is no such process, and the rank itself is killed during its save; the table
 says which); SIGTERM of the job (torchrun forwards it; ``--exit-signal-handler`` saves and exits).
-Each fires once the launch has logged a drawn number of steps (0-2), after a drawn delay (0-3 s).
+Each fires once the launch has logged a drawn number of steps (0-2), after a drawn fraction of a
+step (0-1; the step's seconds measured in the straight run, so a fast machine does not finish the
+run before the fault). The drawn step count is cut where it would leave the later faults no step
+to land in.
 
 Checks, printed as a table; exit code 1 on any failure:
 
@@ -52,17 +55,17 @@ class Fault:
     kind: str
     rank: int
     after_steps: int
-    delay_s: float
+    delay_steps: float  # a fraction of one step's seconds
 
     def __str__(self) -> str:
         where = "job" if self.kind == "sigterm" else f"rank {self.rank}"
-        return f"{self.kind} ({where}) after {self.after_steps} steps + {self.delay_s:.2f} s"
+        return f"{self.kind} ({where}) after {self.after_steps} steps + {self.delay_steps:.2f} step"
 
 
 def schedule(seed: int, faults: int, world: int) -> list[Fault]:
     rng = random.Random(seed)
     return [
-        Fault(rng.choice(FAULT_KINDS), rng.randrange(world), rng.randrange(3), rng.uniform(0, 3))
+        Fault(rng.choice(FAULT_KINDS), rng.randrange(world), rng.randrange(3), rng.uniform(0, 1))
         for _ in range(faults)
     ]
 
@@ -80,6 +83,12 @@ class Launch:
     tracebacks: int = 0
     rank_lines: list[str] = field(default_factory=list)
     hung: bool = False
+    step_times: list[float] = field(default_factory=list)  # when each step was seen logged
+
+    def step_s(self) -> float:
+        """The median seconds between logged steps (1.0 if fewer than two were seen)."""
+        gaps = sorted(b - a for a, b in zip(self.step_times[:-1], self.step_times[1:], strict=True))
+        return gaps[len(gaps) // 2] if gaps else 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +210,14 @@ def temporaries(*dirs: Path) -> list[Path]:
 
 
 def launch(
-    number: int, flags: list[str], work: Path, save: Path, fault: Fault | None, hang_after: float
+    number: int,
+    flags: list[str],
+    work: Path,
+    save: Path,
+    fault: Fault | None,
+    hang_after: float,
+    after_steps: int = 0,
+    delay_s: float = 0.0,
 ) -> Launch:
     logs = work / "logs" / f"launch{number:03d}"
     mark = f"MEGATRON_OPD_SOAK_{uuid.uuid4().hex}"
@@ -217,14 +233,16 @@ def launch(
     armed_at, fired, writer_misses, saving = None, fault is None, 0, False
     while proc.poll() is None:
         now = time.monotonic()
+        steps = logged_steps(logs)
+        result.step_times += [now] * (steps - len(result.step_times))
         if now - started > hang_after:
             result.hung = True
             os.killpg(proc.pid, signal.SIGKILL)
             break
         if not fired:
-            if armed_at is None and logged_steps(logs) >= fault.after_steps:
+            if armed_at is None and steps >= after_steps:
                 armed_at = now
-            if armed_at is not None and now - armed_at >= fault.delay_s:
+            if armed_at is not None and now - armed_at >= delay_s:
                 fired, note = fire(fault, proc, save, writer_misses, saving)
                 if note == "not yet":
                     fired = False
@@ -375,6 +393,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(exist_ok=True)
     pair = make_pair(Path(args.pair) if args.pair else work / "pair")
+    writer_processes()  # imports Megatron-Core (seconds): never inside a launch's fault loop
     plan = schedule(args.seed, args.faults, 2)
     print(f"fault soak: {args.layout}, {args.steps} steps, {args.faults} faults, seed {args.seed};"
           f" a launch longer than {args.hang_after:.0f} s is a hang", flush=True)  # fmt: skip
@@ -392,10 +411,15 @@ def main(argv=None) -> int:
     )  # fmt: skip
     launches = []
     flags = run_flags(pair, args.steps, args.layout, soak_save, soak_metrics)
-    number = 1
+    number, step_s = 1, straight.step_s()
+    print(f"  a step takes {step_s:.2f} s (the straight run's median)", flush=True)
     while True:
         fault = plan[number - 1] if number <= len(plan) else None
-        result = launch(number, flags, work, soak_save, fault, args.hang_after)
+        after, delay = 0, 0.0
+        if fault is not None:  # leave a step to land in for this fault and each later one
+            room = args.steps - latest(soak_save) - (len(plan) - number + 1)
+            after, delay = max(0, min(fault.after_steps, room)), fault.delay_steps * step_s
+        result = launch(number, flags, work, soak_save, fault, args.hang_after, after, delay)
         launches.append(result)
         print(row(result), flush=True)
         if result.hung or fault is None:
