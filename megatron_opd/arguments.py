@@ -161,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
             "(DP = world / (TP x PP)), refitted from the training weights before each step; "
             "default: the training layout, no copy (Megatron-RL: --rl-inference-*)",
         )
+    g.add_argument(
+        "--rollout-ranks",
+        type=int,
+        default=0,
+        help="the last N ranks of the world only sample rollouts, from a copy of the student at "
+        "--rollout-*-model-parallel-size (default TP1 x PP1) refitted after each optimizer "
+        "step; the other ranks train (megatron_opd/pools.py, megatron_opd/remote.py)",
+    )
+    g.add_argument(
+        "--rollout-lag",
+        type=int,
+        default=0,
+        help="with --rollout-ranks: 0 = each step's batch comes from the current weights (the "
+        "rollout ranks wait for them); 1 = from the weights one step old, generated while the "
+        "previous step trains (Megatron-RL: --rl-generation-lag)",
+    )
 
     g = p.add_argument_group("data and tokenizer")
     g.add_argument(
@@ -298,6 +314,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     ):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    world_size = validate_rollout_ranks(args, world_size)
     ParallelConfig(tp, pp).validate(world_size)
     dp = world_size // (tp * pp)
     if args.global_batch_size % (args.micro_batch_size * dp) != 0:
@@ -345,6 +362,41 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError(f"--eval-teacher {args.eval_teacher} does not exist")
 
 
+def validate_rollout_ranks(args: argparse.Namespace, world_size: int) -> int:
+    """``--rollout-ranks`` / ``--rollout-lag`` against the world; returns the training ranks."""
+    n, lag = args.rollout_ranks, args.rollout_lag
+    if lag not in (0, 1):
+        raise ValueError(f"--rollout-lag must be 0 or 1, got {lag}")
+    if n < 0:
+        raise ValueError(f"--rollout-ranks must be >= 0, got {n}")
+    if n == 0:
+        if lag:
+            raise ValueError(
+                "--rollout-lag 1 needs --rollout-ranks: ranks that both sample and train take "
+                "turns, so a lag would only make the rollouts older"
+            )
+        return world_size
+    if n >= world_size:
+        raise ValueError(f"--rollout-ranks {n} leaves no training rank in a world of {world_size}")
+    tp = args.rollout_tensor_model_parallel_size or 1
+    pp = args.rollout_pipeline_model_parallel_size or 1
+    if n % (tp * pp) != 0:
+        raise ValueError(
+            f"--rollout-ranks {n} is not divisible by --rollout-tensor-model-parallel-size {tp} "
+            f"x --rollout-pipeline-model-parallel-size {pp}"
+        )
+    if args.rollout_engine == "dynamic":
+        raise ValueError("--rollout-engine dynamic with --rollout-ranks: not supported; use static")
+    train = world_size - n
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if train % (tp * pp) != 0:
+        raise ValueError(
+            f"the {train} training ranks (world {world_size} - --rollout-ranks {n}) are not "
+            f"divisible by --tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}"
+        )
+    return train
+
+
 def _validate_token_budget(args: argparse.Namespace) -> None:
     budget = getattr(args, "max_tokens_per_micro_batch", None)
     if budget is None:
@@ -386,6 +438,8 @@ RANGES = {
     "--rollout-top-p": cli.Range(0, 1, lo_closed=False),
     "--rollout-top-k": cli.at_least(0),
     "--rollout-samples-per-prompt": cli.at_least(1),
+    "--rollout-ranks": cli.at_least(0),
+    "--rollout-lag": cli.Range(0, 1),
     "--max-prompt-length": cli.at_least(1),
     "--eval-interval": cli.at_least(1),
     "--eval-samples": cli.at_least(1),

@@ -71,19 +71,31 @@ def initialize(
     parallel: ParallelConfig = ParallelConfig(),
     seed: int = 1234,
     timeout_minutes: int = 30,
-) -> None:
-    """Initialize torch.distributed (NCCL on GPU, gloo on CPU), Megatron's groups and the seeds.
+    rollout_ranks: int = 0,
+    rollout_parallel: Optional[ParallelConfig] = None,
+):
+    """Initialize torch.distributed (NCCL on GPU, gloo on CPU), Megatron's groups and the seeds;
+    returns this rank's :class:`megatron_opd.pools.Pool`.
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the environment. A process
-    started without them runs as a world of one.
+    started without them runs as a world of one. ``rollout_ranks``: the last ones form a pool of
+    their own at ``rollout_parallel`` (``megatron_opd.pools``); the default process group and
+    Megatron's groups are then the pool's.
     """
     from megatron.core import parallel_state
 
+    from megatron_opd import pools
+
     compat.apply()
     rank, local_rank, world = env_rank_and_world()
-    parallel.validate(world)
     if compat.has_cuda():
         torch.cuda.set_device(local_rank)
+    pool = pools.Pool(pools.TRAIN, rank, world, rank, world)
+    if rollout_ranks and not dist.is_initialized():
+        pool = pools.split(rollout_ranks, compat.distributed_backend(), timeout_minutes)
+        if pool.is_rollout:
+            parallel = rollout_parallel
+    parallel.validate(pool.size)
     if not dist.is_initialized():
         init_method = None  # torchrun's MASTER_ADDR / MASTER_PORT
         if world == 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
@@ -105,6 +117,7 @@ def initialize(
             distributed_timeout_minutes=timeout_minutes,
         )
     set_seeds(seed)
+    return pool
 
 
 @dataclass

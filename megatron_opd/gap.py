@@ -396,7 +396,7 @@ class TrainingGapWatch:
             trainer.vocab_size,
             records=records if reusable else None,
             micro_batch_size=self.args.micro_batch_size,
-            sampler=trainer.rollout_model,
+            sampler=trainer.rollouts.eval_sampler(trainer.iteration),
             power_alphas=(self.args.opd_alpha,),
         )
         self.held_out.update(summaries["mean"]["kl_per_token"], trainer.iteration)

@@ -81,8 +81,9 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
     models.validate_layout(s_arch, tp, pp, vpp)
     from megatron_opd import refit
 
+    train_world = arguments.validate_rollout_ranks(args, world_size)
     refit.check_layout(args, s_arch, world_size)
-    teachers = check_teachers(args, world_size, s_arch, s_meta)
+    teachers = check_teachers(args, train_world, s_arch, s_meta)
     t_arch = teachers[0].arch
     t_meta = teachers[0].meta
     context = args.max_prompt_length + args.rollout_max_new_tokens
@@ -220,14 +221,21 @@ def virtual_stages(args: argparse.Namespace, arch: models.ArchConfig) -> Optiona
     )
 
 
-def initialize(args: argparse.Namespace) -> None:
-    """torch.distributed from the launcher's environment, Megatron's (student) groups, seeds."""
-    distributed.initialize(
+def initialize(args: argparse.Namespace):
+    """torch.distributed from the launcher's environment, Megatron's (student) groups, seeds;
+    this rank's :class:`megatron_opd.pools.Pool` (with ``--rollout-ranks``, the training pool's
+    groups or the rollout pool's)."""
+    return distributed.initialize(
         distributed.ParallelConfig(
             args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         ),
         seed=args.seed,
         timeout_minutes=args.distributed_timeout_minutes,
+        rollout_ranks=args.rollout_ranks,
+        rollout_parallel=distributed.ParallelConfig(
+            args.rollout_tensor_model_parallel_size or 1,
+            args.rollout_pipeline_model_parallel_size or 1,
+        ),
     )
 
 
@@ -326,27 +334,37 @@ def build_teacher(args: argparse.Namespace, inputs: Inputs):
     return chunks
 
 
-def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None):
-    """A ready Trainer: the student (loaded or resumed), its optimizer and scheduler, the teacher.
+def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None, pool=None):
+    """A ready Trainer: the student (loaded or resumed), its optimizer and scheduler, the teacher,
+    and where its rollouts come from (``megatron_opd.rollouts``).
 
     Initializes torch.distributed and Megatron's groups first if the caller has not;
-    ``inputs`` defaults to :func:`check_inputs` at the launcher's world size."""
+    ``inputs`` defaults to :func:`check_inputs` at the launcher's world size. ``pool``: this
+    rank's pool from :func:`initialize` (needed with ``--rollout-ranks``)."""
     from megatron.core import parallel_state
 
-    from megatron_opd import refit
+    from megatron_opd import refit, remote, rollouts
     from megatron_opd.trainer import Trainer
 
     if inputs is None:
         inputs = check_inputs(args, distributed.env_rank_and_world()[2])
     if not parallel_state.model_parallel_is_initialized():
-        initialize(args)
+        pool = initialize(args)
     student, optimizer, scheduler = build_student(args, inputs)
     teacher = build_teacher(args, inputs)
-    rollout_model = None
-    layout = refit.check_layout(args, inputs.student_arch, distributed.env_rank_and_world()[2])
-    if layout is not None:
-        divisor = inputs.student_meta.get("make_vocab_size_divisible_by", 128)
-        rollout_model = refit.RolloutModel(
-            student, inputs.student_arch, divisor, *layout, args.distributed_timeout_minutes
-        )
-    return Trainer(args, inputs, student, optimizer, scheduler, teacher, rollout_model)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    source = None
+    if args.rollout_ranks:
+        if pool is None or pool.is_rollout:
+            raise ValueError("--rollout-ranks: build_trainer needs the training pool's Pool")
+        dp_size = parallel_state.get_data_parallel_world_size()
+        source = remote.Remote(student, pool, args, dp_rank, dp_size)
+    else:
+        layout = refit.check_layout(args, inputs.student_arch, distributed.env_rank_and_world()[2])
+        if layout is not None:
+            divisor = inputs.student_meta.get("make_vocab_size_divisible_by", 128)
+            copy = refit.RolloutModel(
+                student, inputs.student_arch, divisor, *layout, args.distributed_timeout_minutes
+            )
+            source = rollouts.Copy(student, copy)
+    return Trainer(args, inputs, student, optimizer, scheduler, teacher, source)

