@@ -405,6 +405,7 @@ def main(argv=None) -> None:
             print(f"round {k + 1}/{args.rounds}: {name} ...", flush=True)
             rounds[-1][name] = summarize(run(paths, prompts, args, cfg, root)["rows"])
     names = [name for name, _ in contenders]
+    (root / "rounds.json").write_text(json.dumps(rounds, indent=1))  # every round's figures
     first = rounds[0][names[0]]
     seq = mean_prompt + first["response/mean_len"]
     print("bound: one batched forward ...", flush=True)
@@ -442,6 +443,8 @@ def verdict(ratios: list[float]) -> str:
 
 def print_table(names: list[str], rounds: list[dict], fwd: dict, args, mean_prompt: float):
     base = names[0]
+    # ratios to (b) as well when (a) leads: the project against itself
+    second = "(b) TP1" if base != "(b) TP1" and "(b) TP1" in names else None
     print(
         f"\nOPD step: SmolLM2-135M-Instruct teacher, its first {args.student_layers} layers as "
         f"student; {args.batch} prompts (mean {mean_prompt:.0f} tokens) x <= {args.new_tokens} new "
@@ -450,9 +453,11 @@ def print_table(names: list[str], rounds: list[dict], fwd: dict, args, mean_prom
     )
     print(
         "| contender | rollout s | teacher s | train s | step s: min | median [min, max] | "
-        f"step / {base.split()[0]}: median [min, max] | | resp. len | padding | peak GiB |"
+        f"step / {base.split()[0]}: median [min, max] | |"
+        + (" step / (b): median [min, max] | |" if second else "")
+        + " resp. len | padding | peak GiB |"
     )
-    print("|---|" + "---:|" * 5 + "---|---:|---:|---:|")
+    print("|---|" + "---:|" * 5 + "---|" * (2 if second else 1) + "---:|---:|---:|")
     for name in names:
         per = [r[name] for r in rounds]
 
@@ -461,10 +466,15 @@ def print_table(names: list[str], rounds: list[dict], fwd: dict, args, mean_prom
 
         steps = [r["time/step"] for r in per]
         ratios = [r[name]["time/step"] / r[base]["time/step"] for r in rounds]
+        against = ""
+        if second:
+            to_b = [r[name]["time/step"] / r[second]["time/step"] for r in rounds]
+            against = f" {spread(to_b)}x | {'-' if name == second else verdict(to_b)} |"
         print(
             f"| {name} | {med('time/rollout'):.2f} | {med('time/teacher'):.2f} | "
             f"{med('time/train'):.2f} | {min(steps):.2f} | {spread(steps)} | {spread(ratios)}x | "
-            f"{'-' if name == base else verdict(ratios)} | {med('response/mean_len'):.1f} | "
+            f"{'-' if name == base else verdict(ratios)} |{against} "
+            f"{med('response/mean_len'):.1f} | "
             f"{med('batch/padding_frac'):.1%} | {max(r['memory/peak_gib'] for r in per):.2f} |"
         )
     for name in names:

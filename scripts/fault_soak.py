@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
+from megatron_opd.testing import marked, rank_pids, writer_pids  # noqa: E402
+
 FAULT_KINDS = ("kill_rank", "kill_writer", "sigterm")
 LAYOUT_FLAGS = {
     "PP2": ["--pipeline-model-parallel-size", "2"],
@@ -146,19 +148,6 @@ def _read(path: Path) -> bytes:
         return b""
 
 
-def children(pid: int) -> list[int]:
-    return [int(k) for k in _read(Path(f"/proc/{pid}/task/{pid}/children")).split()]
-
-
-def rank_pids(torchrun_pid: int) -> dict[int, int]:
-    out = {}
-    for pid in children(torchrun_pid):
-        for item in _read(Path(f"/proc/{pid}/environ")).split(b"\0"):
-            if item.startswith(b"RANK="):
-                out[int(item[5:])] = pid
-    return out
-
-
 @functools.cache
 def writer_processes() -> bool:
     """Whether this Megatron-Core forks checkpoint writer processes (0.16) or writes from
@@ -166,23 +155,6 @@ def writer_processes() -> bool:
     from megatron_opd.compat.writers import writers_are_processes
 
     return writers_are_processes()
-
-
-def writer_pids(rank_pid: int) -> list[int]:
-    """Forked dist-checkpoint writers: the rank's children with its own command line."""
-    own = _read(Path(f"/proc/{rank_pid}/cmdline"))
-    return [c for c in children(rank_pid) if own and _read(Path(f"/proc/{c}/cmdline")) == own]
-
-
-def marked(mark: str) -> list[int]:
-    """Live processes whose environment carries ``mark``."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            if mark.encode() in _read(proc / "environ"):
-                if b"State:\tZ" not in _read(proc / "status"):
-                    out.append(int(proc.name))
-    return out
 
 
 def latest(save: Path) -> int:

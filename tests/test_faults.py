@@ -23,7 +23,7 @@ from opd_setup import ROOT, make_pair, read_metrics
 
 from megatron_opd import cli, compat
 from megatron_opd.distributed import standalone_env
-from megatron_opd.testing import free_port
+from megatron_opd.testing import free_port, rank_pids, writer_pids
 
 PY = sys.executable
 LAYOUTS = {
@@ -51,7 +51,7 @@ class Job:
         for r, text in self.err.items():
             assert "Traceback" not in text and "Stack (most" not in text, (r, text[-3000:])
         lines = self.lines()
-        assert len(lines) == 1, (lines, self.console[-3000:])
+        assert len(lines) == 1, (lines, self.returncode, self.out, self.console[-3000:])
         assert expected in lines[0], lines[0]
         assert self.codes == {r: code for r in self.err}, (self.codes, self.console[-3000:])
         return lines[0]
@@ -257,43 +257,6 @@ def test_non_finite_stop_at_dp2(pair, tmp_path):
                    "5", "--opd-max-consecutive-skips", "2")  # fmt: skip
     job = finish(start(torchrun_cmd(2, flags, tmp_path / "logs")), tmp_path / "logs", 2)
     job.assert_one_line(cli.NON_FINITE_EXIT, "2 steps in a row had non-finite")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        kids = (Path("/proc") / str(pid) / "task" / str(pid) / "children").read_text().split()
-    except OSError:
-        return []
-    return [int(k) for k in kids]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def rank_pids(torchrun_pid: int) -> dict[int, int]:
-    """rank -> pid of each rank torchrun started (its children running pretrain_opd.py)."""
-    out = {}
-    for pid in _children(torchrun_pid):
-        if b"pretrain_opd.py" in _cmdline(pid):
-            try:
-                env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for item in env:
-                if item.startswith(b"RANK="):
-                    out[int(item[5:])] = pid
-    return out
-
-
-def writer_pids(rank_pid: int) -> list[int]:
-    """The rank's forked checkpoint writers: children with the rank's own command line (none
-    where Megatron-Core writes from threads)."""
-    own = _cmdline(rank_pid)
-    return [c for c in _children(rank_pid) if own and _cmdline(c) == own]
 
 
 @pytest.mark.slow

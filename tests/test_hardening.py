@@ -20,7 +20,7 @@ from opd_setup import ROOT, make_pair, read_metrics
 
 from megatron_opd import arguments, cli, compat, integrity, metrics_logger, resume
 from megatron_opd.distributed import standalone_env
-from megatron_opd.testing import free_port
+from megatron_opd.testing import children, cmdline, free_port, marked
 
 PY = sys.executable
 
@@ -417,37 +417,6 @@ def _torchrun_cmd(nproc: int, flags: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def _marked_processes(mark: str) -> list[int]:
-    """Processes whose environment carries ``mark`` (every process a run starts inherits it)."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if mark.encode() in (proc / "environ").read_bytes():
-                status = (proc / "status").read_text()
-                if "State:\tZ" not in status:
-                    out.append(int(proc.name))
-        except OSError:
-            continue
-    return out
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        kids = (Path("/proc") / str(pid) / "task" / str(pid) / "children").read_text().split()
-    except OSError:
-        return []
-    return [int(k) for k in kids]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 @pytest.mark.slow
 def test_kill9_during_a_save_leaves_nothing_behind(pair, tmp_path):
     """kill -9 of the rank while it writes a checkpoint: no process of the run survives; on
@@ -466,7 +435,7 @@ def test_kill9_during_a_save_leaves_nothing_behind(pair, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             if list(save.glob("iter_000000[3-9].tmp")):
-                ranks = [p for p in _children(proc.pid) if b"pretrain_opd.py" in _cmdline(p)]
+                ranks = [p for p in children(proc.pid) if b"pretrain_opd.py" in cmdline(p)]
                 if ranks:
                     os.kill(ranks[0], signal.SIGKILL)
                     killed_at = time.time()
@@ -477,9 +446,9 @@ def test_kill9_during_a_save_leaves_nothing_behind(pair, tmp_path):
     finally:
         proc.kill()
     deadline = time.time() + 20
-    while _marked_processes(mark) and time.time() < deadline:
+    while marked(mark) and time.time() < deadline:
         time.sleep(0.5)
-    assert _marked_processes(mark) == [], "processes of the killed run are still alive"
+    assert marked(mark) == [], "processes of the killed run are still alive"
     latest = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert list(save.glob("*.tmp"))  # the kill left a temporary behind
 
@@ -545,9 +514,9 @@ def test_a_killed_writer_process_is_an_error_not_a_hang(tmp_path):
             if not shards.exists():  # the save has begun: forks from now on are its writers
                 time.sleep(0.005)
                 continue
-            own = _cmdline(proc.pid)
-            for child in _children(proc.pid):
-                if _cmdline(child) == own:  # forked writers: the parent's command line
+            own = cmdline(proc.pid)
+            for child in children(proc.pid):
+                if cmdline(child) == own:  # forked writers: the parent's command line
                     os.kill(child, signal.SIGKILL)
                     killed = time.time()
             time.sleep(0.005)
