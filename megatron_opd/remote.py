@@ -206,6 +206,12 @@ def _device(student) -> torch.device:
 def serve(args, inputs, pool: Pool) -> None:
     """The rollout pool's side: until the last batch is sent or the leader says stop (then the
     process ends at once: a transfer it abandoned would hold gloo's worker thread at exit)."""
+    if args.exit_signal_handler:
+        # the training pool decides when to stop: it saves first, and at lag 1 its checkpoint
+        # needs the batch in flight from this pool; its stop flag then ends this rank
+        import signal
+
+        signal.signal(getattr(signal, args.exit_signal), signal.SIG_IGN)
     if not _serve(args, inputs, pool):
         import os
         import sys

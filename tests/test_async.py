@@ -131,34 +131,50 @@ def _prompt_lengths(k: int, out: Path) -> list[int]:
     return torch.load(str(out) + ".prompts")
 
 
-def test_lag1_killed_and_resumed_equals_a_straight_run(pair, tmp_path):
-    """kill -9 of every rank once a lag-1 run has saved step 2, then the same command again: the
-    checkpoint holds the batch in flight, so the resumed run trains on the straight run's batches
-    and ends with its losses and grad norms."""
-    iters = 6
-    lag1 = ("--rollout-ranks", "1", "--rollout-lag", "1", "--save-interval", "1",
-            "--train-iters", str(iters))  # fmt: skip
-    torchrun(2, _flags(pair, tmp_path, "straight", *lag1, "--save", str(tmp_path / "s")))
+LAG1_ITERS = 6
+LAG1 = ("--rollout-ranks", "1", "--rollout-lag", "1", "--save-interval", "1",
+        "--train-iters", str(LAG1_ITERS))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def straight_lag1(pair, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight_lag1")
+    torchrun(2, _flags(pair, tmp, "straight", *LAG1, "--save", str(tmp / "s")))
+    return tmp
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_lag1_stopped_and_resumed_equals_a_straight_run(pair, straight_lag1, tmp_path, how):
+    """kill -9 of every rank, or SIGTERM to torchrun with --exit-signal-handler (the rollout rank
+    ignores it and keeps sampling until the training rank has saved), once a lag-1 run has saved
+    step 2; then the same command again: the checkpoint holds the batch in flight, so the resumed
+    run trains on the straight run's batches and ends with its losses and grad norms."""
+    iters = LAG1_ITERS
+    handler = ("--exit-signal-handler",) if how == "SIGTERM" else ()
     save = tmp_path / "k"
-    flags = _flags(pair, tmp_path, "killed", *lag1, "--save", str(save))
+    flags = _flags(pair, tmp_path, "stopped", *LAG1, *handler, "--save", str(save))
     proc = _start(flags)
     latest = save / "latest_checkpointed_iteration.txt"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         if latest.exists() and latest.read_text().strip() not in ("", "0", "1"):
-            os.killpg(proc.pid, signal.SIGKILL)
+            if how == "SIGTERM":
+                proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+            else:
+                os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
-    proc.wait(timeout=60)
-    killed_at = int(latest.read_text())
-    assert proc.returncode == -signal.SIGKILL and 2 <= killed_at < iters, (
-        proc.returncode,
-        killed_at,
-    )
+    proc.wait(timeout=120)
+    stopped_at = int(latest.read_text())
+    assert 2 <= stopped_at < iters, (proc.returncode, stopped_at)
+    if how == "kill -9":
+        assert proc.returncode == -signal.SIGKILL, proc.returncode
     torchrun(2, flags)  # the same command: resumes from the latest checkpoint
-    _same_steps(_steps(tmp_path, "straight"), _steps(tmp_path, "killed"), iters)
+    _same_steps(_steps(straight_lag1, "straight"), _steps(tmp_path, "stopped"), iters)
     for step in range(1, iters + 1):
-        assert torch.equal(_tokens(tmp_path, "killed", step), _tokens(tmp_path, "straight", step))
+        assert torch.equal(
+            _tokens(tmp_path, "stopped", step), _tokens(straight_lag1, "straight", step)
+        )
 
 
 def _start(flags: list[str]) -> subprocess.Popen:
