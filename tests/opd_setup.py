@@ -49,6 +49,26 @@ def convert(hf_dir: Path, out: Path) -> None:
     convert_hf_checkpoint(hf_dir, out)
 
 
+def make_nan_teacher(pair: dict, out: Path) -> Path:
+    """``pair``'s teacher with its final norm's weights NaN, converted to ``out``: every logit
+    it gives is NaN."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    hf = pair["teacher"].parent / "hf_teacher"
+    model = AutoModelForCausalLM.from_pretrained(str(hf))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    nan_hf = out.parent / f"hf_{out.name}"
+    model.save_pretrained(str(nan_hf))
+    for f in hf.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, nan_hf / f.name)
+    convert(nan_hf, out)
+    return out
+
+
 def make_pair(
     root: Path,
     student_layers: int = 2,

@@ -239,20 +239,9 @@ def test_damaged_teacher_at_pp2(pair, tmp_path):
 def test_non_finite_stop_at_dp2(pair, tmp_path):
     """A teacher with NaN weights at TP1 x DP2: every step is skipped, the run stops itself; one
     line, exit 3 on both ranks."""
-    import torch
-    from opd_setup import convert
-    from transformers import AutoModelForCausalLM
+    from opd_setup import make_nan_teacher
 
-    hf = pair["teacher"].parent / "hf_teacher"
-    model = AutoModelForCausalLM.from_pretrained(str(hf))
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    nan_hf = tmp_path / "hf_nan"
-    model.save_pretrained(str(nan_hf))
-    for f in hf.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            shutil.copy(f, nan_hf / f.name)
-    convert(nan_hf, tmp_path / "nan_teacher")
+    make_nan_teacher(pair, tmp_path / "nan_teacher")
     flags = _flags(pair, "--opd-teacher-load", str(tmp_path / "nan_teacher"), "--train-iters",
                    "5", "--opd-max-consecutive-skips", "2")  # fmt: skip
     job = finish(start(torchrun_cmd(2, flags, tmp_path / "logs")), tmp_path / "logs", 2)

@@ -585,20 +585,9 @@ def test_full_disk_is_one_line_and_no_temporary(pair, tmp_path):
 def test_non_finite_stop_is_one_line(pair, tmp_path):
     """A teacher with NaN weights: every step is skipped; the run stops with one line and its own
     exit code, and without --save says so (not "saved to None")."""
-    import torch
-    from opd_setup import convert
-    from transformers import AutoModelForCausalLM
+    from opd_setup import make_nan_teacher
 
-    hf = pair["teacher"].parent / "hf_teacher"
-    model = AutoModelForCausalLM.from_pretrained(str(hf))
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    nan_hf = tmp_path / "hf_nan"
-    model.save_pretrained(str(nan_hf))
-    for f in hf.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            shutil.copy(f, nan_hf / f.name)
-    convert(nan_hf, tmp_path / "nan_teacher")
+    make_nan_teacher(pair, tmp_path / "nan_teacher")
     proc = subprocess.run(
         [PY, str(ROOT / "scripts/pretrain_opd.py"),
          *_flags(pair, "--opd-teacher-load", str(tmp_path / "nan_teacher"), "--train-iters", "5",
