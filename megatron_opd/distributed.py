@@ -139,6 +139,7 @@ class ModelGrid:
     embd: dist.ProcessGroup  # first and last pipeline stage (tied embeddings)
     cp: dist.ProcessGroup  # this rank alone (no context parallelism)
     mp_ranks: tuple[int, ...]  # global ranks of ``mp``, ascending
+    student: bool = False  # Megatron's global groups: the student's own grid
 
     def rank_of(self, tp_rank: int, pp_rank: int, dp_rank: Optional[int] = None) -> int:
         dp_rank = self.dp_rank if dp_rank is None else dp_rank
@@ -210,6 +211,30 @@ def build_model_grid(
         embd=mine([sorted({ranks[0], ranks[-1]}) for ranks in pp_lists]),
         cp=mine([[r] for r in range(world)]),
         mp_ranks=tuple(mp_lists[d_rank]),
+    )
+
+
+def student_grid() -> ModelGrid:
+    """The student's grid (Megatron's global groups in ``parallel_state``) as a :class:`ModelGrid`,
+    no group created: a teacher on the student's layout is a teacher on this grid."""
+    from megatron.core import parallel_state as ps
+
+    mp = ps.get_model_parallel_group()
+    return ModelGrid(
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_size=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        tp=ps.get_tensor_model_parallel_group(),
+        pp=ps.get_pipeline_model_parallel_group(),
+        dp=ps.get_data_parallel_group(),
+        mp=mp,
+        embd=ps.get_embedding_group(),
+        cp=ps.get_context_parallel_group(),
+        mp_ranks=tuple(sorted(dist.get_process_group_ranks(mp))),
+        student=True,
     )
 
 

@@ -107,7 +107,7 @@ def score_responses(
     for start in range(0, len(order), micro_batch_size):
         rows = order[start : start + micro_batch_size]
         item = _micro_batch([prompts[i] for i in rows], [responses[i] for i in rows], pad_id)
-        (teacher_logits,) = opd.score_teacher(teacher, [item], vocab_size, keep_logits=True)
+        (teacher_logits,) = opd.forward_only(teacher, [item], vocab_size, keep_logits=True)
         sums = _student_pass(student, item, teacher_logits, vocab_size, tp_group, power_alphas)
         sums = _to_every_stage(sums, len(rows), 1 + len(keys))
         for row, values in zip(rows, sums.tolist(), strict=False):
@@ -358,9 +358,11 @@ class TrainingGapWatch:
     """The trainer's side: the held-out gap at every ``--eval-interval`` (teacher: the run's own,
     or ``--eval-teacher``) and the two warnings, held-out KL and the steps' sampled gap."""
 
-    def __init__(self, teacher: list[torch.nn.Module], args) -> None:
+    def __init__(self, teacher, args) -> None:
+        """``teacher``: the run's :class:`megatron_opd.teacher.TeacherSet` (its gap teacher: the
+        only teacher when it sits on the student's grid) or ``None``."""
         self.args = args
-        self.teacher = teacher
+        self.teacher = None if teacher is None else teacher.on_student_grid
         last = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
         # evaluations reuse one sampling seed, so they are far less noisy than single steps
         self.held_out = GapWatch(

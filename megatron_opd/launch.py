@@ -175,6 +175,13 @@ def check_teachers(
                 f"{padded[0]}, student {padded[1]}): convert both with the same "
                 "--make-vocab-size-divisible-by"
             )
+    if args.eval_interval and args.eval_gap and not args.eval_teacher:
+        if len(out) > 1 or out[0].own_layout:
+            raise ValueError(
+                "--eval-gap reads a teacher's logits in the student's TP sharding, and this "
+                "run's teachers are not one teacher on the student's layout: pass --eval-teacher "
+                "CKPT (loaded on the student's layout for evaluation) or --no-eval-gap"
+            )
     return out
 
 
@@ -311,10 +318,9 @@ def build_student(args: argparse.Namespace, inputs: Inputs):
 
 
 def build_teacher(args: argparse.Namespace, inputs: Inputs):
-    """Frozen, eval mode, no optimizer state; bf16 with ``--opd-teacher-bf16``.
-
-    One teacher on the student's grid: its chunks (scored with Megatron's global groups).
-    Otherwise a :class:`megatron_opd.teacher.TeacherSet`, every teacher on its own groups."""
+    """Every teacher frozen, in eval mode, no optimizer state; bf16 with ``--opd-teacher-bf16``:
+    a :class:`megatron_opd.teacher.TeacherSet`. One teacher on the student's layout sits on the
+    student's grid (Megatron's global groups); otherwise each teacher on its own groups."""
     import torch
 
     from megatron_opd import convert, teacher
@@ -331,7 +337,7 @@ def build_teacher(args: argparse.Namespace, inputs: Inputs):
     for c in chunks:
         c.eval()
         c.requires_grad_(False)
-    return chunks
+    return teacher.on_student_grid(chunks)
 
 
 def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None, pool=None):

@@ -2,8 +2,9 @@
 
     rollout          the student samples responses with its own weights (inference engine)
     micro_batches    prompt + response packed into Megatron's [b, s] inputs, targets, loss mask
-    score_teacher    a forward-only pipeline pass of the frozen teacher: sampled-token log-probs
-                     (or, for full_vocab_kl, its vocab-sharded logits) stay on the last stage
+    forward_only     a forward-only pipeline pass of a frozen model (``teacher.TeacherSet`` scores
+                     with it): sampled-token log-probs (or, for full_vocab_kl, the vocab-sharded
+                     logits) stay on the last stage
     train_step       the student's forward/backward with the OPD loss, then one optimizer step
 
 Tensors follow GPTModel's layout: ``[b, s]`` with position ``i`` predicting token ``i + 1``.
@@ -195,7 +196,7 @@ def dump_in_rollout_order(dump: list, items: list[MicroBatch], batch: RolloutBat
 
 def split_like_items(full: torch.Tensor, items: list[MicroBatch]) -> list[torch.Tensor]:
     """Per-row values ``[B, S]`` in rollout order cut into the layout of ``items`` (each its rows,
-    its positions ``mb.first`` to its own width): what ``score_teacher`` returns for them."""
+    its positions ``mb.first`` to its own width): what ``forward_only`` returns for them."""
     if items[0].rows is None:
         sizes = [mb.tokens.shape[0] for mb in items]
         parts = torch.split(full, sizes)
@@ -240,7 +241,9 @@ def _run_forward(model: torch.nn.Module, tokens: torch.Tensor, first: int = 0) -
         handle.remove()
 
 
-def _schedule(chunks, step_fn, items: list, forward_only: bool):
+def _schedule(chunks, step_fn, items: list, forward_only: bool, grid=None):
+    """Megatron's pipeline schedule over ``items``: on the global groups, or on ``grid``'s (a
+    :class:`megatron_opd.distributed.ModelGrid`, passed to the schedule explicitly)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
@@ -256,12 +259,23 @@ def _schedule(chunks, step_fn, items: list, forward_only: bool):
             "--num-layers-per-virtual-pipeline-stage unset"
         )
     iterator = iter(items) if len(chunks) == 1 else [iter(items) for _ in chunks]
+    groups = {}
+    if grid is None or grid.student:
+        schedule = get_forward_backward_func()
+    else:
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        schedule = get_forward_backward_func(pp_size=grid.pp_size, vp_size=None)
+        groups = {
+            "p2p_communicator": P2PCommunicator(pp_group=grid.pp, config=config),
+            "pg_collection": grid.pg_collection(),
+        }
     # With shapes that differ per micro-batch, each pipeline send is preceded by its shape
     # (p2p_communication._communicate_shapes); seq_length / micro_batch_size are then unused.
     saved = config.variable_seq_lengths
     config.variable_seq_lengths = saved or variable
     try:
-        return get_forward_backward_func()(
+        return schedule(
             forward_step_func=step_fn,
             data_iterator=iterator,
             model=chunks,
@@ -269,6 +283,7 @@ def _schedule(chunks, step_fn, items: list, forward_only: bool):
             seq_length=seq,
             micro_batch_size=mbs,
             forward_only=forward_only,
+            **groups,
         )
     finally:
         config.variable_seq_lengths = saved
@@ -281,18 +296,21 @@ def _is_last_stage() -> bool:
 
 
 @torch.no_grad()
-def score_teacher(
-    teacher: list[torch.nn.Module],
+def forward_only(
+    chunks: list[torch.nn.Module],
     items: list[MicroBatch],
     vocab_size: int,
-    keep_logits: bool,
+    keep_logits: bool = False,
+    grid=None,
 ) -> list[Optional[torch.Tensor]]:
-    """Per micro-batch: the teacher's log-probs of the sampled tokens ``[b, s - first]`` fp32, or
-    with ``keep_logits`` its logits shard ``[b, s - first, v/tp]`` (positions ``mb.first`` on);
-    ``None`` off the last pipeline stage."""
+    """A frozen model's forward-only pipeline pass (a teacher, or the student before its update).
+    Per micro-batch: the log-probs of the sampled tokens ``[b, s - first]`` fp32, or with
+    ``keep_logits`` the logits shard ``[b, s - first, v/tp]`` (positions ``mb.first`` on);
+    ``None`` off the last pipeline stage. ``grid``: the model's own groups (default: the
+    student's, Megatron's global ones)."""
     from megatron.core import parallel_state
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_group = parallel_state.get_tensor_model_parallel_group() if grid is None else grid.tp
 
     def step(data_iterator, model):
         mb = next(data_iterator)
@@ -307,10 +325,11 @@ def score_teacher(
 
         return logits, collect
 
-    for c in teacher:
+    for c in chunks:
         c.eval()
-    outputs = _schedule(teacher, step, items, forward_only=True)
-    if not _is_last_stage():
+    outputs = _schedule(chunks, step, items, forward_only=True, grid=grid)
+    last = _is_last_stage() if grid is None else grid.is_last_stage
+    if not last:
         return [None] * len(items)
     return [o["out"] for o in outputs]
 
@@ -370,7 +389,7 @@ def train_step(
     moments = None
     if kind == "zscore":
         # the pre-update student's log-probs, forward only (the same pass that scores the teacher)
-        lp_s = score_teacher(student, items, vocab_size, keep_logits=False)
+        lp_s = forward_only(student, items, vocab_size)
         if _is_last_stage():
             moments = step_log_ratio_moments(
                 teacher_out, lp_s, [mb.logit_mask for mb in items], dp_group

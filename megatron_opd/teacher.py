@@ -33,8 +33,7 @@ import torch.distributed as dist
 
 from megatron_opd import models
 from megatron_opd.distributed import ModelGrid
-from megatron_opd.opd import MicroBatch, _run_forward, models_device
-from megatron_opd.vocab_parallel import sampled_token_logprobs
+from megatron_opd.opd import MicroBatch, RolloutBatch, forward_only, models_device, split_like_items
 
 TP_FLAG = "--opd-teacher-tensor-model-parallel-size"
 PP_FLAG = "--opd-teacher-pipeline-model-parallel-size"
@@ -115,36 +114,6 @@ def load_on_grid(
     chunk.eval()
     chunk.requires_grad_(False)
     return [chunk]
-
-
-def _forward_only(chunks, grid: ModelGrid, items: list[MicroBatch], vocab_size: int):
-    """Per micro-batch ``[b, s]`` fp32 sampled-token log-probs, on the grid's last stage."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
-
-    def step(data_iterator, model):
-        mb = next(data_iterator)
-        logits = _run_forward(model, mb.tokens)
-
-        def collect(output):
-            lp = sampled_token_logprobs(output, mb.targets, vocab_size, grid.tp)
-            return torch.zeros((), device=output.device), torch.tensor(0), {"out": lp}
-
-        return logits, collect
-
-    b, s = items[0].tokens.shape
-    config = chunks[0].config
-    return get_forward_backward_func(pp_size=grid.pp_size, vp_size=None)(
-        forward_step_func=step,
-        data_iterator=iter(items),
-        model=chunks,
-        num_microbatches=len(items),
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=True,
-        p2p_communicator=P2PCommunicator(pp_group=grid.pp, config=config),
-        pg_collection=grid.pg_collection(),
-    )
 
 
 @dataclass
@@ -271,11 +240,9 @@ def _score_on_replica(
         for i in range(0, batch.shape[0], micro_batch_size)
     ]
     scored = torch.empty(batch.shape[0], width - 1, dtype=torch.float32, device=device)
+    outputs = forward_only(chunks, teacher_items, vocab_size, grid=grid)
     if grid.is_last_stage:
-        outputs = _forward_only(chunks, grid, teacher_items, vocab_size)
-        scored = torch.cat([o["out"].float() for o in outputs]).contiguous()
-    else:
-        _forward_only(chunks, grid, teacher_items, vocab_size)
+        scored = torch.cat([o.float() for o in outputs]).contiguous()
     dist.broadcast(scored, src=grid.rank_of(0, grid.pp_size - 1), group=grid.mp)
     offset = sum(int(headers[i][1]) for i in owners if i < my_owner)
     n_mine = int(headers[my_owner][1])
@@ -283,38 +250,66 @@ def _score_on_replica(
 
 
 class TeacherSet:
-    """One or several frozen teachers, each on its own grid; each row is scored by the teacher
-    it is routed to (``routes``: ``[B]`` teacher index per row of this rank)."""
+    """One or several frozen teachers, each on its grid: the student's (Megatron's global
+    groups) or its own. The trainer's one way to score: :meth:`score`, each row by the teacher it
+    is routed to."""
 
     def __init__(self, names: list[str], chunks: list[list[torch.nn.Module]], grids: list):
         self.names, self.chunks, self.grids = names, chunks, grids
         by_grid: dict[int, Shares] = {}
         for g in grids:  # one collective per distinct grid, in the same order on every rank
-            if id(g) not in by_grid:
+            if not g.student and id(g) not in by_grid:
                 by_grid[id(g)] = student_shares(g)
-        self.shares = [by_grid[id(g)] for g in grids]
+        self.shares = [by_grid.get(id(g)) for g in grids]
 
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def on_student_grid(self) -> Optional[list[torch.nn.Module]]:
+        """The chunks of the only teacher when it sits on the student's grid, else ``None``:
+        the held-out gap and ``full_vocab_kl`` read its logits in the student's TP sharding."""
+        if len(self.grids) == 1 and self.grids[0].student:
+            return self.chunks[0]
+        return None
+
     def score(
         self,
-        seqs: torch.Tensor,
+        batch: RolloutBatch,
+        items: list[MicroBatch],
         vocab_size: int,
-        student_dp_rank: int,
         micro_batch_size: int,
         routes: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """``[B, S]`` log-probs of the rollout rows ``seqs`` (``[B, S + 1]``)."""
-        out = None
+        keep_logits: bool = False,
+    ) -> list[Optional[torch.Tensor]]:
+        """Per micro-batch of ``items`` what :func:`megatron_opd.opd.forward_only` returns: the
+        teacher's log-probs of the sampled tokens (``keep_logits``: its logits shard, one teacher
+        on the student's grid only). ``routes``: ``[B]`` the teacher of each row of ``batch``.
+
+        On the student's grid the rows are already on the ranks that score them, so the step's
+        micro-batches go through as they are; on its own grid a teacher's replica first gathers
+        them (:func:`score_on_grid`)."""
+        if self.on_student_grid is not None:
+            return forward_only(self.chunks[0], items, vocab_size, keep_logits)
+        assert not keep_logits, "logits are kept on the student's grid only (check_layout)"
+        from megatron.core import parallel_state as ps
+
+        full = None
         for k, (chunks, grid) in enumerate(zip(self.chunks, self.grids, strict=True)):
             rows = None if routes is None else routes == k
             part = score_on_grid(
-                chunks, grid, seqs, vocab_size, student_dp_rank, micro_batch_size, rows,
-                self.shares[k],
+                chunks, grid, batch.tokens, vocab_size, ps.get_data_parallel_rank(),
+                micro_batch_size, rows, self.shares[k],
             )  # fmt: skip
-            out = part if out is None else out + part
-        return out
+            full = part if full is None else full + part
+        return split_like_items(full, items)
+
+
+def on_student_grid(chunks: list[torch.nn.Module], name: str = "teacher") -> TeacherSet:
+    """One teacher loaded on the student's layout, scored on Megatron's global groups."""
+    from megatron_opd.distributed import student_grid
+
+    return TeacherSet([name], [chunks], [student_grid()])
 
 
 def build_teachers(

@@ -127,12 +127,19 @@ class Trainer:
         padding = opd.padding_fraction(batch, items)
         _sync()
         t1 = time.perf_counter()
-        teacher_out = self._score_teacher(batch, items)
+        several = len(self.teacher) > 1
+        teacher_out = self.teacher.score(
+            batch,
+            items,
+            self.vocab_size,
+            args.micro_batch_size,
+            routes=self.step_routes if several else None,
+            keep_logits=args.opd_reward == "full_vocab_kl",
+        )
         _sync()
         if self._exit_requested():
             return None
         t2 = time.perf_counter()
-        several = hasattr(self.teacher, "names") and len(self.teacher) > 1
         dump = [] if args.opd_dump_tokens or several else None
         result = opd.train_step(
             self.student,
@@ -165,18 +172,6 @@ class Trainer:
                 )
             )
         return metrics
-
-    def _score_teacher(self, batch: opd.RolloutBatch, items: list[opd.MicroBatch]) -> list:
-        """The teacher's output per micro-batch: on the student's grid through ``opd``, or on
-        the teachers' own grids (``megatron_opd.teacher``), each row by its routed teacher."""
-        if not hasattr(self.teacher, "score"):
-            keep_logits = self.args.opd_reward == "full_vocab_kl"
-            return opd.score_teacher(self.teacher, items, self.vocab_size, keep_logits)
-        routes = self.step_routes if len(self.teacher) > 1 else None
-        full = self.teacher.score(
-            batch.tokens, self.vocab_size, self.dp_rank, self.args.micro_batch_size, routes
-        )
-        return opd.split_like_items(full, items)
 
     def _metrics(self, batch: opd.RolloutBatch, result: opd.StepResult, times, padding) -> dict:
         lengths = batch.response_lengths.double()

@@ -58,7 +58,7 @@ def one_step(flags: list[str]) -> dict:
 
     args = arguments.parse_args(flags)
     trainer = launch.build_trainer(args)
-    chunks = trainer.teacher.chunks if hasattr(trainer.teacher, "chunks") else [trainer.teacher]
+    chunks = trainer.teacher.chunks
     teacher_bytes = sum(
         p.numel() * p.element_size() for model in chunks for c in model for p in c.parameters()
     )

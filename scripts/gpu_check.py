@@ -509,6 +509,7 @@ def section_decode(ctx: Context) -> None:
 
 def section_opd_step(ctx: Context) -> None:
     from megatron_opd import launch
+    from megatron_opd.teacher import on_student_grid
     from megatron_opd.trainer import Trainer
 
     sh = ctx.shapes
@@ -532,6 +533,7 @@ def section_opd_step(ctx: Context) -> None:
     student, optimizer, scheduler = launch.build_student(args, inputs)
     params = sum(p.numel() for c in student for p in c.parameters()) / 1e9
     t_params = sum(p.numel() for c in teacher for p in c.parameters()) / 1e9
+    teachers = on_student_grid(teacher)
     print(
         f"(c) student {params:.3f} B parameters, teacher {t_params:.3f} B; built in "
         f"{time.perf_counter() - t0:.1f} s; {sh.prompts} prompts x {sh.new_tokens} new tokens, "
@@ -549,7 +551,7 @@ def section_opd_step(ctx: Context) -> None:
         t_kind = time.perf_counter()
         for new_tokens in (sh.warmup_tokens, sh.new_tokens):  # warm-up, then the timed step
             args = opd_args(ctx, student_dir, kind, new_tokens)
-            trainer = Trainer(args, inputs, student, optimizer, scheduler, teacher)
+            trainer = Trainer(args, inputs, student, optimizer, scheduler, teachers)
             m = trainer.train_one_step()
         estimate = 1.2 * (time.perf_counter() - t_kind)
         if m["response/mean_len"] != sh.new_tokens:

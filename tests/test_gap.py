@@ -371,12 +371,12 @@ def test_trainer_watch_warns_on_the_measured_drifting_run(capsys):
     from types import SimpleNamespace
 
     args = SimpleNamespace(eval_interval=None, eval_gap=True, eval_teacher=None)
-    drifting = gap.TrainingGapWatch([], args)
+    drifting = gap.TrainingGapWatch(None, args)
     series = zip((0, 4, 8, 12), (1.671, 1.732, 1.735, 1.761), strict=True)
     fired = [drifting.held_out.update(v, s) for s, v in series]
     assert fired == [False, False, False, True]
     assert "iteration 12" in capsys.readouterr().err
-    closing = gap.TrainingGapWatch([], args)
+    closing = gap.TrainingGapWatch(None, args)
     assert not any(
         closing.held_out.update(v, s) for s, v in enumerate((1.667, 1.570, 1.525, 1.508))
     )

@@ -18,7 +18,8 @@ def _library_run(flags: list[str]) -> dict:
 
     args = arguments.parse_args(flags)
     trainer = launch.build_trainer(args)  # checks, initializes, builds, loads
-    assert all(not p.requires_grad for c in trainer.teacher for p in c.parameters())
+    teacher = [c for chunks in trainer.teacher.chunks for c in chunks]
+    assert all(not p.requires_grad for c in teacher for p in c.parameters())
     trainer.run()
     return {"iteration": trainer.iteration}
 

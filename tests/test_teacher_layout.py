@@ -84,13 +84,14 @@ def _split_worker(teacher_dir: str, vocab: int) -> dict:
     seen = []
     chunk.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))  # rows scored
     seqs = torch.randint(3, vocab, (7, 12), generator=torch.Generator().manual_seed(0))
-    split = teachers.score(seqs, vocab, student_dp_rank=0, micro_batch_size=1)
+    (chunks,), (grid,), (shares,) = teachers.chunks, teachers.grids, teachers.shares
+    split = teacher.score_on_grid(chunks, grid, seqs, vocab, 0, 1, shares=shares)
     rows_split = sum(seen)
     seen.clear()  # every replica scoring every row, as before the split
-    whole = teacher.score_on_grid(teachers.chunks[0], teachers.grids[0], seqs, vocab, 0, 1)
+    whole = teacher.score_on_grid(chunks, grid, seqs, vocab, 0, 1)
     rows_whole = sum(seen)
     seen.clear()  # a micro-batch larger than the share is not padded past the share
-    wide = teachers.score(seqs, vocab, student_dp_rank=0, micro_batch_size=8)
+    wide = teacher.score_on_grid(chunks, grid, seqs, vocab, 0, 8, shares=shares)
     rows = (rows_split, rows_whole, sum(seen))
     return {"split": split, "whole": whole, "wide": wide, "rows": rows}
 
@@ -265,6 +266,12 @@ def test_teacher_flag_errors(metadata_only, tmp_path):
     assert "full_vocab_kl needs one teacher on the student's layout" in err(
         4, TP_FLAG, "2", "--opd-reward", "full_vocab_kl"
     )
+    # the held-out gap reads logits in the student's sharding: its teacher must sit there
+    evals = ("--eval-interval", "2", "--eval-data", "builtin:4")
+    assert "--eval-gap reads a teacher's logits in the student's TP sharding" in err(
+        4, TP_FLAG, "2", *evals
+    )
+    _check(models, 4, "--prompt-data", "builtin:32", TP_FLAG, "2", *evals, "--no-eval-gap")
     assert f"{TP_FLAG} takes one value or one per --opd-teacher-load (1), got 2" in err(
         4, TP_FLAG, "2", "1"
     )
