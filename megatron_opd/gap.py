@@ -362,7 +362,7 @@ class TrainingGapWatch:
         """``teacher``: the run's :class:`megatron_opd.teacher.TeacherSet` (its gap teacher: the
         only teacher when it sits on the student's grid) or ``None``."""
         self.args = args
-        self.teacher = None if teacher is None else teacher.on_student_grid
+        self.teacher = None if teacher is None else teacher.chunks_on_student_grid
         last = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
         # evaluations reuse one sampling seed, so they are far less noisy than single steps
         self.held_out = GapWatch(

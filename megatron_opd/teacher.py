@@ -266,7 +266,7 @@ class TeacherSet:
         return len(self.names)
 
     @property
-    def on_student_grid(self) -> Optional[list[torch.nn.Module]]:
+    def chunks_on_student_grid(self) -> Optional[list[torch.nn.Module]]:
         """The chunks of the only teacher when it sits on the student's grid, else ``None``:
         the held-out gap and ``full_vocab_kl`` read its logits in the student's TP sharding."""
         if len(self.grids) == 1 and self.grids[0].student:
@@ -289,7 +289,7 @@ class TeacherSet:
         On the student's grid the rows are already on the ranks that score them, so the step's
         micro-batches go through as they are; on its own grid a teacher's replica first gathers
         them (:func:`score_on_grid`)."""
-        if self.on_student_grid is not None:
+        if self.chunks_on_student_grid is not None:
             return forward_only(self.chunks[0], items, vocab_size, keep_logits)
         assert not keep_logits, "logits are kept on the student's grid only (check_layout)"
         from megatron.core import parallel_state as ps
