@@ -1,4 +1,4 @@
-"""Hugging Face <-> Megatron-Core weights for Qwen3 and Llama, one tensor at a time.
+"""Hugging Face <-> Megatron-Core weights for Qwen3, Qwen3-MoE and Llama, one tensor at a time.
 
 Import builds the GPTModel once at TP1/PP1 without initializing it, copies every parameter from
 the Hugging Face tensors it needs (read one by one from safetensors, or taken one by one from a
@@ -11,6 +11,11 @@ Megatron's layout (local spec), per layer ``decoder.layers.N``:
 * ``self_attention.linear_qkv.weight``: per query group ``g``, the rows of its ``heads/groups``
   query heads, then its key head, then its value head: ``[q_g0 .. q_g(p-1), k_g, v_g]`` per ``g``.
 * ``mlp.linear_fc1.weight``: ``[gate; up]`` (SwiGLU applies the activation to the first half).
+* a Qwen3-MoE sparse layer: ``mlp.router.weight`` is ``mlp.gate.weight``; expert ``e`` is
+  ``mlp.experts.local_experts.<e>.linear_fc1.weight`` (``[gate_e; up_e]``) and
+  ``.linear_fc2.weight`` (``down_e``). Converted at EP1, the dist checkpoint names every expert
+  by its global index (``SequentialMLP.sharded_state_dict``), so it loads at any TP x EP x PP
+  layout.
 * the embedding and untied output layer carry ``padded_vocab_size`` rows: zeros on import, dropped
   on export.
 
@@ -53,7 +58,7 @@ class Rule:
     kind: str  # "copy" | "vocab" | "qkv" | "fc1"
 
 
-_LAYER_RULES = (
+_ATTENTION_RULES = (
     ("input_layernorm.weight", ("input_layernorm.weight",), "copy"),
     (
         "self_attention.linear_qkv.weight",
@@ -64,9 +69,28 @@ _LAYER_RULES = (
     ("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), "copy"),
     ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "copy"),
     ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "copy"),
+)
+_DENSE_MLP_RULES = (
     ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1"),
     ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy"),
 )
+_LAYER_RULES = _ATTENTION_RULES + _DENSE_MLP_RULES
+
+
+def _expert_rules(num_experts: int) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    out = [("mlp.router.weight", ("mlp.gate.weight",), "copy")]
+    for e in range(num_experts):
+        hf = f"mlp.experts.{e}."
+        out.append(
+            (f"mlp.experts.local_experts.{e}.linear_fc1.weight",
+             (hf + "gate_proj.weight", hf + "up_proj.weight"), "fc1")
+        )  # fmt: skip
+        out.append(
+            (f"mlp.experts.local_experts.{e}.linear_fc2.weight", (hf + "down_proj.weight",), "copy")
+        )
+    return tuple(out)
+
+
 # Transformer-engine specs fuse each norm into the linear layer that follows it.
 _TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -80,9 +104,10 @@ def rules(arch: models.ArchConfig) -> dict[str, Rule]:
     """Every parameter of the full (TP1/PP1) Megatron model, by its local-spec name."""
     out = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
     qk_norms = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
-    layer_rules = [r for r in _LAYER_RULES if arch.qk_layernorm or r[0] not in qk_norms]
-    for i in range(arch.num_hidden_layers):
-        for suffix, hf, kind in layer_rules:
+    attention = [r for r in _ATTENTION_RULES if arch.qk_layernorm or r[0] not in qk_norms]
+    sparse = _expert_rules(arch.num_experts) if arch.is_moe else ()
+    for i, is_sparse in enumerate(arch.sparse_layers()):
+        for suffix, hf, kind in (*attention, *(sparse if is_sparse else _DENSE_MLP_RULES)):
             hf_names = tuple(f"model.layers.{i}.{h}" for h in hf)
             out.append(Rule(f"decoder.layers.{i}.{suffix}", hf_names, kind))
     out.append(Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"))
@@ -110,15 +135,26 @@ def hf_shapes(arch: models.ArchConfig) -> dict[str, tuple[int, ...]]:
         "self_attn.v_proj.weight": (kv, h),
         "self_attn.o_proj.weight": (h, q),
         "post_attention_layernorm.weight": (h,),
+    }
+    dense = {
         "mlp.gate_proj.weight": (f, h),
         "mlp.up_proj.weight": (f, h),
         "mlp.down_proj.weight": (h, f),
     }
+    sparse = {}
+    if arch.is_moe:
+        fe = arch.moe_intermediate_size
+        sparse["mlp.gate.weight"] = (arch.num_experts, h)
+        for e in range(arch.num_experts):
+            sparse[f"mlp.experts.{e}.gate_proj.weight"] = (fe, h)
+            sparse[f"mlp.experts.{e}.up_proj.weight"] = (fe, h)
+            sparse[f"mlp.experts.{e}.down_proj.weight"] = (h, fe)
     if arch.qk_layernorm:
         layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
     out = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
-    for i in range(arch.num_hidden_layers):
-        out.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
+    for i, is_sparse in enumerate(arch.sparse_layers()):
+        mlp = sparse if is_sparse else dense
+        out.update({f"model.layers.{i}.{k}": v for k, v in {**layer, **mlp}.items()})
     if not arch.tie_word_embeddings:
         out["lm_head.weight"] = (arch.vocab_size, h)
     return out

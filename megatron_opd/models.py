@@ -1,9 +1,17 @@
-"""Qwen3 and Llama architectures as Megatron-Core GPTModels.
+"""Qwen3, Qwen3-MoE and Llama architectures as Megatron-Core GPTModels.
 
 An :class:`ArchConfig` is read from a Hugging Face ``config.json`` or a YAML file with the same
 field names. It maps to a ``TransformerConfig`` and a layer spec; :func:`build_model` builds the
 chunks of the current pipeline stage. Parallelism lives in Megatron's spec and config; nothing here
 touches a process group except reading the current stage.
+
+Qwen3-MoE (``Qwen3MoeForCausalLM``): each sparse layer's MLP is Megatron's ``MoELayer`` (its
+``TopKRouter``, the ``allgather`` token dispatcher and a ``SequentialMLP`` of SwiGLU experts),
+the dense layers among them (``mlp_only_layers`` / ``decoder_sparse_step``) a plain MLP, chosen
+per layer by ``moe_layer_freq``. Routing is Hugging Face's: softmax over all experts then top-k
+(``norm_topk_prob=false``: ``moe_router_pre_softmax``), or top-k renormalised
+(``norm_topk_prob=true``: softmax over the top-k logits, the same numbers); dropless (no capacity
+factor), so no token's score depends on the others in its batch; no load-balancing loss.
 
 Padded vocabulary: Megatron pads the output layer to a multiple of ``make_vocab_size_divisible_by x
 TP``. The padded rows are never a valid token; every softmax in this project (the reward op, the
@@ -24,8 +32,20 @@ import torch.nn.functional as F
 
 from megatron_opd import compat
 
-ARCHITECTURES = ("qwen3", "llama")
-_HF_MODEL_TYPES = {"qwen3": "qwen3", "llama": "llama"}
+ARCHITECTURES = ("qwen3", "qwen3_moe", "llama")
+_HF_ARCHITECTURES = {
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
+# Routing that Qwen3-MoE does not have and this project does not build: refused, not ignored.
+_UNSUPPORTED_MOE = {
+    "shared_expert_intermediate_size": "shared experts",
+    "n_shared_experts": "shared experts",
+    "n_group": "group-limited routing",
+    "topk_group": "group-limited routing",
+    "first_k_dense_replace": "first_k_dense_replace",
+}
 
 
 @dataclass
@@ -47,6 +67,13 @@ class ArchConfig:
     initializer_range: float = 0.02
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None
+    # Qwen3-MoE only
+    num_experts: Optional[int] = None
+    num_experts_per_tok: Optional[int] = None
+    moe_intermediate_size: Optional[int] = None
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: Optional[list[int]] = None
 
     _REQUIRED = (
         "model_type",
@@ -72,10 +99,38 @@ class ArchConfig:
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+        if self.is_moe:
+            self.mlp_only_layers = sorted(self.mlp_only_layers or [])
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+                if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                    raise ValueError(f"qwen3_moe needs {name} >= 1, got {getattr(self, name)}")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok {self.num_experts_per_tok} is larger than num_experts "
+                    f"{self.num_experts}"
+                )
+            if self.decoder_sparse_step < 1:
+                raise ValueError(
+                    f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}"
+                )
 
     @property
     def qk_layernorm(self) -> bool:
-        return self.model_type == "qwen3"
+        return self.model_type in ("qwen3", "qwen3_moe")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type == "qwen3_moe"
+
+    def sparse_layers(self) -> list[bool]:
+        """Per layer: True where the MLP is a mixture of experts (Hugging Face's rule)."""
+        if not self.is_moe:
+            return [False] * self.num_hidden_layers
+        dense = set(self.mlp_only_layers or [])
+        return [
+            i not in dense and (i + 1) % self.decoder_sparse_step == 0
+            for i in range(self.num_hidden_layers)
+        ]
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ArchConfig:
@@ -109,6 +164,10 @@ class ArchConfig:
                 raise ValueError(f"{source}: {flag}=true is not supported")
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported")
+        if model_type == "qwen3_moe":
+            _check_moe_fields(raw, source)
+            if raw.get("num_experts") is None:  # transformers 5 writes num_local_experts
+                raw["num_experts"] = raw.get("num_local_experts")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
@@ -141,11 +200,10 @@ class ArchConfig:
         return asdict(self)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A ``config.json`` for transformers (Qwen3ForCausalLM / LlamaForCausalLM)."""
+        """A ``config.json`` for transformers (Qwen3ForCausalLM / Qwen3MoeForCausalLM /
+        LlamaForCausalLM)."""
         out = {
-            "architectures": [
-                "Qwen3ForCausalLM" if self.model_type == "qwen3" else "LlamaForCausalLM"
-            ],
+            "architectures": [_HF_ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -165,7 +223,34 @@ class ArchConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         }
+        if self.is_moe:
+            out.update(
+                num_experts=self.num_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=self.decoder_sparse_step,
+                mlp_only_layers=list(self.mlp_only_layers or []),
+            )
         return out
+
+
+def _check_moe_fields(raw: dict[str, Any], source: str) -> None:
+    """One line for each kind of routing a Qwen3-MoE config may name but this project does not
+    build (it would otherwise be ignored and the scores silently wrong)."""
+    for key, what in _UNSUPPORTED_MOE.items():
+        if raw.get(key):
+            raise ValueError(f"{source}: not supported: {what} ({key}={raw[key]})")
+    if raw.get("scoring_func", "softmax") != "softmax":
+        raise ValueError(
+            f"{source}: router scoring_func {raw['scoring_func']!r} is not supported (softmax only)"
+        )
+    if raw.get("topk_method", "greedy") != "greedy":
+        raise ValueError(f"{source}: router topk_method {raw['topk_method']!r} is not supported")
+    if raw.get("routed_scaling_factor", 1.0) not in (None, 1.0):
+        raise ValueError(
+            f"{source}: routed_scaling_factor {raw['routed_scaling_factor']} is not supported"
+        )
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
@@ -179,9 +264,26 @@ def validate_layout(
     tensor_parallel_size: int,
     pipeline_parallel_size: int,
     virtual_pipeline_size: Optional[int] = None,
+    expert_parallel_size: int = 1,
+    ep_flag: str = "--expert-model-parallel-size",
 ) -> None:
     """Raise a ValueError naming the flag when the model cannot be split this way."""
     tp, pp = tensor_parallel_size, pipeline_parallel_size
+    if expert_parallel_size > 1 and not arch.is_moe:
+        raise ValueError(
+            f"{ep_flag} {expert_parallel_size} needs a mixture-of-experts model; "
+            f"this one is {arch.model_type}"
+        )
+    if arch.is_moe:
+        if arch.num_experts % expert_parallel_size != 0:
+            raise ValueError(
+                f"{ep_flag} {expert_parallel_size} does not divide num_experts {arch.num_experts}"
+            )
+        if arch.moe_intermediate_size % tp != 0:
+            raise ValueError(
+                f"--tensor-model-parallel-size {tp} does not divide moe_intermediate_size (the "
+                f"experts' ffn hidden size) {arch.moe_intermediate_size}"
+            )
     if arch.num_attention_heads % tp != 0:
         raise ValueError(
             f"--tensor-model-parallel-size {tp} does not divide num_attention_heads "
@@ -192,7 +294,7 @@ def validate_layout(
             f"--tensor-model-parallel-size {tp} does not divide num_key_value_heads (query groups) "
             f"{arch.num_key_value_heads}"
         )
-    if arch.intermediate_size % tp != 0:
+    if arch.intermediate_size % tp != 0 and not all(arch.sparse_layers()):
         # else Megatron fails later, inside ColumnParallelLinear, naming neither
         raise ValueError(
             f"--tensor-model-parallel-size {tp} does not divide intermediate_size (the MLP's "
@@ -217,12 +319,16 @@ def transformer_config(
     pipeline_parallel_size: int = 1,
     virtual_pipeline_size: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
+    expert_parallel_size: int = 1,
     **overrides: Any,
 ):
-    """The Megatron ``TransformerConfig`` of ``arch`` on a TP x PP (x VPP) grid."""
+    """The Megatron ``TransformerConfig`` of ``arch`` on a TP x PP (x VPP) (x EP) grid."""
     from megatron.core.transformer import TransformerConfig
 
-    validate_layout(arch, tensor_parallel_size, pipeline_parallel_size, virtual_pipeline_size)
+    validate_layout(
+        arch, tensor_parallel_size, pipeline_parallel_size, virtual_pipeline_size,
+        expert_parallel_size,
+    )  # fmt: skip
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_hidden_layers,
         hidden_size=arch.hidden_size,
@@ -249,17 +355,64 @@ def transformer_config(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
     )
+    if arch.is_moe:
+        kwargs.update(moe_config(arch, expert_parallel_size))
     kwargs.update(compat.transformer_config_overrides())
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(arch: ArchConfig):
+def moe_config(arch: ArchConfig, expert_parallel_size: int = 1) -> dict[str, Any]:
+    """The ``TransformerConfig`` fields of Qwen3-MoE's sparse layers.
+
+    Hugging Face: ``p = softmax(router logits)``, the top-k of ``p``, renormalised to sum to 1 when
+    ``norm_topk_prob``. Megatron's ``topk_routing_with_score_function`` computes the same with
+    ``moe_router_pre_softmax=True`` (softmax, then top-k) and, for the renormalised weights, with
+    ``False`` (top-k of the logits, then softmax over those k: ``p_i / sum_topk p``, the same
+    experts since softmax keeps the order). No capacity factor: every token reaches its k experts
+    whatever else is in the batch. The experts' TP is the attention's (Megatron's default
+    ``expert_tensor_parallel_size``)."""
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.num_experts_per_tok,
+        moe_ffn_hidden_size=arch.moe_intermediate_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.norm_topk_prob,
+        moe_router_topk_scaling_factor=None,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        moe_layer_freq=[int(s) for s in arch.sparse_layers()],
+        expert_model_parallel_size=expert_parallel_size,
+    )
+
+
+def layer_spec(
+    arch: ArchConfig, config=None, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+):
     """Transformer-engine spec when TE imports and CUDA is present, else Megatron's local spec
     with its core attention computed by ``scaled_dot_product_attention``
-    (:class:`megatron_opd.attention.SDPAttention`)."""
+    (:class:`megatron_opd.attention.SDPAttention`).
+
+    A mixture of experts gets Megatron's block spec of this pipeline stage's layers (``config``,
+    ``vp_stage``, ``pp_rank``: the stage, by default ``parallel_state``'s), dense or MoE per
+    layer from ``config.moe_layer_freq``."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    if arch.is_moe:
+        te = compat.transformer_engine_available()
+        block = gpt_layer_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=te, normalization="RMSNorm",
+            vp_stage=vp_stage, pp_rank=pp_rank,
+        )  # fmt: skip
+        if not te:
+            from megatron_opd.attention import SDPAttention
+
+            for spec in block.layer_specs:
+                spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        return block
     if compat.transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=arch.qk_layernorm
@@ -296,7 +449,9 @@ def build_model(
         stage = vp_stage if vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(arch),
+            transformer_layer_spec=layer_spec(
+                arch, config, stage, None if pg_collection is None else pg_collection.pp.rank()
+            ),
             vocab_size=vocab,
             max_sequence_length=max_sequence_length or arch.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)

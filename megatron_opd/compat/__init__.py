@@ -10,6 +10,7 @@ module of the project tests a version or ``torch.cuda``; they ask here.
 * :mod:`~megatron_opd.compat.inference`: the inference API on either side of 0.17's rewrite, and
   the rotary / progress-bar patches.
 * :mod:`~megatron_opd.compat.writers`: dist-checkpoint writers that cannot hang or outlive a rank.
+* :mod:`~megatron_opd.compat.moe`: mixture-of-experts layers without transformer-engine or CUDA.
 
 ``apply()`` is idempotent and is called by :func:`megatron_opd.distributed.initialize` (and by
 anything that builds Megatron objects before that). With CUDA present it changes only the inference
@@ -18,7 +19,7 @@ path (rotary keys cached rotated) and the log / checkpoint-writer patches.
 
 from __future__ import annotations
 
-from megatron_opd.compat import inference, versions, writers
+from megatron_opd.compat import inference, moe, versions, writers
 from megatron_opd.compat.cpu import install_cpu_rng_tracker
 from megatron_opd.compat.platform import (
     default_device,
@@ -45,6 +46,7 @@ __all__ = [
     "inference",
     "install_cpu_rng_tracker",
     "megatron_core_version",
+    "moe",
     "peak_memory_bytes",
     "reset_peak_memory",
     "transformer_config_overrides",
@@ -68,4 +70,5 @@ def apply() -> None:
         cpu.apply()
     inference.apply()
     writers.apply()
+    moe.apply(cpu=not has_cuda())
     _APPLIED = True
