@@ -305,6 +305,14 @@ def test_quick_comparison_recounts(comparison):
     png = (out / "plots" / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "full_vocab_kl_seed2: ok" in stdout
+    # every run's per-problem numbers are kept, and every interval recounts from them alone
+    kept = compare.load_runs(out / "runs.json.gz")
+    assert sorted((r["method"], r["seed"]) for r in kept["runs"]) == sorted(
+        (m, s) for m in methods for s in (1, 2)
+    )
+    assert kept["start"]["accuracy"] == pytest.approx(start_acc)
+    assert json.loads(json.dumps(compare.recount(out / "runs.json.gz")["methods"])) == methods
+    assert "accuracy vs vanilla" in results["multiplicity"] and "Holm" in md
 
 
 def test_compare_verdicts_follow_the_intervals():
@@ -328,3 +336,91 @@ def test_compare_flag_errors(capsys):
             compare.parse_args(argv)
         assert e.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def _fake_runs(methods, seeds, problems, rng):
+    """Results as run_one returns them: per-problem accuracy (k = 8 samples) and divergences."""
+    import compare
+
+    runs = []
+    for m in methods:
+        for seed in seeds:
+            pp = {"accuracy": [rng.randrange(9) / 8 for _ in range(problems)]}
+            for key in compare.YARDSTICKS:
+                if key != "accuracy":
+                    pp[key] = [rng.random() for _ in range(problems)]
+            runs.append({"method": m, "seed": seed, "returncode": 0, "per_problem": pp,
+                         "grad_norm_median": 1.0})  # fmt: skip
+    return runs
+
+
+def test_compare_keeps_every_run_and_recounts_from_them(tmp_path):
+    """runs.json.gz round trip: the tables and the head-to-head pairs recomputed from the kept
+    file equal the ones computed from the runs; a head-to-head pair recounted by hand."""
+    import random
+
+    import compare
+    import stats
+
+    rng = random.Random(5)
+    methods = ("vanilla", "full_vocab_kl", "power_1", "sign", "clip")
+    runs = _fake_runs(methods, (1, 2, 3), 6, rng)
+    start = _fake_runs(("vanilla",), (0,), 6, rng)[0]["per_problem"]
+    compare.save_runs(tmp_path / "runs.json.gz", runs, start, methods)
+    first = (tmp_path / "runs.json.gz").read_bytes()
+    compare.save_runs(tmp_path / "runs.json.gz", runs, start, methods)
+    assert (tmp_path / "runs.json.gz").read_bytes() == first  # byte-stable
+    got = compare.recount(tmp_path / "runs.json.gz")
+    assert got["methods"] == compare.compare(runs, start, methods)
+    pairs = got["head_to_head"]["accuracy"]
+    assert list(pairs) == ["power_1 - sign", "power_1 - clip", "sign - clip"]
+    by = {(r["method"], r["seed"]): r["per_problem"]["accuracy"] for r in runs}
+    table = [
+        [100 * (a - b) for a, b in zip(by["power_1", s], by["sign", s], strict=True)]
+        for s in (1, 2, 3)
+    ]
+    want = stats.crossed_mean_interval(table)
+    assert pairs["power_1 - sign"]["mean"] == pytest.approx(want.mean)
+    assert pairs["power_1 - sign"]["half_width"] == pytest.approx(want.half_width)
+    # the conclusions use the paired intervals when the results have them
+    import multiplicity
+
+    results = {"methods": got["methods"], "head_to_head": got["head_to_head"]}
+    h2h = multiplicity.conclusions(results)["accuracy head to head (bounded rewards)"]
+    assert {e["source"] for e in h2h.values()} == {"paired over seeds and problems"}
+    assert h2h["sign - clip"]["mean"] == pytest.approx(pairs["sign - clip"]["mean"])
+
+
+def test_compare_refuses_a_run_made_with_other_flags(tmp_path, capsys):
+    """A finished run is reused only with the flags it was made with (issue 30: a rerun with
+    another --steps silently mixed runs)."""
+    import compare
+
+    args = compare.parse_args(["--quick", "--out", str(tmp_path)])
+    cfg, _ = compare.config(args)
+    models = tmp_path / "models"
+    run_dir = tmp_path / "runs" / "vanilla_seed1"
+    run_dir.mkdir(parents=True)
+    flags = compare._drop(cfg.flags(models, run_dir, 1), compare._IN_RUN_ONLY)
+    flags += ["--save", str(run_dir / "ckpt"), "--save-interval", str(cfg.steps)]
+    flags += compare.METHODS["vanilla"]
+    evaluate = compare.evaluate_cmd(cfg, models, run_dir / "ckpt", run_dir / "eval", 8)[1:]
+    cached = {"method": "vanilla", "seed": 1, "flags": flags, "evaluate": evaluate,
+              "returncode": 0}  # fmt: skip
+    (run_dir / "result.json").write_text(json.dumps(cached))
+    assert compare.run_one(cfg, models, tmp_path, "vanilla", 1, 1, 8) == cached  # reused
+    other = compare.parse_args(["--quick", "--out", str(tmp_path), "--steps", "3"])
+    cfg3, _ = compare.config(other)
+    with pytest.raises(SystemExit) as e:
+        compare.run_one(cfg3, models, tmp_path, "vanilla", 1, 1, 8)
+    message = str(e.value)
+    assert "was made with other flags" in message and str(run_dir) in message
+    assert "--train-iters 4 vs 3" in message
+    with pytest.raises(SystemExit) as e:  # another --heldout: the evaluation differs
+        compare.run_one(cfg, models, tmp_path, "vanilla", 1, 1, 16)
+    assert "evaluate differ" in str(e.value)
+    del cached["evaluate"]  # a result from before issue 30 records no evaluation flags
+    (run_dir / "result.json").write_text(json.dumps(cached))
+    with pytest.raises(SystemExit) as e:
+        compare.run_one(cfg, models, tmp_path, "vanilla", 1, 1, 8)
+    assert "records no evaluate" in str(e.value)

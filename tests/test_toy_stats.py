@@ -130,3 +130,121 @@ def test_existing_seeds_table_recounts():
     assert got["low"] < 0 < got["high"]  # not resolved
     sd, pairs = existing_seeds.pooled_seed_sd()
     assert pairs == 18 and sd == pytest.approx(4.1507, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Many intervals: p-values, Holm, and the committed 18-seed comparison (issue 30)
+
+COMPARE18 = Path(__file__).resolve().parents[1] / "docs" / "reproduction" / "compare18"
+
+
+def test_p_value_belongs_to_the_interval():
+    # an interval whose edge touches 0 has p = 0.05 exactly; half as wide a margin, t = 2 t_q
+    df = 12.0
+    t = stats.t_quantile(0.975, df)
+    assert stats.p_value(2.0, 2.0, df) == pytest.approx(0.05, abs=1e-9)
+    assert stats.p_value(-2.0, 2.0, df) == pytest.approx(0.05, abs=1e-9)
+    assert stats.p_value(2.0, 1.0, df) == pytest.approx(2 * (1 - stats._t_cdf(2 * t, df)))
+    assert stats.p_value(0.0, 1.0, df) == pytest.approx(1.0)
+    # two-sided 1% point of t with 8 df is 3.3554: p of t = 3.3554 is 0.01
+    se = 1.0 / stats.t_quantile(0.975, 8)
+    assert stats.p_value(3.3554 * se, 1.0, 8) == pytest.approx(0.01, abs=2e-5)
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.02, 0.03, 0.04 -> x4, x3, x2, x1 = 0.04, 0.06, 0.06 (monotone), 0.06
+    assert stats.holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    assert stats.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert stats.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+    assert stats.holm([]) == []
+
+
+def test_difference_bound():
+    a = {"mean": 4.0, "half_width": 2.0, "df": 30.0}
+    b = {"mean": 1.0, "half_width": 3.0, "df": 10.0}
+    got = stats.difference_bound(a, b)
+    se = 2.0 / stats.t_quantile(0.975, 30) + 3.0 / stats.t_quantile(0.975, 10)
+    assert got["mean"] == 3.0 and got["df"] == 10.0
+    assert got["half_width"] == pytest.approx(stats.t_quantile(0.975, 10) * se)
+    # never narrower than either interval alone
+    assert got["half_width"] > 3.0
+
+
+def _recomputed(iv: dict) -> tuple[float, float]:
+    """Satterthwaite's df and the half-width, from the components an interval records."""
+    s_n, p_n = iv["seeds"], iv["problems"]
+    ms_res = iv["sd_residual"] ** 2
+    ms_seed = p_n * iv["sd_seed"] ** 2 + ms_res
+    ms_problem = s_n * iv["sd_problem"] ** 2 + ms_res
+    terms = [(ms_seed / (s_n * p_n), s_n - 1), (ms_problem / (s_n * p_n), p_n - 1)]
+    terms.append((-ms_res / (s_n * p_n), (s_n - 1) * (p_n - 1)))
+    var = sum(c for c, _ in terms)
+    df = var * var / sum(c * c / d for c, d in terms)
+    return df, stats.t_quantile(0.975, df) * math.sqrt(var)
+
+
+def test_the_published_tropd_interval_recounts_from_the_committed_file():
+    """docs/reproduction.md: TROPD against vanilla, Avg@8, +2.7 ± 2.3 over 18 seeds x 256
+    problems. The committed results.json keeps each interval's variance components (not the
+    per-run tables: the 2026-12-05 runs are gone); the half-width and the degrees of freedom
+    follow from them, and Holm's adjustment over the 7 comparisons against vanilla keeps it
+    (p_Holm 0.044) where Bonferroni (x7: 0.15) would not."""
+    import json
+
+    import multiplicity
+
+    results = json.loads((COMPARE18 / "results.json").read_text())
+    iv = results["methods"]["tropd"]["accuracy"]["vs_vanilla"]
+    assert (iv["seeds"], iv["problems"]) == (18, 256)
+    df, half = _recomputed(iv)
+    assert df == pytest.approx(iv["df"], rel=1e-9)
+    assert half == pytest.approx(iv["half_width"], rel=1e-9)
+    assert f"{iv['mean']:+.1f} ± {half:.1f}" == "+2.7 ± 2.3"
+    assert iv["mean"] - half == pytest.approx(0.428, abs=1e-3)
+    doc = (COMPARE18.parents[1] / "reproduction.md").read_text()
+    assert "| TROPD (α=0.2) | −4.9 ± 2.5 ↓ | **+2.7 ± 2.3 ↑** |" in doc
+    families = multiplicity.conclusions(results)
+    vs_vanilla = families["accuracy vs vanilla"]
+    assert len(vs_vanilla) == 7
+    p = stats.p_value(iv["mean"], iv["half_width"], iv["df"])
+    assert 0.02 < p < 0.025 and 7 * p > 0.05
+    ranks = sorted(e["p"] for e in vs_vanilla.values())
+    assert ranks.index(p) == 5  # second largest: multiplied by 2
+    assert vs_vanilla["tropd"]["p_holm"] == pytest.approx(2 * p)
+    assert vs_vanilla["tropd"]["verdict_holm"] == "better"
+    assert vs_vanilla["clip"]["verdict"] == vs_vanilla["clip"]["verdict_holm"] == "not resolved"
+    # every other interval of the run with both components above 0 recounts from them too
+    recounted = 0
+    for entry in results["methods"].values():
+        for yard in entry.values():
+            if not isinstance(yard, dict) or "change" not in yard:
+                continue
+            for got in yard.values():
+                if isinstance(got, dict) and min(got["sd_seed"], got["sd_problem"]) > 0:
+                    assert _recomputed(got)[1] == pytest.approx(got["half_width"], rel=1e-9)
+                    recounted += 1
+    assert recounted >= 80
+
+
+def test_committed_multiplicity_tables_follow_the_committed_results():
+    """compare18/multiplicity.{json,md} are what multiplicity.py computes from results.json."""
+    import json
+
+    import multiplicity
+
+    results = json.loads((COMPARE18 / "results.json").read_text())
+    families = multiplicity.conclusions(results)
+    committed = json.loads((COMPARE18 / "multiplicity.json").read_text())
+    assert committed == json.loads(json.dumps(families))
+    assert (COMPARE18 / "multiplicity.md").read_text() == multiplicity.markdown(families)
+    h2h = families["accuracy head to head (bounded rewards)"]
+    assert len(h2h) == 15 and all(e["verdict_holm"] == "not resolved" for e in h2h.values())
+    # the centre is exact: a difference of two paired means over the same seeds and problems
+    m = results["methods"]
+    got = h2h["power_1 - clip"]
+    want = (
+        m["power_1"]["accuracy"]["vs_vanilla"]["mean"] - m["clip"]["accuracy"]["vs_vanilla"]["mean"]
+    )
+    assert got["mean"] == pytest.approx(want)
+    change = m["power_1"]["accuracy"]["change"]["mean"] - m["clip"]["accuracy"]["change"]["mean"]
+    assert got["mean"] == pytest.approx(change, abs=1e-9)

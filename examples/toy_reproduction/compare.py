@@ -20,12 +20,20 @@
    interval excludes 0. Divergences per problem are token means over its samples; the reported
    number is the mean over problems.
 
-Runs that finished are reused (``result.json``); a failed run is reported, never dropped.
+4. Holm-adjusted conclusions beside the raw ones (``multiplicity.py``), and the head-to-head
+   paired differences among the bounded rewards (PowerOPD alpha 1, 5, 50, TROPD, sign, clip).
+
+Runs that finished are reused (``result.json``) only when they were made with the same training
+and evaluation flags; a run made with others (another ``--steps``, ``--heldout``, ...) is refused
+in one line naming it. A failed run is reported, never dropped. Every run's per-problem numbers
+are kept in ``runs.json.gz`` beside ``results.json`` (with the start's), so that every interval
+can be recounted from them (``recount``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -33,12 +41,14 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import combinations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
 
+import multiplicity  # noqa: E402
 import run as sweep  # noqa: E402
 import stats  # noqa: E402
 
@@ -165,25 +175,28 @@ def run_one(cfg, models: Path, out: Path, method: str, seed: int, threads: int, 
     name = f"{method}_seed{seed}"
     run_dir = out / "runs" / name
     result_file = run_dir / "result.json"
+    flags = _drop(cfg.flags(models, run_dir, seed), _IN_RUN_ONLY)
+    flags += ["--save", str(run_dir / "ckpt"), "--save-interval", str(cfg.steps)]
+    flags += METHODS[method]
+    evaluate = evaluate_cmd(cfg, models, run_dir / "ckpt", run_dir / "eval", heldout)
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        cached = json.loads(result_file.read_text())
+        check_cached(result_file, cached, flags, evaluate[1:])
+        return cached
     if run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    flags = _drop(cfg.flags(models, run_dir, seed), _IN_RUN_ONLY)
-    flags += ["--save", str(run_dir / "ckpt"), "--save-interval", str(cfg.steps)]
-    flags += METHODS[method]
     log = run_dir / "train.log"
-    result = {"method": method, "seed": seed, "flags": flags}
+    # the interpreter left out: the same run from another venv is the same run
+    result = {"method": method, "seed": seed, "flags": flags, "evaluate": evaluate[1:]}
     t0 = time.perf_counter()
     rc = _run([sys.executable, str(ROOT / "scripts" / "pretrain_opd.py"), *flags], log, threads)
     result["train_seconds"] = time.perf_counter() - t0
     if rc == 0:
         t1 = time.perf_counter()
-        cmd = evaluate_cmd(cfg, models, run_dir / "ckpt", run_dir / "eval", heldout)
-        rc = _run(cmd, log, threads)
+        rc = _run(evaluate, log, threads)
         result["eval_seconds"] = time.perf_counter() - t1
     result["returncode"] = rc
     if rc == 0:
@@ -200,6 +213,30 @@ def run_one(cfg, models: Path, out: Path, method: str, seed: int, threads: int, 
     took = result["train_seconds"] + result.get("eval_seconds", 0.0)
     print(f"  {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {took:.0f} s", flush=True)
     return result
+
+
+def check_cached(result_file: Path, cached: dict, flags: list[str], evaluate: list[str]) -> None:
+    """Refuse a finished run made with other training or evaluation flags than this
+    invocation's: reusing it would mix two configurations in one table."""
+    for what, want in (("flags", flags), ("evaluate", evaluate)):
+        got = cached.get(what)
+        if got == want:
+            continue
+        if got is None:
+            detail = f"it records no {what} (made before issue 30)"
+        else:
+            differ = [
+                f"{got[i - 1] + ' ' if i and str(got[i - 1]).startswith('--') else ''}{a} vs {b}"
+                for i, (a, b) in enumerate(zip(got, want, strict=False))
+                if a != b
+            ][:3]
+            if len(got) != len(want):
+                differ.append(f"{len(got)} vs {len(want)} arguments")
+            detail = f"its {what} differ from this run's: {'; '.join(differ)}"
+        raise SystemExit(
+            f"compare.py: error: {result_file} was made with other flags ({detail}); "
+            f"delete {result_file.parent} to redo it, or use another --out"
+        )
 
 
 def start_scores(cfg, models: Path, out: Path, threads: int, heldout: int):
@@ -260,6 +297,50 @@ def compare(results: list[dict], start: dict, methods) -> dict:
         entry["grad_norm_median"] = statistics.fmean(r["grad_norm_median"] for r in runs)
         out[m] = entry
     return out
+
+
+def head_to_head(results: list[dict], methods) -> dict:
+    """Accuracy ``a - b`` (points) for every pair of bounded rewards present, paired over seeds
+    and problems: row s is seed s's run of a minus seed s's run of b, problem by problem."""
+    scale = YARDSTICKS["accuracy"][1]
+    ok = [r for r in results if r["returncode"] == 0]
+    by = {
+        m: {r["seed"]: r["per_problem"]["accuracy"] for r in ok if r["method"] == m}
+        for m in methods
+    }
+    present = [m for m in multiplicity.BOUNDED if by.get(m)]
+    out = {}
+    for a, b in combinations(present, 2):
+        seeds = sorted(set(by[a]) & set(by[b]))
+        if not seeds:
+            continue
+        table = [[(x - y) * scale for x, y in zip(by[a][s], by[b][s], strict=True)] for s in seeds]
+        out[f"{a} - {b}"] = stats.crossed_mean_interval(table).as_dict()
+    return {"accuracy": out}
+
+
+def save_runs(path: Path, results: list[dict], start: dict, methods) -> None:
+    """Every run's result (per-problem numbers included) and the start's per-problem numbers,
+    gzipped JSON, byte-stable for the same content."""
+    payload = {"methods": list(methods), "start": start, "runs": results}
+    data = gzip.compress(json.dumps(payload).encode(), mtime=0)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def load_runs(path: Path) -> dict:
+    return json.loads(gzip.decompress(Path(path).read_bytes()))
+
+
+def recount(runs_file: Path) -> dict:
+    """Every interval of the results, recomputed from ``runs.json.gz`` alone."""
+    payload = load_runs(runs_file)
+    methods = payload["methods"]
+    return {
+        "methods": compare(payload["runs"], payload["start"], methods),
+        "head_to_head": head_to_head(payload["runs"], methods),
+    }
 
 
 def verdict(interval: dict, higher_is_better: bool) -> str:
@@ -413,7 +494,11 @@ def main(argv=None) -> dict:
             for r in results
         },  # fmt: skip
         "methods": table,
+        "head_to_head": head_to_head(results, methods),
     }
+    summary["multiplicity"] = multiplicity.conclusions(summary)
+    text += "\n" + multiplicity.markdown(summary["multiplicity"])
+    save_runs(out / "runs.json.gz", results, start, methods)
     write_json_atomic(out / "results.json", summary)
     write_text_atomic(out / "results.md", text)
     png = plot(table, out / "plots", cfg.eval_samples)

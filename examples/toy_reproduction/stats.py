@@ -165,3 +165,47 @@ def seeds_needed(
         if t_quantile(0.5 + level / 2, s - 1) * math.sqrt(var) <= half_width:
             return s
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Many intervals at once: p-values from the intervals, Holm's step-down adjustment
+
+
+def p_value(mean: float, half_width: float, df: float, level: float = 0.95) -> float:
+    """The two-sided p-value of "the true mean is 0" that belongs to an interval mean ±
+    half_width at ``level`` with ``df`` degrees of freedom: the standard error is half_width / t,
+    and p = 2 P(T > |mean| / se). The interval excludes 0 exactly when p < 1 - level."""
+    if half_width <= 0:
+        return 0.0 if mean != 0 else 1.0
+    se = half_width / t_quantile(0.5 + level / 2, df)
+    return 2.0 * (1.0 - _t_cdf(abs(mean) / se, df))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input's order: sorted ascending, the j-th
+    (0-based) of m is multiplied by m - j, made non-decreasing, capped at 1. Rejecting where the
+    adjusted p < 0.05 keeps the chance of any false call in the family at most 5%, whatever the
+    dependence between the tests."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for j, i in enumerate(order):
+        running = max(running, min(1.0, (m - j) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def difference_bound(a: dict, b: dict, level: float = 0.95) -> dict:
+    """A conservative interval for mean_a - mean_b when only the two intervals are known, not
+    the per-run tables (so not the covariance of the two estimates): the difference's standard
+    error is at most se_a + se_b (Cauchy-Schwarz: correlation -1), and the degrees of freedom are
+    the smaller of the two. Its coverage is at least ``level`` under the intervals' own model;
+    the paired interval from the tables would be as wide or narrower."""
+    t_a = t_quantile(0.5 + level / 2, a["df"])
+    t_b = t_quantile(0.5 + level / 2, b["df"])
+    se = a["half_width"] / t_a + b["half_width"] / t_b
+    df = min(a["df"], b["df"])
+    mean = a["mean"] - b["mean"]
+    half = t_quantile(0.5 + level / 2, df) * se
+    return {"mean": mean, "half_width": half, "df": df, "low": mean - half, "high": mean + half}
