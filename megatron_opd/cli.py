@@ -9,9 +9,13 @@ line and an exit code of its own, a bug is a traceback.
 
 User errors are ``ValueError`` (the project's validation convention: the message names the flag or
 file), ``FileNotFoundError`` / ``NotADirectoryError`` and :class:`UserError`. Under torchrun every
-rank checks the same inputs and fails the same way, so only rank 0 prints (a :class:`UserError`
-with ``rank_local=True`` prints on the rank that raised it) and every rank exits with the same code.
-``--debug`` or ``MEGATRON_OPD_DEBUG=1`` shows the traceback instead.
+rank checks the same inputs and fails the same way; the ranks settle which one prints through
+torchrun's store (``megatron_opd.failures``), argparse's own errors included, so the line is
+printed by whichever rank gets there first, however far behind the others are. Without a shared
+store (srun before the process group exists) rank 0 prints (a :class:`UserError` with
+``rank_local=True`` prints on the rank that raised it) and the other ranks give it time to.
+Every rank exits with the same code. ``--debug`` or ``MEGATRON_OPD_DEBUG=1`` shows the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ class RunError(RuntimeError):
     rank_local = True
 
 
+class JobStopped(RunError):
+    """SIGTERM on a rank of a job of several, outside ``--exit-signal-handler``: torchrun stops
+    every rank once one has failed or been killed, or the job was cancelled."""
+
+
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
@@ -69,18 +78,28 @@ class ArgumentParser(argparse.ArgumentParser):
         )
 
     def error(self, message: str) -> NoReturn:
-        _print_once(f"{self.prog}: error: {message}", rank_local=False)
-        raise SystemExit(USER_ERROR_EXIT)
+        # the job's one line, settled like any user error: printing on rank 0 alone lost the
+        # line whenever another rank failed first and torchrun stopped rank 0 before it printed
+        _end(UserError(message), USER_ERROR_EXIT, self.prog)
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+def _rank_and_world() -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    return rank, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+
+
+RANK0_GRACE_S = 10.0  # without a shared store: how long the other ranks give rank 0 to print
 
 
 def _print_once(line: str, rank_local: bool) -> None:
-    if rank_local or _rank() == 0:
+    rank, world = _rank_and_world()
+    if rank_local or rank == 0:
         text = " ".join(line.split("\n"))  # one line, whatever the message held
         print(text, file=sys.stderr, flush=True)
+    elif world > 1:  # the launcher stops this rank once rank 0 has printed and exited
+        import time
+
+        time.sleep(RANK0_GRACE_S)
 
 
 def debug_requested(argv: list[str] | None = None) -> bool:
@@ -111,12 +130,16 @@ def exit_with(error: BaseException, prog: str) -> NoReturn:
 
     In a job of several ranks that share a store, the ranks settle who reports
     (``megatron_opd.failures``): exactly one rank prints, every rank exits with that code."""
-    from megatron_opd import failures
-
     code = exit_code_of(error)
     if debug_requested():
         raise error
-    if failures.board() is not None:
+    _end(error, code, prog)
+
+
+def _end(error: BaseException, code: int | None, prog: str) -> NoReturn:
+    from megatron_opd import failures
+
+    if failures.board(may_import=True) is not None:
         raise SystemExit(failures.report(error, code, prog)) from None
     if code is None:
         raise error

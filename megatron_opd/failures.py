@@ -21,47 +21,72 @@ How long a rank waits for a claim before making its own depends on what it holds
   nothing);
 - anything else (a bug): up to :data:`ECHO_WAIT_S` too, since a peer's handled failure may be the
   cause; then its traceback, exit code 1.
+
+One line for the job, but no error is lost: every failing rank whose error is its own (a bug, a
+machine failure, a rank-local user error; not a flag every rank rejects alike) writes it to
+``<--save>/failures/<claim time>/rank<R>.txt`` (:func:`keep_in`; the system's temporary
+directory without one), and when a rank other than the claimant left one, the claimant's line
+says where. The claimant prints its line only after the others have gone (bounded by
+:data:`GOODBYE_WAIT_S`), so it has seen their files; the line itself cannot be lost to
+torchrun's teardown, because a rank that is reporting lets SIGTERM end only its waits
+(torchrun stops every rank once one exits, and SIGKILLs 30 s later).
+
+In a job of several ranks, SIGTERM outside ``--exit-signal-handler`` (torchrun stopping the job
+after a rank was killed, or a cancelled job) is :class:`cli.JobStopped`: one line, exit code
+``cli.RUN_ERROR_EXIT``, not a silent death.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Optional
 
 ECHO_WAIT_S = 5.0  # how long an echo (or a bug) waits for the rank that holds the cause
-GOODBYE_WAIT_S = 10.0  # how long the claimant waits for the other ranks to exit
+# How long the claimant waits for the other ranks to exit: ranks still importing torch reach a bad
+# flag seconds after the first one on a loaded machine. Once SIGTERM says torchrun is stopping the
+# job (some rank has exited), at most AFTER_SIGTERM_S more.
+GOODBYE_WAIT_S = 30.0
+AFTER_SIGTERM_S = 1.0
 POLL_S = 0.1
 _KEY, _GONE = "claim", "gone"
 
 
 class Board:
-    """The job's failure report in a shared store: who claimed it, with which exit code."""
+    """The job's failure report in a shared store: who claimed it, with which exit code, and the
+    claim's time (it names the directory the failing ranks keep their errors in)."""
 
     def __init__(self, store, rank: int, world_size: int):
         self.store, self.rank, self.world_size = store, rank, world_size
 
-    def claim(self, code: int) -> tuple[int, int]:
-        """(rank, code) of the job's report: ours if nobody claimed before."""
-        got = self.store.compare_set(_KEY, "", f"{self.rank} {code}")
-        rank, claimed = (got.decode() if isinstance(got, bytes) else got).split()
-        return int(rank), int(claimed)
+    def claim(self, code: int) -> tuple[int, int, str]:
+        """(rank, code, stamp) of the job's report: ours if nobody claimed before."""
+        mine = f"{self.rank} {code} {time.strftime('%Y%m%d-%H%M%S')}"
+        got = self.store.compare_set(_KEY, "", mine)
+        return _parse(got)
 
-    def claimed(self) -> Optional[tuple[int, int]]:
+    def claimed(self) -> Optional[tuple[int, int, str]]:
         if not self.store.check([_KEY]):
             return None
-        rank, code = self.store.get(_KEY).decode().split()
-        return int(rank), int(code)
+        return _parse(self.store.get(_KEY))
 
-    def wait_for_claim(self, seconds: float) -> Optional[tuple[int, int]]:
+    def wait_for_claim(
+        self, seconds: float, stop: Optional[threading.Event] = None
+    ) -> Optional[tuple[int, int, str]]:
+        """The claim once there is one, or None after ``seconds`` (or once ``stop`` is set)."""
         deadline = time.monotonic() + seconds
         while True:
             claim = self.claimed()
             if claim is not None or time.monotonic() >= deadline:
                 return claim
+            if stop is not None and stop.is_set():
+                return None
             time.sleep(POLL_S)
 
     def leave(self) -> None:
@@ -70,7 +95,15 @@ class Board:
     def wait_for_the_others(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while self.store.add(_GONE, 0) < self.world_size - 1 and time.monotonic() < deadline:
+            if _sigterm.is_set():
+                deadline = min(deadline, time.monotonic() + AFTER_SIGTERM_S)
+                _sigterm.clear()
             time.sleep(POLL_S)
+
+
+def _parse(value) -> tuple[int, int, str]:
+    rank, code, stamp = (value.decode() if isinstance(value, bytes) else value).split()
+    return int(rank), int(code), stamp
 
 
 _board: Optional[Board] = None
@@ -78,6 +111,9 @@ _agent_tried = False
 _job_store = None  # the launcher's store when the ranks are split into pools (megatron_opd.pools)
 _board_lock = threading.Lock()
 _handling = threading.Event()  # set while the main thread reports its own failure
+_sigterm = threading.Event()  # SIGTERM arrived while reporting: stop waiting for others
+_keep_dir: Optional[str] = None  # --save: where the failing ranks keep their errors
+_handler_pid: Optional[int] = None  # the process that installed the SIGTERM handler
 
 
 def _env_rank_and_world() -> tuple[int, int]:
@@ -130,12 +166,15 @@ def _imported(name: str) -> bool:
     return module is not None and not getattr(module.__spec__, "_initializing", False)
 
 
-def board() -> Optional[Board]:
+def board(may_import: bool = False) -> Optional[Board]:
     """The job's board, or None: a job of one rank, or no shared store yet (before the process
-    group exists, when the launcher is not torchrun)."""
+    group exists, when the launcher is not torchrun). ``may_import``: the main thread may import
+    torch.distributed to reach torchrun's store (a bad flag fails before the script imports it)."""
     global _board
+    rank, world = _env_rank_and_world()
+    if may_import and world > 1 and _board is None:
+        import torch.distributed  # noqa: F401
     with _board_lock:
-        rank, world = _env_rank_and_world()
         if _board is None and world > 1 and _imported("torch") and _imported("torch.distributed"):
             store = _shared_store()
             if store is not None:
@@ -144,8 +183,11 @@ def board() -> Optional[Board]:
 
 
 def _exit_quietly(b: Board, code: int) -> None:
+    """Leave, and exit with ``code`` once every other rank has left too: a rank that exits
+    first has torchrun SIGTERM the ranks still importing torch, before they reach the error."""
     try:
         b.leave()
+        b.wait_for_the_others(GOODBYE_WAIT_S)
     except Exception:  # noqa: BLE001 - the store may be gone with its host rank
         pass
     sys.stdout.flush()
@@ -169,10 +211,83 @@ def _watch() -> None:
 
 
 def start_watching() -> None:
-    """End this rank, quietly and with the claimed code, once another rank claims the job's
-    report (``cli.run`` starts it; a daemon thread polling the store every :data:`POLL_S`)."""
+    """In a job of several ranks: end this rank, quietly and with the claimed code, once another
+    rank claims the job's report (a daemon thread polling the store every :data:`POLL_S`), and
+    turn SIGTERM into :class:`cli.JobStopped` (``cli.run`` calls this first; the trainer's
+    ``--exit-signal-handler`` replaces the handler once the run starts)."""
+    global _handler_pid
     if _env_rank_and_world()[1] > 1:
         threading.Thread(target=_watch, name="megatron_opd-failures", daemon=True).start()
+        if threading.current_thread() is threading.main_thread():
+            _handler_pid = os.getpid()
+            signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+    from megatron_opd import cli
+
+    if os.getpid() != _handler_pid:  # a forked helper (a checkpoint writer): die as before
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _sigterm.set()  # torchrun is stopping the job: no rank waits long for another
+    if _handling.is_set():  # reporting already: end the waits, never the line
+        return
+    raise cli.JobStopped(
+        "another rank of the job failed or was killed, or the job was cancelled: this rank got "
+        "SIGTERM and saved nothing (--exit-signal-handler saves first)"
+    )
+
+
+def keep_in(directory: Optional[str]) -> None:
+    """Failing ranks keep their errors under ``<directory>/failures/`` (the run's ``--save``)."""
+    global _keep_dir
+    _keep_dir = None if directory is None else str(directory)
+
+
+def failure_dir(stamp: str) -> Path:
+    """Where the ranks that fail in the report claimed at ``stamp`` keep their errors."""
+    if _keep_dir is not None:
+        return Path(_keep_dir) / "failures" / stamp
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "megatron_opd-failures" / stamp
+
+
+def _kept(error: BaseException, code: Optional[int]) -> bool:
+    """Is this rank's error its own, worth a file? Not a flag every rank rejects alike, nor a
+    stop every rank decided together."""
+    from megatron_opd import cli
+
+    shared = code in (cli.USER_ERROR_EXIT, cli.NON_FINITE_EXIT)
+    return not (shared and not getattr(error, "rank_local", False))
+
+
+def _keep(stamp: str, rank: int, code: int, text: str) -> Optional[Path]:
+    """Write this rank's error to its file (a temporary name, then renamed: a reader never sees
+    half of one); None when the directory cannot be written."""
+    directory = failure_dir(stamp)
+    path = directory / f"rank{rank}.txt"
+    tmp = directory / f".rank{rank}.txt.{os.getpid()}.tmp"
+    head = f"rank {rank} (host {socket.gethostname()}, pid {os.getpid()}), exit code {code}\n"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(head + text)
+        os.replace(tmp, path)
+        return path
+    except OSError:
+        return None
+
+
+def kept_errors(directory: Path) -> dict[int, str]:
+    """rank -> the error it kept in ``directory``."""
+    out = {}
+    for path in Path(directory).glob("rank*.txt"):
+        try:
+            out[int(path.stem[len("rank") :])] = path.read_text()
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def is_echo(error: BaseException) -> bool:
@@ -194,6 +309,11 @@ def is_echo(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def _error_text(error: BaseException, code: Optional[int], line: str) -> str:
+    trace = "".join(traceback.format_exception(error))
+    return trace if code is None else f"{' '.join(line.split())}\n\n{trace}"
 
 
 def report(error: BaseException, code: Optional[int], prog: str) -> int:
@@ -218,24 +338,51 @@ def _settle(b: Board, error: BaseException, code: Optional[int], prog: str) -> i
 
     line = f"{prog}: error: {error}"
     if code is None:
-        claim = b.wait_for_claim(ECHO_WAIT_S)
+        claim = b.wait_for_claim(ECHO_WAIT_S, stop=_sigterm)
         if claim is not None:
+            _keep(claim[2], b.rank, claim[1], _error_text(error, None, line))
             _exit_quietly(b, claim[1])
         if is_echo(error):
             code = cli.RUN_ERROR_EXIT
             line = f"{prog}: error: another rank of the job failed or was killed ({error})"
-    rank, claimed = b.claim(1 if code is None else code)
+    mine = 1 if code is None else code
+    rank, claimed, stamp = b.claim(mine)
+    kept = _kept(error, code)
     if rank != b.rank:
+        if kept:  # the job's line is another rank's: this error lives on in its file
+            _keep(stamp, b.rank, mine, _error_text(error, code, line))
         _exit_quietly(b, claimed)
-    import signal
-
     # torchrun SIGTERMs the ranks still running once one has exited: the claimant, last to go,
-    # ends with its code all the same
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(claimed))
+    # prints its line and ends with its code all the same (the handler only ends the waits)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: _sigterm.set())
+    if kept:  # the others' errors may differ: wait until they are kept, then say where
+        b.wait_for_the_others(GOODBYE_WAIT_S)
+        others = sorted(r for r in kept_errors(failure_dir(stamp)) if r != b.rank)
+        where = None
+        if others:
+            _keep(stamp, b.rank, claimed, _error_text(error, code, line))
+            where = (
+                f"rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} failed too;"
+                f" every failing rank's error is in {failure_dir(stamp)}/"
+            )
+        _print_report(error, code, line, prog, where)
+    else:  # every rank failed alike: the line at once
+        _print_report(error, code, line, prog, None)
+        b.wait_for_the_others(GOODBYE_WAIT_S)
+    return claimed
+
+
+def _print_report(
+    error: BaseException, code: Optional[int], line: str, prog: str, where: Optional[str]
+) -> None:
+    """The job's report: ``line`` (a traceback for a bug), and where the others' errors are."""
     if code is None:
         traceback.print_exception(error)
+        if where is not None:
+            print(f"{prog}: error: {where}", file=sys.stderr)
     else:
-        print(" ".join(line.split()), file=sys.stderr, flush=True)
+        text = " ".join(line.split())
+        print(text if where is None else f"{text} ({where})", file=sys.stderr)
+    sys.stderr.flush()
     sys.stdout.flush()
-    b.wait_for_the_others(GOODBYE_WAIT_S)
-    return claimed

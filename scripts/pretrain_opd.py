@@ -32,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from megatron_opd import cli  # noqa: E402
 
 cli.quiet()  # before Megatron is imported: its import-time warnings are filtered here
-from megatron_opd import arguments, distributed, launch  # noqa: E402
+from megatron_opd import arguments, distributed, failures, launch  # noqa: E402
 
 
 def main(argv=None) -> None:
     args = arguments.parse_args(argv)
+    failures.keep_in(args.save)  # a rank's own error, when another rank prints the job's line
     _, _, world = distributed.env_rank_and_world()
     try:
         inputs = launch.check_inputs(args, world)
