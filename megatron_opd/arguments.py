@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the teacher's own PP size (one value, or one per teacher); default the student's",
     )
+    g.add_argument(
+        "--opd-teacher-expert-model-parallel-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="a mixture-of-experts teacher's expert-parallel size on its own grid: its experts "
+        "split over this many of its data-parallel replicas (one value, or one per teacher); "
+        "default 1",
+    )
     g.add_argument("--opd-reward", choices=REWARD_KINDS, default="power")
     g.add_argument("--opd-alpha", type=float, default=5.0, help="PowerOPD exponent, > 0")
     g.add_argument("--opd-clip-min", type=float, default=-1.0)
@@ -481,9 +490,9 @@ def teacher_loads(args: argparse.Namespace) -> list[str]:
     return [value] if isinstance(value, str) else list(value or [])
 
 
-def teacher_layouts(args: argparse.Namespace) -> list[tuple[int, int]]:
-    """(TP, PP) of each teacher: one value of ``--opd-teacher-*-model-parallel-size`` for all,
-    one per teacher, or the student's."""
+def teacher_layouts(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    """(TP, PP, EP) of each teacher: one value of ``--opd-teacher-*-model-parallel-size`` for
+    all, one per teacher, or the student's (EP: 1)."""
     n = len(teacher_loads(args))
     out = []
     for flag, values, default in (
@@ -491,6 +500,8 @@ def teacher_layouts(args: argparse.Namespace) -> list[tuple[int, int]]:
          args.tensor_model_parallel_size),
         ("--opd-teacher-pipeline-model-parallel-size",
          args.opd_teacher_pipeline_model_parallel_size, args.pipeline_model_parallel_size),
+        ("--opd-teacher-expert-model-parallel-size",
+         getattr(args, "opd_teacher_expert_model_parallel_size", None), 1),
     ):  # fmt: skip
         values = [values] if isinstance(values, int) else list(values or [default])
         if len(values) not in (1, n):

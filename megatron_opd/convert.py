@@ -596,6 +596,7 @@ def load_checkpoint_model(
         parallel_state.get_pipeline_model_parallel_world_size(),
         dtype=dtype or checkpoint_dtype(directory),
         perform_initialization=False,
+        expert_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         **config_overrides,
     )
     divisor = meta.get("make_vocab_size_divisible_by", DEFAULT_VOCAB_DIVISOR)

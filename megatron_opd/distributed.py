@@ -124,7 +124,13 @@ def initialize(
 class ModelGrid:
     """A model's own TP x PP x DP grid over the whole world, built apart from ``parallel_state``
     (a teacher on another layout than the student's). Ranks are laid out as Megatron's default
-    order ``tp-dp-pp``: ``rank = tp_rank + TP * (dp_rank + DP * pp_rank)``."""
+    order ``tp-dp-pp``: ``rank = tp_rank + TP * (dp_rank + DP * pp_rank)``.
+
+    Expert parallelism folds over data parallelism as in Megatron (``tp-ep-dp-pp`` with the
+    experts' TP equal to the attention's): the EP ranks of an expert group are ``EP`` consecutive
+    DP ranks of one stage (``ep_rank = dp_rank % EP``). Each holds its own replica of the dense
+    weights and its share of the experts; the MoE layers exchange tokens over ``tp_ep``, so the
+    members of an EP group run every forward pass together, on equally shaped batches."""
 
     tp_size: int
     pp_size: int
@@ -140,6 +146,11 @@ class ModelGrid:
     cp: dist.ProcessGroup  # this rank alone (no context parallelism)
     mp_ranks: tuple[int, ...]  # global ranks of ``mp``, ascending
     student: bool = False  # Megatron's global groups: the student's own grid
+    ep_size: int = 1
+    ep: Optional[dist.ProcessGroup] = None  # the DP ranks that share one set of experts
+    tp_ep: Optional[dist.ProcessGroup] = None  # TP x EP: the MoE dispatcher's all-gather
+    expt_dp: Optional[dist.ProcessGroup] = None  # replicas of the same experts
+    tp_dp: Optional[dist.ProcessGroup] = None  # one stage (the router's load-balancing sums)
 
     def rank_of(self, tp_rank: int, pp_rank: int, dp_rank: Optional[int] = None) -> int:
         dp_rank = self.dp_rank if dp_rank is None else dp_rank
@@ -148,6 +159,10 @@ class ModelGrid:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep_size
 
     def pg_collection(self):
         """Megatron-Core's ``ProcessGroupCollection`` of this grid, for GPTModel and the
@@ -164,14 +179,24 @@ class ModelGrid:
             tp_cp=self.tp,
             dp=self.dp,
             dp_cp=self.dp,
+            # the MoE layers' groups (the router's tp_dp_cp sums load-balancing statistics)
+            ep=self.ep if self.ep is not None else self.cp,
+            expt_tp=self.tp,
+            tp_ep=self.tp_ep if self.tp_ep is not None else self.tp,
+            expt_dp=self.expt_dp if self.expt_dp is not None else self.dp,
+            tp_dp_cp=self.tp_dp,
         )
 
 
 def build_model_grid(
-    tensor_parallel_size: int, pipeline_parallel_size: int, timeout_minutes: int = 30
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    timeout_minutes: int = 30,
+    expert_parallel_size: int = 1,
 ) -> ModelGrid:
-    """Process groups of a TP x PP grid over all ranks (DP = world / (TP x PP)), every group
-    created on every rank in the same order, as ``torch.distributed.new_group`` requires.
+    """Process groups of a TP x PP (x EP) grid over all ranks (DP = world / (TP x PP), EP
+    dividing DP), every group created on every rank in the same order, as
+    ``torch.distributed.new_group`` requires.
 
     Megatron's ``HyperCommGrid`` does this enumeration too but needs ``einops``, which is not a
     dependency of this project; the arithmetic is the one line in :class:`ModelGrid`."""
@@ -180,6 +205,12 @@ def build_model_grid(
     if world % (tp * pp) != 0:
         raise ValueError(f"world size {world} is not divisible by TP {tp} x PP {pp}")
     dp = world // (tp * pp)
+    ep = expert_parallel_size
+    if dp % ep != 0:
+        raise ValueError(
+            f"expert-parallel size {ep} does not divide the data-parallel size {dp} "
+            f"(world {world} / (TP {tp} x PP {pp}))"
+        )
     timeout = timedelta(minutes=timeout_minutes)
 
     def at(t: int, d: int, p: int) -> int:
@@ -197,6 +228,18 @@ def build_model_grid(
     pp_lists = [[at(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
     t_rank, d_rank, p_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
     mp_lists = [sorted(at(t, d, p) for p in range(pp) for t in range(tp)) for d in range(dp)]
+    expert_groups = {}
+    if ep > 1:  # DP rank d = e + EP * x: expert rank e of the x-th expert group
+        firsts = [(p, x) for p in range(pp) for x in range(dp // ep)]
+        expert_groups = dict(
+            ep_size=ep,
+            ep=mine([[at(t, x * ep + e, p) for e in range(ep)] for p, x in firsts
+                     for t in range(tp)]),
+            tp_ep=mine([sorted(at(t, x * ep + e, p) for e in range(ep) for t in range(tp))
+                        for p, x in firsts]),
+            expt_dp=mine([[at(t, x * ep + e, p) for x in range(dp // ep)] for p in range(pp)
+                          for e in range(ep) for t in range(tp)]),
+        )  # fmt: skip
     return ModelGrid(
         tp_size=tp,
         pp_size=pp,
@@ -211,6 +254,8 @@ def build_model_grid(
         embd=mine([sorted({ranks[0], ranks[-1]}) for ranks in pp_lists]),
         cp=mine([[r] for r in range(world)]),
         mp_ranks=tuple(mp_lists[d_rank]),
+        tp_dp=mine([[at(t, d, p) for d in range(dp) for t in range(tp)] for p in range(pp)]),
+        **expert_groups,
     )
 
 
@@ -235,6 +280,11 @@ def student_grid() -> ModelGrid:
         cp=ps.get_context_parallel_group(),
         mp_ranks=tuple(sorted(dist.get_process_group_ranks(mp))),
         student=True,
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        ep=ps.get_expert_model_parallel_group(),
+        tp_ep=ps.get_expert_tensor_and_model_parallel_group(),
+        expt_dp=ps.get_expert_data_parallel_group(),
+        tp_dp=ps.get_tensor_and_data_parallel_group(),
     )
 
 

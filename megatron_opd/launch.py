@@ -52,6 +52,7 @@ class TeacherInput:
     meta: dict
     tensor_parallel_size: int
     pipeline_parallel_size: int
+    expert_parallel_size: int
     own_layout: bool  # a layout flag was given and differs from the student's
 
 
@@ -130,7 +131,7 @@ def check_teachers(
 
     paths = arguments.teacher_loads(args)
     layouts = arguments.teacher_layouts(args)
-    student_layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    student_layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, 1)
     out = []
     for k, (path, layout) in enumerate(zip(paths, layouts, strict=True)):
         name = "teacher" if len(paths) == 1 else f"teacher{k}"
@@ -147,11 +148,12 @@ def check_teachers(
                 f"differs from the student's ({s_arch.vocab_size}); OPD needs a shared tokenizer"
             )
         own = layout != student_layout
+        tp, pp, ep = layout
         if own:
-            teacher.check_layout(arch, *layout, world_size, name)
+            teacher.check_layout(arch, tp, pp, world_size, name, ep=ep)
         else:
             try:
-                models.validate_layout(arch, *layout)
+                models.validate_layout(arch, tp, pp)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         out.append(TeacherInput(name, directory, arch, meta, *layout, own))
@@ -329,7 +331,10 @@ def build_teacher(args: argparse.Namespace, inputs: Inputs):
     if inputs.own_teacher_layout:
         return teacher.build_teachers(
             [t.directory for t in inputs.teachers],
-            [(t.tensor_parallel_size, t.pipeline_parallel_size) for t in inputs.teachers],
+            [
+                (t.tensor_parallel_size, t.pipeline_parallel_size, t.expert_parallel_size)
+                for t in inputs.teachers
+            ],
             dtype,
             args.distributed_timeout_minutes,
         )

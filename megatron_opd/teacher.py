@@ -17,6 +17,12 @@ than the student has data-parallel ranks, e.g. a PP2 student beside a TP1 teache
 teacher replicas scores a contiguous share of the student replica's rows, and the student's
 model-parallel group all-gathers the shares (:class:`Shares`), so no row is scored twice.
 
+A mixture-of-experts teacher may also spread its experts over ``EP`` of its replicas
+(``--opd-teacher-expert-model-parallel-size``): the replicas of one expert group exchange tokens in
+every MoE layer, so they score the same number of equally shaped micro-batches (the fewer or
+shorter rows of one padded to the others'; causal attention and dropless routing leave the real
+positions' scores unchanged).
+
 ``full_vocab_kl`` needs the teacher's vocab-sharded logits ``[b, s, v/tp]`` on the student's last
 stage in the student's TP sharding; moving those is exactly the cost this module avoids, so a
 teacher on another layout is refused for it (:func:`check_layout`).
@@ -37,6 +43,7 @@ from megatron_opd.opd import MicroBatch, RolloutBatch, forward_only, models_devi
 
 TP_FLAG = "--opd-teacher-tensor-model-parallel-size"
 PP_FLAG = "--opd-teacher-pipeline-model-parallel-size"
+EP_FLAG = "--opd-teacher-expert-model-parallel-size"
 
 
 def check_layout(
@@ -46,21 +53,41 @@ def check_layout(
     world_size: int,
     name: str,
     flags: tuple[str, str] = (TP_FLAG, PP_FLAG),
+    ep: int = 1,
 ) -> None:
-    """Raise a ValueError naming the layout's flag when ``arch`` cannot run at TP x PP."""
+    """Raise a ValueError naming the layout's flag when ``arch`` cannot run at TP x PP (x EP)."""
     tp_flag, pp_flag = flags
-    for flag, value in ((tp_flag, tp), (pp_flag, pp)):
+    for flag, value in ((tp_flag, tp), (pp_flag, pp), (EP_FLAG, ep)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value} ({name})")
     if world_size % (tp * pp) != 0:
         raise ValueError(
             f"{tp_flag} {tp} x {pp_flag} {pp} does not divide the world size {world_size} ({name})"
         )
-    for what, count in (
+    if ep > 1:
+        if not arch.is_moe:
+            raise ValueError(
+                f"{EP_FLAG} {ep} needs a mixture-of-experts {name}; it is {arch.model_type}"
+            )
+        if (world_size // (tp * pp)) % ep != 0:
+            raise ValueError(
+                f"{EP_FLAG} {ep} does not divide the {name}'s data-parallel size "
+                f"{world_size // (tp * pp)} (world {world_size} / ({tp_flag} {tp} x "
+                f"{pp_flag} {pp}))"
+            )
+        if arch.num_experts % ep != 0:
+            raise ValueError(
+                f"{EP_FLAG} {ep} does not divide the {name}'s {arch.num_experts} experts"
+            )
+    sizes = [
         ("num_attention_heads", arch.num_attention_heads),
         ("num_key_value_heads (query groups)", arch.num_key_value_heads),
-        ("intermediate_size (ffn)", arch.intermediate_size),
-    ):
+    ]
+    if not all(arch.sparse_layers()):
+        sizes.append(("intermediate_size (ffn)", arch.intermediate_size))
+    if arch.is_moe:
+        sizes.append(("moe_intermediate_size (experts' ffn)", arch.moe_intermediate_size))
+    for what, count in sizes:
         if count % tp != 0:
             raise ValueError(f"{tp_flag} {tp} does not divide the {name}'s {what} {count}")
     if pp > arch.num_hidden_layers:
@@ -96,6 +123,7 @@ def load_on_grid(
         grid.pp_size,
         dtype=dtype or convert.checkpoint_dtype(directory),
         perform_initialization=False,
+        expert_parallel_size=grid.ep_size,
     )
     divisor = meta.get("make_vocab_size_divisible_by", convert.DEFAULT_VOCAB_DIVISOR)
     (chunk,) = models.build_model(arch, config, divisor, pg_collection=grid.pg_collection())
@@ -217,18 +245,26 @@ def _score_on_replica(
     n_total = sum(int(headers[i][1]) for i in owners)
     my_index = grid.mp_ranks.index(dist.get_rank())
     my_owner = next(i for i in owners if int(headers[i][0]) == student_dp_rank)
-    if n_total == 0:
+    rows_run, width_run = n_total, width
+    if grid.ep_size > 1:  # the expert group's replicas run every pass together
+        shape = torch.tensor([n_total, width], device=device)
+        shapes = [torch.empty_like(shape) for _ in range(grid.ep_size)]
+        dist.all_gather(shapes, shape, group=grid.ep)
+        rows_run, width_run = (max(int(s[k]) for s in shapes) for k in (0, 1))
+    if rows_run == 0:
         return torch.zeros(0, width_out, dtype=torch.float32, device=device)
     send = torch.zeros(most, width, dtype=mine.dtype, device=device)
     if my_index in owners and mine.shape[0]:
         send[: mine.shape[0], : mine.shape[1]] = mine
     gathered = [torch.empty_like(send) for _ in range(members)]
     dist.all_gather(gathered, send.contiguous(), group=grid.mp)
-    batch = torch.cat([gathered[i][: int(headers[i][1])] for i in owners])  # [n_total, width]
+    batch = torch.zeros(max(n_total, 1), width_run, dtype=mine.dtype, device=device)
+    if n_total:
+        batch[:, :width] = torch.cat([gathered[i][: int(headers[i][1])] for i in owners])
     # uniform micro-batches for the schedule: pad the row count with copies of row 0 (never
     # past one micro-batch of the rows there are: a replica with a share of 4 rows scores 4)
-    micro_batch_size = min(micro_batch_size, n_total)
-    pad = -n_total % micro_batch_size
+    micro_batch_size = min(micro_batch_size, rows_run)
+    pad = -(-rows_run // micro_batch_size) * micro_batch_size - batch.shape[0]
     if pad:
         batch = torch.cat([batch, batch[:1].expand(pad, -1)])
     teacher_items = [
@@ -239,7 +275,7 @@ def _score_on_replica(
         )
         for i in range(0, batch.shape[0], micro_batch_size)
     ]
-    scored = torch.empty(batch.shape[0], width - 1, dtype=torch.float32, device=device)
+    scored = torch.empty(batch.shape[0], width_run - 1, dtype=torch.float32, device=device)
     outputs = forward_only(chunks, teacher_items, vocab_size, grid=grid)
     if grid.is_last_stage:
         scored = torch.cat([o.float() for o in outputs]).contiguous()
@@ -314,18 +350,21 @@ def on_student_grid(chunks: list[torch.nn.Module], name: str = "teacher") -> Tea
 
 def build_teachers(
     directories: list[Path],
-    layouts: list[tuple[int, int]],
+    layouts: list[tuple[int, ...]],
     dtype: Optional[torch.dtype] = None,
     timeout_minutes: int = 30,
 ) -> TeacherSet:
-    """Every teacher on its own grid (teachers of one layout share the grid's groups)."""
+    """Every teacher on its own grid (teachers of one layout share the grid's groups).
+    ``layouts``: ``(TP, PP)`` or ``(TP, PP, EP)`` of each teacher."""
     from megatron_opd.distributed import build_model_grid
 
-    grids: dict[tuple[int, int], ModelGrid] = {}
+    layouts = [tuple(layout) + (1,) * (3 - len(layout)) for layout in layouts]
+    grids: dict[tuple[int, ...], ModelGrid] = {}
     chunks = []
     for directory, layout in zip(directories, layouts, strict=True):
         if layout not in grids:  # same order on every rank: new_group is collective
-            grids[layout] = build_model_grid(*layout, timeout_minutes=timeout_minutes)
+            tp, pp, ep = layout
+            grids[layout] = build_model_grid(tp, pp, timeout_minutes, expert_parallel_size=ep)
         chunks.append(load_on_grid(directory, grids[layout], dtype))
     names = [f"teacher{k}" for k in range(len(directories))]
     return TeacherSet(names, chunks, [grids[layout] for layout in layouts])
