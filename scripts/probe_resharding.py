@@ -13,8 +13,23 @@ copies at TP1 x DP2 on the same ranks:
 
     python scripts/probe_resharding.py --pair DIR --make-pair     # once: the tiny pair
     torchrun --nproc-per-node 2 scripts/probe_resharding.py --pair DIR
+    torchrun --nproc-per-node 3 scripts/probe_resharding.py --pair DIR --pools   # 0.19+
 
 Rank 0 prints the attempts, a table of max abs differences per tensor group, timings and a verdict.
+
+``--pools`` (issue 30): the rollout ranks' case, two worlds as ``--rollout-ranks 1`` makes them
+(``megatron_opd.pools``): ranks 0-1 train (the student at TP2, their own default group and
+Megatron groups), rank 2 is a rollout pool of its own at TP1. 0.19's ``swap_model_weights`` takes
+``group=`` (any gloo group, even one outside the default world), rank offsets that number the two
+worlds' ranks in it, and ``None`` for the model a rank does not hold. The probe builds one gloo
+group of all three ranks on the job's store, calls ``swap_model_weights(student, None, ...)`` on
+the training ranks and ``(None, copy, ...)`` on the rollout rank, with ``src_rank_offset=0`` and
+``dst_rank_offset=2``, and checks the copy (NaN first) against the checkpoint loaded at TP1 on
+the rollout rank: E into a copy padded to the training width (512 rows), as it is; F into a copy
+padded to its own width (384 rows), with the CPU stream stand-in; G as E with the stand-in; H as G
+with the group entered in torch's table of groups (``_world.pg_group_ranks``, bridge rank = group
+rank), which ``dist.P2POp`` looks the peer up in and which only ``dist.new_group`` fills (it
+cannot make a group across two worlds).
 """
 
 from __future__ import annotations
@@ -280,9 +295,13 @@ def main() -> None:
     parser.add_argument("--pair", required=True, type=Path)
     parser.add_argument("--make-pair", action="store_true", help="write the tiny pair and exit")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--pools", action="store_true", help="two worlds: 2 training + 1 rollout")
     args = parser.parse_args()
     if args.make_pair:
         make_pair(args.pair)
+        return
+    if args.pools:
+        probe_pools(args)
         return
 
     import megatron.core
@@ -415,6 +434,137 @@ def main() -> None:
         + (f"; D's first call incl. planning {first_call * 1e3:.1f} ms" if first_call else "")
     )
     dist.barrier()
+    distributed.teardown()
+
+
+# --------------------------------------------------------------------------------------------
+# --pools: the rollout ranks' case, two worlds joined by one gloo group
+
+
+def probe_pools(args) -> None:
+    from datetime import timedelta
+
+    import megatron.core
+    from megatron.core.resharding import refit as mrefit
+    from megatron.core.resharding import swap_model_weights
+
+    from megatron_opd import convert, distributed, models
+
+    pool = distributed.initialize(
+        distributed.ParallelConfig(TRAIN_TP, 1),
+        timeout_minutes=5,
+        rollout_ranks=1,
+        rollout_parallel=distributed.ParallelConfig(1, 1),
+    )
+    torch.set_num_threads(1)
+    trainers = pool.global_size - 1
+    me = f"[{pool.role} {pool.rank}]"
+
+    def show(*parts) -> None:
+        if pool.is_rollout or pool.rank == 0:
+            print(me, *parts, flush=True)
+
+    # every rank of both worlds, numbered by its launcher rank: training 0..1, rollout 2
+    group = dist.ProcessGroupGloo(
+        dist.PrefixStore("probe/bridge/", pool.store),
+        pool.global_rank,
+        pool.global_size,
+        timedelta(minutes=5),
+    )
+    directory = args.pair / "student"
+    arch, meta = convert.read_checkpoint(directory)
+    divisor = meta.get("make_vocab_size_divisible_by", 128)
+    vocab = arch.vocab_size
+    show(
+        f"megatron-core {megatron.core.__version__}, torch {torch.__version__}; "
+        f"{trainers} training ranks (TP{TRAIN_TP}) + 1 rollout rank (TP1), separate worlds; "
+        f"group: ProcessGroupGloo rank {group.rank()} of {group.size()}"
+    )
+
+    student = reference = None
+    if not pool.is_rollout:
+        student, _ = convert.load_checkpoint_model(directory)  # this rank's TP2 chunks
+    else:
+        (at_tp1,), _ = convert.load_checkpoint_model(directory)
+        reference = {n: p.detach().clone() for n, p in at_tp1.named_parameters()}
+
+    def nan_copy(vocab_divisor: int):
+        config = models.transformer_config(
+            arch, 1, 1, dtype=convert.checkpoint_dtype(directory), perform_initialization=False
+        )
+        (chunk,) = models.build_model(arch, config, vocab_divisor)
+        with torch.no_grad():
+            for p in chunk.parameters():
+                p.fill_(float("nan"))
+        return chunk
+
+    def attempt(label: str, copy, standin: bool) -> str | None:
+        mrefit.clear_all_caches()
+        err = None
+        ctx = cpu_stream_standin() if standin else contextlib.nullcontext()
+        try:
+            with ctx, torch.no_grad():
+                swap_model_weights(
+                    student, copy, "gloo", group=group, src_rank_offset=0, dst_rank_offset=trainers
+                )
+        except Exception as e:  # noqa: BLE001 (the probe records every failure)
+            err = describe(e)
+        show(f"{label}: {err or 'ran'}")
+        return err
+
+    def check(copy) -> dict[str, tuple]:
+        got = dict(copy.named_parameters())
+        out = {}
+        for name, ref in reference.items():
+            a = got[name].detach()
+            if name in VOCAB_TENSORS:
+                a, ref = a[:vocab], ref[:vocab]
+            if a.shape != ref.shape:
+                cell = (0.0, 0.0, 1.0)
+            elif torch.isnan(a).any():
+                cell = (0.0, 1.0, 0.0)
+            else:
+                cell = (float((a.double() - ref.double()).abs().max()), 0.0, 0.0)
+            g = group_of(name)
+            out[g] = tuple(
+                max(x, y) for x, y in zip(out.get(g, (0.0, 0.0, 0.0)), cell, strict=True)
+            )
+        return out
+
+    wide = divisor * TRAIN_TP
+    copy_e = nan_copy(wide) if pool.is_rollout else None
+    attempt(f"E as it is, copy padded to the training width (divisor {wide})", copy_e, False)
+    copy_f = nan_copy(divisor) if pool.is_rollout else None
+    attempt(f"F + CPU stream stand-in, copy padded to its own width (divisor {divisor})",
+            copy_f, standin=True)  # fmt: skip
+    copy_g = nan_copy(wide) if pool.is_rollout else None
+    attempt(f"G + CPU stream stand-in, training width (divisor {wide})", copy_g, standin=True)
+    # H: the group registered as new_group would (identity map: bridge rank == group rank)
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d._world.pg_group_ranks[group] = {r: r for r in range(group.size())}
+    copy_g = nan_copy(wide) if pool.is_rollout else None
+    err = attempt("H + G, the group in torch's group table", copy_g, standin=True)
+    if err is None and pool.is_rollout:
+        for label, cell in check(copy_g).items():
+            show(f"  H {label}: {fmt(cell)}")
+    if err is None:
+        times = []
+        with cpu_stream_standin(), torch.no_grad():
+            for _ in range(args.reps):
+                group.barrier().wait()
+                t0 = time.perf_counter()
+                swap_model_weights(
+                    student, copy_g, "gloo", group=group, src_rank_offset=0,
+                    dst_rank_offset=trainers,
+                )  # fmt: skip
+                group.barrier().wait()
+                times.append(time.perf_counter() - t0)
+        show(
+            f"H timing (median of {args.reps}, plan cached): "
+            f"{statistics.median(times) * 1e3:.1f} ms"
+        )
+    group.barrier().wait()
     distributed.teardown()
 
 
