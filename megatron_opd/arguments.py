@@ -18,6 +18,8 @@ from typing import Optional
 
 from megatron_opd import cli
 from megatron_opd.distributed import ParallelConfig
+from megatron_opd.engines import ENGINES
+from megatron_opd.engines.megatron import dynamic_engine_unavailable
 from megatron_opd.rewards import REWARD_KINDS
 
 
@@ -160,7 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-top-p", type=float, default=1.0)
     g.add_argument("--rollout-top-k", type=int, default=0)
     g.add_argument("--rollout-samples-per-prompt", type=int, default=1)
-    g.add_argument("--rollout-engine", choices=("auto", "static", "dynamic"), default="auto")
+    g.add_argument(
+        "--rollout-engine",
+        choices=("auto", *ENGINES),
+        default="auto",
+        help="static: Megatron-Core's static engine; dynamic: its continuous-batching engine "
+        "(CUDA + flash-attn); graph: the decode step captured as one CUDA graph (eager on CPU; "
+        "pipeline size 1); auto: graph on CUDA where supported, else static",
+    )
     for dim in ("tensor", "pipeline"):
         g.add_argument(
             f"--rollout-{dim}-model-parallel-size",
@@ -359,16 +368,27 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
     if args.rollout_engine == "dynamic":
-        from megatron_opd.generation import dynamic_engine_unavailable
-
         reason = dynamic_engine_unavailable()
         if reason:
             raise ValueError(f"--rollout-engine dynamic: {reason}")
+    if args.rollout_engine == "graph" and _rollout_pipeline_size(args) > 1:
+        raise ValueError(
+            f"--rollout-engine graph needs pipeline size 1 for the rollout model, got "
+            f"{_rollout_pipeline_size(args)}; sample from a copy at PP 1 with "
+            "--rollout-pipeline-model-parallel-size 1 (and --rollout-tensor-model-parallel-size)"
+        )
     _validate_token_budget(args)
     if args.eval_interval is not None and not args.eval_data:
         raise ValueError("--eval-interval needs --eval-data")
     if args.eval_teacher is not None and not Path(args.eval_teacher).exists():
         raise ValueError(f"--eval-teacher {args.eval_teacher} does not exist")
+
+
+def _rollout_pipeline_size(args: argparse.Namespace) -> int:
+    """The pipeline size of the model that samples rollouts (the student, or its copy)."""
+    if args.rollout_pipeline_model_parallel_size is not None:
+        return args.rollout_pipeline_model_parallel_size
+    return 1 if args.rollout_ranks else args.pipeline_model_parallel_size
 
 
 def validate_rollout_ranks(args: argparse.Namespace, world_size: int) -> int:

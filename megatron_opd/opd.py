@@ -32,7 +32,7 @@ class RolloutConfig:
     top_p: float = 0.0
     top_k: int = 0
     batch_size: Optional[int] = None
-    engine: str = "static"  # or "dynamic": CUDA + flash-attn only
+    engine: str = "static"  # a name in megatron_opd.engines.ENGINES, or "auto"
 
 
 @dataclass

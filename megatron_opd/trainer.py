@@ -80,7 +80,7 @@ class Trainer:
             temperature=args.rollout_temperature,
             top_p=0.0 if args.rollout_top_p >= 1.0 else args.rollout_top_p,
             top_k=args.rollout_top_k,
-            engine="dynamic" if args.rollout_engine == "dynamic" else "static",
+            engine=args.rollout_engine,  # "auto": graph on CUDA where supported, else static
         )
         self.eval_benchmarks = None
         if args.eval_interval:

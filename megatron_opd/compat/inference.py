@@ -17,8 +17,9 @@ that detects the feature (:mod:`megatron_opd.compat.versions`):
 * ``TextGenerationController`` is the controller in both (0.16's ``SimpleTextGenerationController``
   was an alias, removed in 0.19) -> :func:`controller_class`.
 
-Behaviour patches, every platform: rotary embeddings applied once per cached key (speed only) and
-the static engine's progress bar kept off training logs.
+Behaviour patches, every platform: rotary embeddings applied once per cached key (speed only),
+the static engine's progress bar kept off training logs, and a row-parallel matmul that names its
+own group (so a decode step through it can be traced and captured).
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def apply() -> None:
     _install_static_cache_rotary()
     _quiet_static_engine_progress()
     _no_stack_dump_on_sigterm()
+    _row_parallel_matmul_on_its_own_group()
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,3 +237,28 @@ def _no_stack_dump_on_sigterm() -> None:
 
     if "megatron.core.inference.data_parallel_inference_coordinator" in sys.modules:
         faulthandler.unregister(signal.SIGTERM)
+
+
+def _row_parallel_matmul_on_its_own_group() -> None:
+    """``RowParallelLinear.forward`` (0.16 and 0.19 alike, ``tensor_parallel/layers.py``) passes
+    ``tp_group=None`` to its matmul, which then looks up Megatron's global tensor-parallel group
+    and, on global rank 0, calls ``warnings.warn`` on every forward. The group is only read by the
+    backward of a sequence-parallel or dgrad all-reduce, which a row-parallel layer never does, so
+    handing it the layer's own group changes no number. It does make the forward traceable by
+    ``torch.compile(fullgraph=True)`` (which cannot trace ``warnings.warn`` with a category
+    argument), the CPU stand-in for the graph engine's capture, and keeps a layer on its own grid
+    (a rollout copy, a teacher) off the global group."""
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    original = RowParallelLinear._forward_impl
+    if getattr(original, "_megatron_opd_group", False):
+        return
+
+    @functools.wraps(original)
+    def forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group", 0) is None:
+            kwargs["tp_group"] = self.tp_group
+        return original(self, input, weight, *args, **kwargs)
+
+    forward_impl._megatron_opd_group = True
+    RowParallelLinear._forward_impl = forward_impl
