@@ -159,6 +159,31 @@ def test_logits_match_hf_and_export_round_trips_exactly(moe, tmp_path):
     assert (got - ref).abs().max() < 1e-5
 
 
+def test_greedy_generation_matches_hf(moe):
+    """The MoE model as a model to evaluate: Megatron's static engine (with its KV cache, one
+    token's routing at a time) decodes what transformers decodes greedily."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opd import distributed, generation
+    from megatron_opd.tokenizer import load_tokenizer
+
+    distributed.initialize()
+    chunks, _ = convert.load_checkpoint_model(moe.teacher)
+    prompts = [moe.seqs[0, 0, :6].tolist(), moe.seqs[1, 1, :9].tolist()]
+    out = generation.generate(
+        chunks, load_tokenizer(moe.teacher), prompts, 8, greedy=True, stop_token_ids=[]
+    )
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(moe.hf), dtype=torch.float64, experts_implementation="eager"
+    ).eval()
+    for prompt, g in zip(prompts, out, strict=True):
+        expected = hf.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+        )[0, len(prompt):].tolist()  # fmt: skip
+        assert g.tokens == expected
+
+
 def _layouts_worker(teacher_dir: str, dense_dir: str, seqs: torch.Tensor, vocab: int) -> dict:
     import torch.distributed as dist
 
