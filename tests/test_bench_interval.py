@@ -82,3 +82,28 @@ def test_ratio_summary_pairs_rounds():
     back = got["(a) transformers / (b) TP1"]
     assert back["ratios"] == pytest.approx([1 / x for x in entry["ratios"]])
     assert back["verdict"] == "slower" and len(got) == 2
+
+
+def test_the_table_prints_the_interval_and_the_verdict(capsys):
+    """print_table on made-up rounds: the ratio column is the median with its 95% interval,
+    and the verdicts follow it (the rest of the table is unchanged by issue 30)."""
+    import argparse
+
+    names = ["(b) TP1", "(c) 1 training + 1 rollout rank, lag 1, 2 procs"]
+    phases = {"time/rollout": 1.0, "time/teacher": 1.0, "time/train": 1.0}
+    extra = {"response/mean_len": 128.0, "batch/padding_frac": 0.07, "memory/peak_gib": 2.0}
+    lag1 = [0.99, 1.02, 0.95, 1.08, 0.91, 1.11, 1.01, 0.97, 1.04]  # straddles 1, like the rerun
+    rounds = [
+        {
+            names[0]: {**phases, **extra, "time/step": 10.0},
+            names[1]: {**phases, **extra, "time/step": 10.0 * r},
+        }
+        for r in lag1
+    ]
+    fwd = {"tokens": 1024, "forward": 1.0, "teacher_forward": 1.0, "train_pass": 1.0}
+    args = argparse.Namespace(student_layers=4, batch=8, new_tokens=128, steps=4)
+    bench.print_table(names, rounds, fwd, args, mean_prompt=100.0)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith(f"| {names[1]}"))
+    assert "1.010 [0.950, 1.080]x | not resolved |" in row
+    assert "median [95% CI]" in out
