@@ -1,6 +1,7 @@
 """Peak memory per rank: a large teacher on the student's grid vs on its own layout.
 
     python scripts/bench_teacher_memory.py [--hidden 768] [--layers 8] [--nproc 4]
+    python scripts/bench_teacher_memory.py --experts 16 [--hidden 384] [--layers 4]
 
 Builds a tiny student (2 layers, hidden 64) and a larger Qwen3 teacher (``--hidden``,
 ``--layers``, ffn 4 x hidden), then runs one OPD step at student TP1 x DP``nproc`` three times
@@ -9,6 +10,11 @@ student's grid (every rank holds all of it), at TP ``nproc``, and at TP2 x PP(np
 reports its process's peak resident set (VmHWM: the whole process from start to the end of the
 step, interpreter, libraries, checkpoint loading and both models included) and the bytes of the
 teacher parameters it holds. Prints a table with the ratios to the same-grid run.
+
+``--experts E``: the teacher is a Qwen3-MoE (E experts of ffn ``--hidden``, 2 per token, every
+layer sparse), run on the student's grid (EP1: every rank holds every expert) and on its own grid
+with its experts split over 2 and over ``nproc`` ranks
+(``--opd-teacher-expert-model-parallel-size``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build_checkpoints(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
+def build_checkpoints(root: Path, hidden: int, layers: int, experts: int = 0) -> tuple[Path, Path]:
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from megatron_opd.testing import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
 
@@ -33,7 +39,7 @@ def build_checkpoints(root: Path, hidden: int, layers: int) -> tuple[Path, Path]
     vocab = 323
     save_hf_qwen3(root / "hf_student", layers=2, seed=2, vocab=vocab, scale=0.25)
     heads = 8  # divides by TP 2, 4, 8
-    config = Qwen3Config(
+    shape = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=4 * hidden,
@@ -45,7 +51,14 @@ def build_checkpoints(root: Path, hidden: int, layers: int) -> tuple[Path, Path]
         tie_word_embeddings=False,
     )
     torch.manual_seed(1)
-    Qwen3ForCausalLM(config).save_pretrained(str(root / "hf_teacher"))
+    if experts:
+        config = Qwen3MoeConfig(
+            **shape, num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=hidden,
+            norm_topk_prob=True,
+        )  # fmt: skip
+        Qwen3MoeForCausalLM(config).save_pretrained(str(root / "hf_teacher"))
+    else:
+        Qwen3ForCausalLM(Qwen3Config(**shape)).save_pretrained(str(root / "hf_teacher"))
     for name in ("student", "teacher"):
         hf = root / f"hf_{name}"
         convert_hf_checkpoint(hf, root / name, tok)
@@ -75,13 +88,14 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--nproc", type=int, default=4)
+    p.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE teacher with this many")
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args()
     n = args.nproc
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_teacher_memory_"))
     if not (root / "teacher").exists():
         print(f"building checkpoints in {root}", flush=True)
-        build_checkpoints(root, args.hidden, args.layers)
+        build_checkpoints(root, args.hidden, args.layers, args.experts)
     common = [
         "--load", str(root / "student"), "--opd-teacher-load", str(root / "teacher"),
         "--global-batch-size", str(n), "--micro-batch-size", "1", "--train-iters", "1",
@@ -96,14 +110,22 @@ def main() -> None:
             "--opd-teacher-pipeline-model-parallel-size", str(n // 2),
         ],
     }  # fmt: skip
+    if args.experts:
+        ep = "--opd-teacher-expert-model-parallel-size"
+        layouts = {
+            "same grid (EP1)": [],
+            "own grid EP2": [ep, "2"],
+            f"own grid EP{n}": [ep, str(n)],
+        }
     results = {}
     for name, extra in layouts.items():
         print(f"running: {name}", flush=True)
         results[name] = run_distributed(one_step, n, common + extra, timeout=900)
     gib = 2**30
-    base = max(r["peak"] for r in results["same grid (TP1)"])
+    base = max(r["peak"] for r in next(iter(results.values())))
+    moe = f", {args.experts} experts of ffn {args.hidden}, top-2" if args.experts else ""
     print(
-        f"\nteacher: hidden {args.hidden}, {args.layers} layers, ffn {4 * args.hidden}; "
+        f"\nteacher: hidden {args.hidden}, {args.layers} layers, ffn {4 * args.hidden}{moe}; "
         f"student TP1 x DP{n}; one OPD step\n"
     )
     print(
