@@ -81,43 +81,57 @@ REGENERATE = textwrap.dedent(
     from megatron_opd.tokenizer import load_tokenizer
     import torch
 
-    ckpt, step, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     distributed.initialize(seed=7)
-    chunks, _ = convert.load_checkpoint_model(ckpt)
-    tokenizer = load_tokenizer(ckpt)
-    problems = data.load_prompt_source("builtin:64", seed=7)
-    prompts = data.PromptSet.build(problems, tokenizer, 160, None)
-    stream = data.PromptStream(len(prompts), seed=7)
-    for _ in range(step):
-        global_prompts(prompts, stream, 8, 1)
-    batch = global_prompts(prompts, stream, 8, 1)
-    gens = generation.generate(chunks, tokenizer, batch, max_new_tokens=10, temperature=1.0,
-                               seed=rollouts.step_seed(7, step), return_logprobs=False)
-    torch.save([list(p) + list(g.tokens) for p, g in zip(batch, gens)], out)
-    torch.save([len(p) for p in batch], out + ".prompts")
+    for job in sys.argv[1:]:  # checkpoint@step@output: step's batch from that checkpoint
+        ckpt, step, out = job.split("@")
+        step = int(step)
+        chunks, _ = convert.load_checkpoint_model(ckpt)
+        tokenizer = load_tokenizer(ckpt)
+        problems = data.load_prompt_source("builtin:64", seed=7)
+        prompts = data.PromptSet.build(problems, tokenizer, 160, None)
+        stream = data.PromptStream(len(prompts), seed=7)
+        for _ in range(step):
+            global_prompts(prompts, stream, 8, 1)
+        batch = global_prompts(prompts, stream, 8, 1)
+        gens = generation.generate(chunks, tokenizer, batch, max_new_tokens=10, temperature=1.0,
+                                   seed=rollouts.step_seed(7, step), return_logprobs=False)
+        torch.save([list(p) + list(g.tokens) for p, g in zip(batch, gens)], out)
+        torch.save([len(p) for p in batch], out + ".prompts")
     distributed.teardown()
     """
 )
 
 
+def _regenerate(jobs: list[tuple[Path, int, Path]]) -> None:
+    """Each (checkpoint, step, output): step's batch as that checkpoint generates it, in one
+    process (each launch is mostly the interpreter importing Megatron)."""
+    env = dict(standalone_env(), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    argv = [f"{ckpt}@{step}@{out}" for ckpt, step, out in jobs]
+    proc = subprocess.run([sys.executable, "-c", REGENERATE, *argv], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_lag1_batches_come_from_the_weights_one_step_old(pair, tmp_path):
     """Step k's batch (k >= 1, counted from 0) is what θ_{k-1}, the checkpoint saved after step
-    k-1, generates with step k's seed and prompts; steps 0 and 1 both sample from the start."""
+    k-1, generates with step k's seed and prompts; steps 0 and 1 both sample from the start.
+    The negative control: θ_k, one step newer, generates other tokens for each step k >= 1 at
+    this learning rate, so the match above tells θ_{k-1} from θ_k."""
     save = tmp_path / "run"
     flags = _flags(pair, tmp_path, "lag1", "--rollout-ranks", "1", "--rollout-lag", "1",
                    "--save", str(save), "--save-interval", "1")  # fmt: skip
     torchrun(2, flags)
     rows = _steps(tmp_path, "lag1")
     assert [r["rollout/lag"] for r in rows] == [1.0] * ITERS
+
+    def weights(k: int) -> Path:  # θ_k: the weights after k steps
+        return pair["student"] if k == 0 else save / f"iter_{k:07d}"
+
+    lagged = [(weights(max(k - 1, 0)), k, tmp_path / f"regen{k}.pt") for k in range(ITERS)]
+    newer = [(weights(k), k, tmp_path / f"newer{k}.pt") for k in range(1, ITERS)]
+    _regenerate(lagged + newer)
     for k in range(ITERS):
-        weights = pair["student"] if k <= 1 else save / f"iter_{k - 1:07d}"
         out = tmp_path / f"regen{k}.pt"
-        env = dict(standalone_env(), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-        proc = subprocess.run(
-            [sys.executable, "-c", REGENERATE, str(weights), str(k), str(out)],
-            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
         regenerated = torch.load(out)
         dumped = torch.load(tmp_path / "lag1" / f"step{k + 1:07d}_dp0.pt", weights_only=False)
         for row, seq in enumerate(regenerated):
@@ -125,6 +139,9 @@ def test_lag1_batches_come_from_the_weights_one_step_old(pair, tmp_path):
         assert dumped["response_lengths"].tolist() == [
             len(seq) - n for seq, n in zip(regenerated, _prompt_lengths(k, out), strict=True)
         ]
+        if k >= 1:  # θ_k samples differently: the lag is visible in the tokens
+            newer_seqs = torch.load(tmp_path / f"newer{k}.pt")
+            assert newer_seqs != regenerated, f"θ_{k} and θ_{k - 1} sample the same tokens"
 
 
 def _prompt_lengths(k: int, out: Path) -> list[int]:
@@ -132,8 +149,7 @@ def _prompt_lengths(k: int, out: Path) -> list[int]:
 
 
 LAG1_ITERS = 6
-LAG1 = ("--rollout-ranks", "1", "--rollout-lag", "1", "--save-interval", "1",
-        "--train-iters", str(LAG1_ITERS))  # fmt: skip
+LAG1 = ("--rollout-ranks", "1", "--rollout-lag", "1", "--train-iters", str(LAG1_ITERS))
 
 
 @pytest.fixture(scope="module")
@@ -145,30 +161,48 @@ def straight_lag1(pair, tmp_path_factory):
 
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
 def test_lag1_stopped_and_resumed_equals_a_straight_run(pair, straight_lag1, tmp_path, how):
-    """kill -9 of every rank, or SIGTERM to torchrun with --exit-signal-handler (the rollout rank
-    ignores it and keeps sampling until the training rank has saved), once a lag-1 run has saved
-    step 2; then the same command again: the checkpoint holds the batch in flight, so the resumed
-    run trains on the straight run's batches and ends with its losses and grad norms."""
+    """kill -9 of every rank once a lag-1 run saving every step has saved step 2; or SIGTERM to
+    torchrun with --exit-signal-handler and no periodic save, once step 2 is logged (the rollout
+    rank ignores it and keeps sampling until the training rank has saved). Then the same command
+    again: the checkpoint holds the batch in flight, so the resumed run trains on the straight
+    run's batches and ends with its losses and grad norms. Under SIGTERM the signal's save is
+    the only checkpoint there is: a lost save (the rollout rank killed by the signal) fails the
+    exit code, the exit-signal line, or the resume."""
     iters = LAG1_ITERS
-    handler = ("--exit-signal-handler",) if how == "SIGTERM" else ()
     save = tmp_path / "k"
-    flags = _flags(pair, tmp_path, "stopped", *LAG1, *handler, "--save", str(save))
+    if how == "SIGTERM":
+        flags = _flags(pair, tmp_path, "stopped", *LAG1, "--exit-signal-handler", "--save",
+                       str(save))  # fmt: skip
+    else:
+        flags = _flags(pair, tmp_path, "stopped", *LAG1, "--save-interval", "1", "--save",
+                       str(save))  # fmt: skip
     proc = _start(flags)
     latest = save / "latest_checkpointed_iteration.txt"
+    metrics = tmp_path / "stopped.jsonl"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if latest.exists() and latest.read_text().strip() not in ("", "0", "1"):
-            if how == "SIGTERM":
-                proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
-            else:
-                os.killpg(proc.pid, signal.SIGKILL)
+        if how == "SIGTERM" and metrics.exists() and len(_steps(tmp_path, "stopped")) >= 2:
+            assert not latest.exists(), "a save before the signal: the test could resume from it"
+            proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+            break
+        saved = latest.read_text().strip() if latest.exists() else ""
+        if how == "kill -9" and saved not in ("", "0", "1"):
+            os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
-    proc.wait(timeout=120)
+    out, _ = proc.communicate(timeout=120)
     stopped_at = int(latest.read_text())
     assert 2 <= stopped_at < iters, (proc.returncode, stopped_at)
     if how == "kill -9":
         assert proc.returncode == -signal.SIGKILL, proc.returncode
+    else:
+        # torchrun itself exits 1 on the SIGTERM it forwarded; its summary lists every rank that
+        # did not exit 0, and here none may
+        assert "got signal: 15" in out and "exitcode" not in out, out[-3000:]
+        said = [line for line in out.splitlines() if "exit signal" in line]
+        assert len(said) == 1, out[-3000:]
+        assert said[0].startswith(f"exit signal: saved iteration {stopped_at}"), said
+        assert [p.name for p in save.glob("iter_*")] == [f"iter_{stopped_at:07d}"]
     torchrun(2, flags)  # the same command: resumes from the latest checkpoint
     _same_steps(_steps(straight_lag1, "straight"), _steps(tmp_path, "stopped"), iters)
     for step in range(1, iters + 1):
@@ -182,8 +216,8 @@ def _start(flags: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
            f"--master-port={free_port()}", script, *flags]  # fmt: skip
     env = dict(standalone_env(), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
 
 
 @pytest.mark.parametrize(
