@@ -19,9 +19,12 @@ cancellation near pi_S = pi_T costs ~1e-16 of the largest term, not fp32's ~1e-7
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_opd.vocab_parallel import default_chunk_size
 
 
 def _group_size(group) -> int:
@@ -44,7 +47,7 @@ def vocab_parallel_divergences(
     vocab_size: int,
     group=None,
     alphas: Sequence[float] = (),
-    chunk_size: int = 16,
+    chunk_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(TV ``[...]``, D_a ``[len(alphas), ...]``) per position, float64.
 
@@ -66,6 +69,7 @@ def vocab_parallel_divergences(
     xt = teacher_shard.reshape(-1, vp)
     n = xs.shape[0]
     dev = xs.device
+    chunk_size = chunk_size or default_chunk_size(dev)
     gmax = torch.full((2, n), float("-inf"), dtype=torch.float32, device=dev)
     if n_valid > 0:
         gmax[0] = xs[:, :n_valid].amax(dim=1).float()

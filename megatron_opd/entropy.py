@@ -6,8 +6,12 @@ the first sign of a student that sampled-token rewards push into a few tokens.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
+
+from megatron_opd.vocab_parallel import default_chunk_size
 
 
 def _group_size(group) -> int:
@@ -18,7 +22,7 @@ def _group_size(group) -> int:
 
 @torch.no_grad()
 def vocab_parallel_entropy(
-    logits_shard: torch.Tensor, vocab_size: int, group=None, chunk_size: int = 16
+    logits_shard: torch.Tensor, vocab_size: int, group=None, chunk_size: Optional[int] = None
 ) -> torch.Tensor:
     """Per-position entropy of softmax(logits) over the true vocabulary, fp32 ``[...]``.
 
@@ -33,6 +37,7 @@ def vocab_parallel_entropy(
     n_valid = min(max(vocab_size - start, 0), vp)
     x = logits_shard.reshape(-1, vp)
     n = x.shape[0]
+    chunk_size = chunk_size or default_chunk_size(x.device)
     gmax = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
     if n_valid > 0:
         gmax = x[:, :n_valid].amax(dim=1).float()

@@ -45,7 +45,6 @@ from megatron_opd import rewards
 from megatron_opd.entropy import vocab_parallel_entropy
 from megatron_opd.rewards import RewardConfig
 from megatron_opd.vocab_parallel import (
-    DEFAULT_CHUNK_SIZE,
     full_vocab_reverse_kl,
     opd_token_terms,
     sampled_token_logprobs,
@@ -112,7 +111,7 @@ def opd_loss_func(
     teacher_logprobs: Optional[torch.Tensor] = None,
     teacher_logits: Optional[torch.Tensor] = None,
     zscore_moments: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
     inplace_backward: bool = True,
 ) -> LossFunc:
     """The ``loss_func`` of one micro-batch.

@@ -51,6 +51,16 @@ from megatron_opd.rewards import (
 # sweeps over the same chunk; 8 to 16 were equally fast, fewer tokens per chunk mean more (and more
 # contention-prone) parallel regions. See docs/benchmarks.md ("Reward op").
 DEFAULT_CHUNK_SIZE = 16
+# On a GPU the same op at 16 tokens a chunk is launch-bound: 8,192 tokens x 151,936 took 116.6 ms
+# forward + backward on an H200 at 16 and 24.2 ms at 1024 (docs/benchmarks.md, the GPU check's
+# (b)); a chunk of 1024 x 151,936 fp32 is 622 MB of scratch, small beside the logits themselves.
+CUDA_CHUNK_SIZE = 1024
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """Tokens per chunk of the vocabulary ops on ``device`` (``chunk_size=None`` everywhere)."""
+    return CUDA_CHUNK_SIZE if torch.device(device).type == "cuda" else DEFAULT_CHUNK_SIZE
+
 
 ProcessGroup = Optional["dist.ProcessGroup"]
 
@@ -147,7 +157,7 @@ class _SampledTokenLogprobs(torch.autograd.Function):
         start, n_valid = _shard(logits, vocab_size, group)
         x = _rows(logits)
         owned, col = _local_target(targets, start, n_valid)
-        chunk = max(1, min(chunk_size, x.shape[0]))
+        chunk = max(1, min(chunk_size or default_chunk_size(x.device), x.shape[0]))
         buf = torch.empty(chunk, n_valid, dtype=torch.float32, device=x.device)
         m, rest = _local_logsumexp_terms(x, n_valid, chunk, buf, owned, col)
         target_logit = x.gather(1, col.unsqueeze(1)).squeeze(1).float()
@@ -219,7 +229,7 @@ def sampled_token_logprobs(
     targets: torch.Tensor,
     vocab_size: int,
     group: ProcessGroup = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
     inplace_backward: bool = False,
 ) -> torch.Tensor:
     """log softmax(logits)[target] over the whole (unpadded) vocabulary, fp32 ``[s, b]``.
@@ -248,7 +258,7 @@ class _FullVocabReverseKL(torch.autograd.Function):
         start, n_valid = _shard(student, vocab_size, group)
         xs, xt = _rows(student), _rows(teacher)
         n = xs.shape[0]
-        chunk = max(1, min(chunk_size, n))
+        chunk = max(1, min(chunk_size or default_chunk_size(xs.device), n))
         ms = torch.full((n,), float("-inf"), dtype=torch.float32, device=xs.device)
         mt = ms.clone()
         ss, st, w = (torch.zeros(n, dtype=torch.float32, device=xs.device) for _ in range(3))
@@ -342,7 +352,7 @@ def full_vocab_reverse_kl(
     teacher_shard: torch.Tensor,
     vocab_size: int,
     group: ProcessGroup = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
     inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Per-position KL(pi_S || pi_T) over the whole vocabulary, fp32 ``[s, b]``.
@@ -367,7 +377,7 @@ def opd_token_terms(
     zscore_moments: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     positions: Optional[torch.Tensor] = None,
     seq_dim: int = 0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
     inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The student's sampled-token log-probs and the reward, from the student's logits shard.

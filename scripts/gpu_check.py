@@ -25,11 +25,15 @@ status is 1 if any failed):
   (c)  one OPD step through the project's trainer (``launch.build_student``, ``trainer.Trainer.
        train_one_step``: rollout, teacher scoring, train step) on a Qwen3-0.6B-shaped student and
        a Qwen3-4B-shaped teacher, random weights, bf16, 8 prompts x 1024 new tokens with stop
-       tokens ignored; PowerOPD and full_vocab_kl, each after a short warm-up step; beside the
-       paper's Table 4.
-  (d)  rollout decode rate (``generation.generate``, a fresh random student of (c)'s shape): the
-       time per decode step from two generation lengths (prefill cancels), against the bound of
-       reading the weights once per step at the copy bandwidth and at the datasheet's.
+       tokens ignored; PowerOPD and full_vocab_kl with ``--rollout-engine auto`` (the graph
+       engine on CUDA), then PowerOPD with the static engine as the baseline, each after a short
+       warm-up step; beside the paper's Table 4.
+  (d)  rollout decode rate (``generation.generate``, a fresh random student of (c)'s shape) for
+       the static engine, the graph engine (``--rollout-engine graph``) and, where it runs, the
+       dynamic one: the time per decode step from two generation lengths (prefill cancels),
+       against the bound of reading the weights once per step at the copy bandwidth and at the
+       datasheet's; the graph engine's replayed greedy tokens against the same step run eagerly
+       (must be equal) and against the static engine's (bf16: near-ties may differ).
 
 They run in the order env, a, b, d, c: (d)'s decode step estimates (c)'s rollouts, and an OPD
 step that would end past ``--budget`` seconds (default 360) is skipped, as is any section that
@@ -93,7 +97,7 @@ class Shapes:
     numerics_batch: tuple[int, int]  # (sequences, tokens each)
     op_tokens: tuple[int, int]  # (seq, batch): logits [seq, batch, vocab]
     op_vocab: int
-    op_chunks: tuple[int, ...]  # tokens per chunk; the first is the op's default
+    op_chunks: tuple[int, ...]  # tokens per chunk; the device's default is marked
     op_reps: int
     student: models.ArchConfig
     teacher: models.ArchConfig
@@ -337,7 +341,11 @@ def measure_copy(ctx: Context) -> float:
 
 
 def section_reward_op(ctx: Context) -> None:
-    from megatron_opd.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
+    from megatron_opd.vocab_parallel import (
+        default_chunk_size,
+        full_vocab_reverse_kl,
+        sampled_token_logprobs,
+    )
 
     sh = ctx.shapes
     (seq, batch), vocab = sh.op_tokens, sh.op_vocab
@@ -365,7 +373,8 @@ def section_reward_op(ctx: Context) -> None:
         student.copy_(pristine)
 
     for chunk in sh.op_chunks:
-        tag = f"chunk {chunk}" + (" (default)" if chunk == sh.op_chunks[0] else "")
+        default = chunk == default_chunk_size(ctx.device)
+        tag = f"chunk {chunk}" + (" (default)" if default else "")
 
         def forward(chunk=chunk):
             with torch.no_grad():
@@ -417,7 +426,7 @@ def random_teacher(ctx: Context, arch: models.ArchConfig) -> list[torch.nn.Modul
     return chunks
 
 
-def opd_args(ctx: Context, student_dir: Path, kind: str, new_tokens: int):
+def opd_args(ctx: Context, student_dir: Path, kind: str, new_tokens: int, engine: str = "auto"):
     from megatron_opd import arguments
 
     sh = ctx.shapes
@@ -428,6 +437,7 @@ def opd_args(ctx: Context, student_dir: Path, kind: str, new_tokens: int):
         "--global-batch-size", sh.prompts, "--micro-batch-size", sh.micro_batch,
         "--rollout-max-new-tokens", new_tokens, "--no-opd-mask-terminal-stop",
         "--lr", "1e-6", "--lr-warmup-fraction", 0, "--train-iters", 100, "--seed", 5,
+        "--rollout-engine", engine,
     ]  # fmt: skip
     if sh.dtype == torch.bfloat16:
         flags += ["--bf16", "--opd-teacher-bf16"]
@@ -449,14 +459,14 @@ def rollout_inputs(ctx: Context):
     return ctx.prompts
 
 
-def weight_bound(ctx: Context, rate: float, batch: int) -> None:
+def weight_bound(ctx: Context, rate: float, batch: int, prefix: str = "") -> None:
     """Rows: the decode rate if every step read the weights once and did nothing else."""
     for label, tbs in (("copy", ctx.copy_tbs), ("datasheet", ctx.peak_tbs)):
         if tbs and ctx.weight_bytes:
             bound = batch / (ctx.weight_bytes / (tbs * 1e12))
             ctx.row(
                 "d",
-                f"bound: weights once per step at {label} {tbs:.3g} TB/s",
+                f"{prefix}bound: weights once per step at {label} {tbs:.3g} TB/s",
                 bound,
                 "tok/s",
                 f"{ctx.weight_bytes / 1e9:.3g} GB of weights; decode {rate / bound:.1%}",
@@ -468,7 +478,8 @@ def weight_bound(ctx: Context, rate: float, batch: int) -> None:
 
 
 def section_decode(ctx: Context) -> None:
-    from megatron_opd import generation
+    from megatron_opd import engines, generation
+    from megatron_opd.engines.graph import GraphEngine
 
     sh = ctx.shapes
     tokenizer, prompts = rollout_inputs(ctx)
@@ -477,11 +488,41 @@ def section_decode(ctx: Context) -> None:
     ctx.weight_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     batch = prompts.token_ids[: sh.prompts]
     short, long = sh.decode_tokens
+    # the graph engine's replay against the same step run eagerly: the same greedy tokens
+    eager = GraphEngine(chunks)
+    eager.capture = False
+
+    def greedy(run):
+        out = run(tokenizer, batch, max_new_tokens=32)
+        return [g.tokens for g in out]
+
+    kwargs = dict(greedy=True, stop_token_ids=[], return_logprobs=False)
+    replayed = greedy(lambda t, b, **kw: generation.generate(chunks, t, b, engine="graph",
+                                                            **kw, **kwargs))  # fmt: skip
+    sampling = engines.Sampling(
+        max_new_tokens=32, stop_token_ids=(), greedy=True, vocab_size=sh.student.vocab_size,
+        return_logprobs=False,
+    )  # fmt: skip
+    unreplayed = [g.tokens for g in eager.generate(tokenizer, batch, sampling, 0)]
+    static = greedy(lambda t, b, **kw: generation.generate(chunks, t, b, engine="static",
+                                                          **kw, **kwargs))  # fmt: skip
+    eager.release()
+    same = sum(a == b for a, b in zip(replayed, unreplayed, strict=True))
+    ctx.row("d", "graph: greedy rows equal to eager", same, f"of {len(batch)}", "32 new tokens")
+    agree = sum(
+        x == y for a, b in zip(replayed, static, strict=True) for x, y in zip(a, b, strict=True)
+    )
+    ctx.row("d", "graph: greedy tokens equal to static", agree / (32 * len(batch)), "frac",
+            "bf16: different kernels may flip near-ties")  # fmt: skip
+    if same != len(batch):
+        raise AssertionError(f"graph replay differs from eager in {len(batch) - same} rows")
     # the dynamic engine only where it runs (CUDA and flash-attn); env printed why not
-    engines = ["static"] + (["dynamic"] if generation.dynamic_engine_unavailable() is None else [])
-    for engine in engines:
+    names = ["static", "graph"]
+    names += ["dynamic"] if generation.dynamic_engine_unavailable() is None else []
+    steps = {}
+    for engine in names:
         times = {}
-        for n in (short, long):
+        for n in (long, short):  # the longer first: the graph engine's bucket fits both
 
             def run(n=n, engine=engine):
                 generation.generate(
@@ -489,16 +530,18 @@ def section_decode(ctx: Context) -> None:
                     stop_token_ids=[], engine=engine,
                 )  # fmt: skip
 
-            times[n] = timed(ctx, run, reps=1, warmup=n == short)  # one warm-up for both
-        step = (times[long] - times[short]) / (long - short)
-        prefix = "" if engine == "static" else "dynamic engine: "
+            times[n] = timed(ctx, run, reps=1, warmup=n == long)  # one warm-up for both
+        step = steps[engine] = (times[long] - times[short]) / (long - short)
+        prefix = "" if engine == "static" else f"{engine} engine: "
         lengths = f"prompts {min(map(len, batch))}-{max(map(len, batch))} tokens"
         ctx.row("d", f"{prefix}decode step, batch {len(batch)}", step * 1e3, "ms",
                 f"{long} vs {short} new tokens; {lengths}")  # fmt: skip
         ctx.row("d", f"{prefix}decode tokens/s", len(batch) / step, "tok/s")
-        if engine == "static":  # what (c)'s rollouts use
-            ctx.decode_step = step
-            weight_bound(ctx, len(batch) / step, len(batch))
+        if engine != "static":
+            ctx.row("d", f"{prefix}decode step / static", step / steps["static"], "x")
+        weight_bound(ctx, len(batch) / step, len(batch), prefix)
+    ctx.decode_step = steps[engines.resolve("auto", chunks)]  # what (c)'s rollouts use
+    engines.release_engines(chunks)
     kv = kv_bytes(sh.student, len(batch), long + max(map(len, batch)))
     print(f"(d) KV cache read at the last of {long} steps, not in the bound: {kv / 1e9:.3f} GB")
 
@@ -508,7 +551,7 @@ def section_decode(ctx: Context) -> None:
 
 
 def section_opd_step(ctx: Context) -> None:
-    from megatron_opd import launch
+    from megatron_opd import engines, launch
     from megatron_opd.teacher import on_student_grid
     from megatron_opd.trainer import Trainer
 
@@ -543,17 +586,21 @@ def section_opd_step(ctx: Context) -> None:
     if ctx.decode_step:
         estimate = 1.3 * ctx.decode_step * (sh.new_tokens + sh.warmup_tokens) + 15
     skipped = []
-    for kind in ("power", "full_vocab_kl"):
+    auto = engines.resolve("auto", student)
+    runs = [("power", auto), ("full_vocab_kl", auto)]
+    runs += [("power", "static")] if auto != "static" else []  # the engine (c) had before
+    for kind, engine in runs:
         left = ctx.deadline - time.perf_counter()
         if estimate is not None and estimate > left:
             skipped.append(f"{kind} skipped: about {estimate:.0f} s needed, {left:.0f} s left")
             continue
         t_kind = time.perf_counter()
         for new_tokens in (sh.warmup_tokens, sh.new_tokens):  # warm-up, then the timed step
-            args = opd_args(ctx, student_dir, kind, new_tokens)
+            args = opd_args(ctx, student_dir, kind, new_tokens, engine)
             trainer = Trainer(args, inputs, student, optimizer, scheduler, teachers)
             m = trainer.train_one_step()
         estimate = 1.2 * (time.perf_counter() - t_kind)
+        label = kind if engine == auto else f"{kind} ({engine} engine)"
         if m["response/mean_len"] != sh.new_tokens:
             raise AssertionError(f"{kind}: mean response {m['response/mean_len']} tokens")
         bad = [k for k in ("loss", "reward/mean", "grad_norm") if not math.isfinite(m.get(k, 0))]
@@ -561,16 +608,16 @@ def section_opd_step(ctx: Context) -> None:
             raise AssertionError(f"{kind}: step not applied or non-finite {bad}: {m}")
         paper_s, paper_gib = PAPER_TABLE4[kind]
         for phase in ("rollout", "teacher", "train"):
-            ctx.row("c", f"{kind}: {phase}", m[f"time/{phase}"], "s")
-        ctx.row("c", f"{kind}: step", m["time/step"], "s", f"paper {paper_s} s")
-        ctx.row("c", f"{kind}: response tokens/s", m["tokens_per_sec"], "tok/s", "over the step")
+            ctx.row("c", f"{label}: {phase}", m[f"time/{phase}"], "s")
+        ctx.row("c", f"{label}: step", m["time/step"], "s", f"paper {paper_s} s")
+        ctx.row("c", f"{label}: response tokens/s", m["tokens_per_sec"], "tok/s", "over the step")
         rollout_rate = sh.prompts * sh.new_tokens / m["time/rollout"]
         reference = "prefill included"
         if ctx.copy_tbs and ctx.weight_bytes:
             bound = sh.prompts / (ctx.weight_bytes / (ctx.copy_tbs * 1e12))
             reference += f"; {rollout_rate / bound:.1%} of (d)'s bound at copy bandwidth"
-        ctx.row("c", f"{kind}: rollout tokens/s", rollout_rate, "tok/s", reference)
-        ctx.row("c", f"{kind}: peak memory", m["memory/peak_gib"], "GiB", f"paper {paper_gib} GiB")
+        ctx.row("c", f"{label}: rollout tokens/s", rollout_rate, "tok/s", reference)
+        ctx.row("c", f"{label}: peak memory", m["memory/peak_gib"], "GiB", f"paper {paper_gib} GiB")
     if skipped:
         raise TimeoutError("; ".join(skipped) + f" of the budget (--budget {ctx.budget:.0f} s)")
 

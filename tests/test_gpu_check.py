@@ -119,6 +119,12 @@ def test_gpu_check_small_on_cpu(tmp_path):
     assert 0 < step_ms < 5000
     assert value("d", "decode tokens/s") == pytest.approx(4 / (step_ms / 1e3), rel=1e-6)
     assert any(q.startswith("bound: weights once per step at copy") for _, q in rows)
+    # the graph engine beside it: its (eager here) step gives the eager step's greedy rows
+    assert value("d", "graph: greedy rows equal to eager") == 4
+    assert 0 <= value("d", "graph: greedy tokens equal to static") <= 1
+    graph_ms = value("d", "graph engine: decode step, batch 4")
+    assert 0 < graph_ms < 5000
+    assert value("d", "graph engine: decode step / static") == pytest.approx(graph_ms / step_ms)
     # device-only parts: skipped with the reason, one line each
     optional = {"transformer-engine": "transformer_engine", "flash-attn": "flash_attn"}
     for name, module in optional.items():
