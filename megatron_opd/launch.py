@@ -80,6 +80,12 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     vpp = virtual_stages(args, s_arch)
     models.validate_layout(s_arch, tp, pp, vpp)
+    if s_arch.is_moe and tp > 1:
+        # Megatron's MoELayer raises mid-step when it trains at TP > 1 without sequence parallelism
+        raise ValueError(
+            f"--load {student_dir}: a mixture-of-experts student trains at "
+            f"--tensor-model-parallel-size 1 only (got {tp}); an MoE teacher may use any TP"
+        )
     from megatron_opd import refit
 
     train_world = arguments.validate_rollout_ranks(args, world_size)

@@ -327,3 +327,26 @@ def test_layouts_that_cannot_hold_the_experts_are_refused_in_one_line():
     with pytest.raises(ValueError) as e:
         models.validate_layout(arch, 1, 1, expert_parallel_size=3)
     assert "does not divide num_experts 8" in _one_line(e)
+
+
+def test_the_teacher_flags_resolve_and_refuse_in_one_line(moe):
+    """--opd-teacher-expert-model-parallel-size through the launcher's checks: resolved per
+    teacher; refused for a dense teacher, and an MoE student at TP > 1 (Megatron's MoE layer
+    raises mid-step when it trains at TP > 1 without sequence parallelism)."""
+    from megatron_opd import arguments, launch
+
+    def check(student: Path, teachers: list[Path], world: int, *extra: str):
+        flags = ["--load", str(student), "--opd-teacher-load", *map(str, teachers), *SHORT_RUN]
+        flags += ["--prompt-data", "builtin:32", *extra]
+        return launch.check_inputs(arguments.parse_args(flags), world)
+
+    (t,) = check(moe.student, [moe.teacher], 4, EP_FLAG, "2").teachers
+    assert (t.tensor_parallel_size, t.expert_parallel_size, t.own_layout) == (1, 2, True)
+    (t,) = check(moe.student, [moe.teacher], 4).teachers
+    assert (t.expert_parallel_size, t.own_layout) == (1, False)
+    with pytest.raises(ValueError) as e:
+        check(moe.student, [moe.student], 4, EP_FLAG, "2")
+    assert f"{EP_FLAG} 2 needs a mixture-of-experts teacher; it is qwen3" in _one_line(e)
+    with pytest.raises(ValueError) as e:
+        check(moe.teacher, [moe.student], 2, "--tensor-model-parallel-size", "2")
+    assert "a mixture-of-experts student trains at --tensor-model-parallel-size 1" in _one_line(e)
