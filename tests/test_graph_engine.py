@@ -238,6 +238,29 @@ def test_decode_step_traces_with_no_graph_break(tiny):  # noqa: F811
     assert int(bucket.step) == int(start["step"]) + 1
 
 
+def test_capturing_mid_rollout_leaves_the_rollout_as_it_was(tiny):  # noqa: F811
+    """On a GPU a bucket meets a new sampling key after its prefill, and the warm-up and the
+    capture run the step: what they change is put back (here the same steps run eagerly)."""
+    case = tiny["qwen3_untied"]
+    chunks = load_megatron(case.megatron_dir)
+    tokenizer = load_tokenizer(case.megatron_dir)
+    sampling = Sampling(max_new_tokens=NEW_TOKENS, stop_token_ids=(), vocab_size=case.vocab)
+    straight = graph.GraphEngine(chunks).generate(tokenizer, TINY_PROMPTS, sampling, seed=4)
+
+    class CapturingEngine(graph.GraphEngine):
+        def _step_for(self, bucket, key, pad_id):
+            def capture():  # the 3 warm-up runs and the recorded one
+                for _ in range(4):
+                    self.decode_step(bucket, key, pad_id)
+
+            self.off_the_record(bucket, capture)
+            return super()._step_for(bucket, key, pad_id)
+
+    captured = CapturingEngine(chunks).generate(tokenizer, TINY_PROMPTS, sampling, seed=4)
+    assert [g.tokens for g in captured] == [g.tokens for g in straight]
+    assert [g.logprobs for g in captured] == [g.logprobs for g in straight]
+
+
 def test_a_weight_changed_in_place_changes_the_next_rollout(tiny):  # noqa: F811
     case = tiny["llama_tied"]
     chunks = load_megatron(case.megatron_dir)

@@ -104,6 +104,8 @@ class _Bucket:
     stops: torch.Tensor  # [MAX_STOP_TOKENS] stop ids, padded with -1
     tokens: torch.Tensor  # [batch, length] sampled ids
     logprobs: torch.Tensor  # [batch, length] their log-probabilities at temperature 1
+    cos: torch.Tensor  # [length, 1, 1, head dim] the rotary table, per bucket: a captured graph
+    sin: torch.Tensor  # keeps the address it read, so a table is never replaced
     graphs: dict = field(default_factory=dict)  # sampling key -> torch.cuda.CUDAGraph
 
 
@@ -134,7 +136,6 @@ class GraphEngine:
         self.capture = compat.has_cuda()
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self.pool = None  # one CUDA graph memory pool for every capture
-        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     # ----------------------------------------------------------------------------------------
     # the rollout
@@ -209,7 +210,6 @@ class GraphEngine:
     def release(self) -> None:
         self.buckets.clear()
         self.pool = None
-        self._rope = None
         if compat.has_cuda():
             torch.cuda.empty_cache()
 
@@ -248,6 +248,7 @@ class GraphEngine:
             stops=zeros(MAX_STOP_TOKENS, dtype=torch.long),
             tokens=zeros(batch, length, dtype=torch.long),
             logprobs=zeros(batch, length, dtype=torch.float32),
+            **self._rotary_table(length),
         )
         self.buckets[(batch, length)] = bucket
         return bucket
@@ -268,31 +269,36 @@ class GraphEngine:
         return graph.replay
 
     def _capture(self, bucket: _Bucket, key: tuple, pad_id: int):
-        # The step writes the state it reads (position, step, caches, outputs), so keep a copy
-        # of what warm-up and capture change and put it back: the rollout is under way.
-        saved = [t.clone() for t in (bucket.token, bucket.position, bucket.step, bucket.done,
-                                     bucket.tokens, bucket.logprobs)]  # fmt: skip
-        cache = [(k.clone(), v.clone()) for k, v in zip(bucket.keys, bucket.values, strict=True)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: lazy initialisation and allocator state, off-graph
-                self.decode_step(bucket, key, pad_id)
-        torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.decode_step(bucket, key, pad_id)
-        for dst, src in zip((bucket.token, bucket.position, bucket.step, bucket.done,
-                             bucket.tokens, bucket.logprobs), saved, strict=True):  # fmt: skip
-            dst.copy_(src)
-        for (k, v), (k0, v0) in zip(
-            zip(bucket.keys, bucket.values, strict=True), cache, strict=True
-        ):
-            k.copy_(k0)
-            v.copy_(v0)
+
+        def warm_up_and_record():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                # warm-up off the graph: lazy initialisation, allocator state, and TorchScript's
+                # profiling runs of Megatron's fused activation (it optimizes after the first)
+                for _ in range(3):
+                    self.decode_step(bucket, key, pad_id)
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.decode_step(bucket, key, pad_id)
+
+        self.off_the_record(bucket, warm_up_and_record)
         return graph
+
+    @staticmethod
+    def off_the_record(bucket: _Bucket, steps) -> None:
+        """Run ``steps`` (warm-up and capture execute the step, which writes the state it reads:
+        position, counters, caches, outputs) and put back what they changed, since the rollout
+        is under way when a bucket meets a new sampling key."""
+        state = (bucket.token, bucket.position, bucket.step, bucket.done, bucket.tokens,
+                 bucket.logprobs, *bucket.keys, *bucket.values)  # fmt: skip
+        saved = [t.clone() for t in state]
+        steps()
+        for tensor, before in zip(state, saved, strict=True):
+            tensor.copy_(before)
 
     # ----------------------------------------------------------------------------------------
     # the model, one layer's submodules at a time
@@ -305,7 +311,7 @@ class GraphEngine:
         # True where a key may not be attended: after the position, or in the row's padding
         masked = (columns[None, :] > bucket.position) | (columns[None, :] < bucket.pads[:, None])
         hidden = self._embed(bucket.token.view(bucket.batch, 1))  # [1, b, h]
-        cos, sin = self._rope_at(position, bucket.length)
+        cos, sin = bucket.cos.index_select(0, position), bucket.sin.index_select(0, position)
         for index, layer in enumerate(self.core.decoder.layers):
             hidden = self._layer(layer, hidden, cos, sin, bucket, index, position, masked)
         self._sample_and_advance(bucket, self._logits(hidden), key, pad_id)
@@ -315,7 +321,7 @@ class GraphEngine:
         written to the cache; the last position's logits ``[b, vocab]``."""
         b, s = rows.shape
         hidden = self._embed(rows)
-        cos, sin = self._rope_at(torch.arange(s, device=rows.device), bucket.length)
+        cos, sin = bucket.cos[:s], bucket.sin[:s]
         pads = bucket.pads
         mask = None  # the static engine's: causal, and no row attends to its own left padding
         if bool((pads > 0).any()):
@@ -406,16 +412,12 @@ class GraphEngine:
         logits, _ = core.output_layer(hidden, weight=weight, runtime_gather_output=True)
         return logits[-1]
 
-    def _rope_at(self, positions: torch.Tensor, length: int):
-        """cos and sin ``[n, 1, 1, hn]`` at ``positions`` ``[n]`` (a table of ``length`` rows,
-        built once), in the model's dtype as Megatron applies them."""
-        if self._rope is None or self._rope[0].size(0) < length:
-            freqs = self.core.rotary_pos_emb.get_freqs_non_repeated(length)  # [n, hn / 2]
-            angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
-            dtype = self.dtype
-            self._rope = (angles.cos().to(dtype), angles.sin().to(dtype))
-        cos, sin = self._rope
-        return cos.index_select(0, positions), sin.index_select(0, positions)
+    def _rotary_table(self, length: int) -> dict[str, torch.Tensor]:
+        """cos and sin ``[length, 1, 1, hn]`` of Megatron's rotary angles, in the model's dtype
+        as Megatron applies them."""
+        freqs = self.core.rotary_pos_emb.get_freqs_non_repeated(length)  # [n, hn / 2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+        return dict(cos=angles.cos().to(self.dtype), sin=angles.sin().to(self.dtype))
 
     def _sample_and_advance(self, bucket: _Bucket, logits: torch.Tensor, key: tuple,
                             pad_id: int) -> None:  # fmt: skip
