@@ -350,3 +350,25 @@ def test_the_teacher_flags_resolve_and_refuse_in_one_line(moe):
     with pytest.raises(ValueError) as e:
         check(moe.teacher, [moe.student], 2, "--tensor-model-parallel-size", "2")
     assert "a mixture-of-experts student trains at --tensor-model-parallel-size 1" in _one_line(e)
+
+
+@pytest.mark.slow
+def test_gpu_check_moe_runs_at_toy_shapes(tmp_path):
+    """scripts/gpu_check_moe.py without CUDA (toy shapes): both depths measured, the
+    extrapolation written, nothing failed."""
+    import subprocess
+    import sys
+
+    from megatron_opd.distributed import standalone_env
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check_moe.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--small", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+        env=dict(standalone_env(), PYTHONWARNINGS="ignore"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check_moe.json").read_text())
+    assert result["failed"] == [] and [r["layers"] for r in result["rows"]] == [2, 4]
+    assert all(r["finite"] and r["experts_used"] == 8 for r in result["rows"])
+    assert result["summary"]["full_layers"] == 48
