@@ -461,6 +461,8 @@ def import_transformers_model(
 ) -> Path:
     """Convert an in-memory ``transformers`` model (its tensors are taken one at a time)."""
     arch = models.ArchConfig.from_dict(model.config.to_dict(), source=f"{source} config")
+    if arch.is_moe:  # transformers 5 fuses the experts in memory (gate_up_proj [E, 2f, h])
+        raise ValueError(f"{source}: Qwen3-MoE converts from safetensors files only, not GGUF")
     hf_config = json.loads(model.config.to_json_string(use_diff=True))  # what config.json holds
     generation_config = model.generation_config.to_diff_dict() if model.generation_config else None
     weights = StateDictWeights(dict(model.state_dict()))

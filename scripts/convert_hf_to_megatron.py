@@ -1,6 +1,7 @@
-"""Convert a Hugging Face Qwen3 / Llama checkpoint to a Megatron dist checkpoint.
+"""Convert a Hugging Face Qwen3 / Qwen3-MoE / Llama checkpoint to a Megatron dist checkpoint.
 
-One process, no torchrun; the checkpoint loads at any TP/PP layout afterwards:
+One process, no torchrun; the checkpoint loads at any TP/PP layout afterwards (and a Qwen3-MoE's
+at any TP x EP x PP):
 
     python scripts/convert_hf_to_megatron.py --hf-dir Qwen3-0.6B-Base --save ckpt/qwen3-0.6b
     python scripts/convert_hf_to_megatron.py --hf-dir DIR --gguf-file model.Q4_1.gguf --save OUT

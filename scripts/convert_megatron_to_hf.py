@@ -1,6 +1,6 @@
 """Export a Megatron checkpoint written by this project to a Hugging Face model directory.
 
-One process, no torchrun, whatever TP/PP layout the checkpoint was saved at:
+One process, no torchrun, whatever TP/PP (EP) layout the checkpoint was saved at:
 
     python scripts/convert_megatron_to_hf.py --load ckpt/student --save hf/student
 

@@ -38,6 +38,7 @@ MOE = dict(
 )
 # (TP, PP, EP) of the teacher's own grid over 4 ranks
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 1, 2), (1, 1, 4)]
+RESAVED = [(1, 2, 2), (2, 1, 2)]  # saved again from these layouts, then exported
 EP_FLAG = "--opd-teacher-expert-model-parallel-size"
 
 
@@ -184,10 +185,12 @@ def test_greedy_generation_matches_hf(moe):
         assert g.tokens == expected
 
 
-def _layouts_worker(teacher_dir: str, dense_dir: str, seqs: torch.Tensor, vocab: int) -> dict:
+def _layouts_worker(
+    teacher_dir: str, dense_dir: str, seqs: torch.Tensor, vocab: int, save_root: str
+) -> dict:
     import torch.distributed as dist
 
-    from megatron_opd import distributed, teacher
+    from megatron_opd import checkpointing, distributed, teacher
     from megatron_opd.opd import MicroBatch, forward_only
 
     distributed.initialize(distributed.ParallelConfig(1, 1))  # the student at DP4
@@ -209,6 +212,11 @@ def _layouts_worker(teacher_dir: str, dense_dir: str, seqs: torch.Tensor, vocab:
         mine = seqs[rank][:, : 14 - rank]
         lp = teacher.score_on_grid(chunks, grid, mine, vocab, rank, micro_batch_size=1)
         out[layout] = (logits, lp)
+        if layout in RESAVED:  # the experts sharded over EP, TP and PP, saved as they are
+            meta = {**checkpointing.read_meta(teacher_dir), "tokenizer": None}
+            sharded = {"model": chunks[0].sharded_state_dict(metadata={"dp_cp_group": grid.dp})}
+            directory = Path(save_root) / "x".join(map(str, layout))
+            checkpointing.atomic_save(sharded, directory, meta=meta)
     # a dense and an MoE teacher, each prompt routed to one of them
     teachers = teacher.build_teachers([Path(dense_dir), Path(teacher_dir)], [(1, 1), (1, 1, 2)])
     routes = torch.tensor([rank % 2, 1 - rank % 2])
@@ -225,14 +233,18 @@ def _layouts_worker(teacher_dir: str, dense_dir: str, seqs: torch.Tensor, vocab:
 
 
 @pytest.mark.slow
-def test_every_layout_matches_hf(moe):
+def test_every_layout_matches_hf(moe, tmp_path):
     """Teacher on its own grid at TP x PP x EP = 1x1x1, 1x1x2, 2x1x1, 1x2x2, 2x1x2 and 1x1x4 (4
     ranks): logits within 1e-5 of transformers (fp64), the sampled-token log-probs equal across
     layouts within 1e-6 (relative: a few ulps of values near -8); a dense and an MoE teacher
-    routed per row score as each alone."""
+    routed per row score as each alone. Saved again at TP1 x PP2 x EP2 and TP2 x EP2, the
+    checkpoint exports to the original Hugging Face tensors bit for bit."""
+    from test_convert import read_safetensors
+
     per_rank = run_distributed(
-        _layouts_worker, 4, str(moe.teacher), str(moe.student), moe.seqs, moe.vocab, timeout=600
-    )
+        _layouts_worker, 4, str(moe.teacher), str(moe.student), moe.seqs, moe.vocab,
+        str(tmp_path), timeout=600,
+    )  # fmt: skip
     reference = None
     for layout in LAYOUTS:
         logits = [r[layout][0] for r in per_rank if r[layout][0] is not None]
@@ -257,6 +269,16 @@ def test_every_layout_matches_hf(moe):
         expected = moe.logprobs[rank][moe_rows].float()
         torch.testing.assert_close(scored[moe_rows], expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(scored[dense_rows], r["dense_alone"][dense_rows])
+    original = read_safetensors(moe.hf)
+    for layout in RESAVED:
+        name = "x".join(map(str, layout))
+        out = convert.export_hf(
+            tmp_path / name, tmp_path / f"hf_{name}", tokenizer_path=moe.teacher
+        )
+        exported = read_safetensors(out)
+        assert sorted(exported) == sorted(original), layout
+        for key, tensor in original.items():
+            assert torch.equal(exported[key], tensor), (layout, key)
 
 
 def _flags(moe, *extra: str) -> list[str]:
