@@ -160,6 +160,22 @@ def test_logits_match_hf_and_export_round_trips_exactly(moe, tmp_path):
     assert (got - ref).abs().max() < 1e-5
 
 
+def test_the_alltoall_dispatcher_runs_on_cpu(moe):
+    """compat.moe's stream stand-ins: Megatron's alltoall dispatcher builds and runs without
+    CUDA, and gives the allgather dispatcher's logits (TP1 / EP1)."""
+    from test_convert import megatron_logits
+
+    from megatron_opd import distributed
+
+    distributed.initialize()
+    logits = {}
+    for kind in ("allgather", "alltoall"):
+        chunks, _ = convert.load_checkpoint_model(moe.teacher, moe_token_dispatcher_type=kind)
+        assert chunks[0].decoder.layers[0].mlp.config.moe_token_dispatcher_type == kind
+        logits[kind] = megatron_logits(chunks[0], moe.seqs[0])
+    torch.testing.assert_close(logits["alltoall"], logits["allgather"], rtol=0, atol=1e-6)
+
+
 def test_greedy_generation_matches_hf(moe):
     """The MoE model as a model to evaluate: Megatron's static engine (with its KV cache, one
     token's routing at a time) decodes what transformers decodes greedily."""
