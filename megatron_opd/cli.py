@@ -92,14 +92,16 @@ RANK0_GRACE_S = 10.0  # without a shared store: how long the other ranks give ra
 
 
 def _print_once(line: str, rank_local: bool) -> None:
+    """Without a shared store: rank 0 prints. Another rank waits for rank 0 to fail alike and
+    the launcher to stop it (srun --kill-on-bad-exit, torchrun); still running after
+    :data:`RANK0_GRACE_S`, it failed alone (a file its node cannot see) and prints itself."""
     rank, world = _rank_and_world()
-    if rank_local or rank == 0:
-        text = " ".join(line.split("\n"))  # one line, whatever the message held
-        print(text, file=sys.stderr, flush=True)
-    elif world > 1:  # the launcher stops this rank once rank 0 has printed and exited
+    text = " ".join(line.split("\n"))  # one line, whatever the message held
+    if not rank_local and rank != 0 and world > 1:
         import time
 
         time.sleep(RANK0_GRACE_S)
+    print(text, file=sys.stderr, flush=True)
 
 
 def debug_requested(argv: list[str] | None = None) -> bool:

@@ -235,7 +235,7 @@ def _on_sigterm(signum, frame) -> None:
         return
     raise cli.JobStopped(
         "another rank of the job failed or was killed, or the job was cancelled: this rank got "
-        "SIGTERM and saved nothing (--exit-signal-handler saves first)"
+        "SIGTERM and stopped without saving (--exit-signal-handler saves first)"
     )
 
 
@@ -260,7 +260,9 @@ def _kept(error: BaseException, code: Optional[int]) -> bool:
     from megatron_opd import cli
 
     shared = code in (cli.USER_ERROR_EXIT, cli.NON_FINITE_EXIT)
-    return not (shared and not getattr(error, "rank_local", False))
+    if shared and not getattr(error, "rank_local", False):
+        return False
+    return not (isinstance(error, cli.JobStopped) or is_echo(error))  # they say "not me"
 
 
 def _keep(stamp: str, rank: int, code: int, text: str) -> Optional[Path]:
@@ -275,7 +277,12 @@ def _keep(stamp: str, rank: int, code: int, text: str) -> Optional[Path]:
         tmp.write_text(head + text)
         os.replace(tmp, path)
         return path
-    except OSError:
+    except OSError:  # a full or read-only disk: leave nothing half-made behind
+        for leftover in (tmp, directory, directory.parent):
+            try:
+                leftover.unlink() if leftover is tmp else leftover.rmdir()
+            except OSError:
+                pass
         return None
 
 
@@ -337,17 +344,18 @@ def _settle(b: Board, error: BaseException, code: Optional[int], prog: str) -> i
     from megatron_opd import cli
 
     line = f"{prog}: error: {error}"
+    kept = _kept(error, code)
     if code is None:
         claim = b.wait_for_claim(ECHO_WAIT_S, stop=_sigterm)
         if claim is not None:
-            _keep(claim[2], b.rank, claim[1], _error_text(error, None, line))
+            if kept:
+                _keep(claim[2], b.rank, claim[1], _error_text(error, None, line))
             _exit_quietly(b, claim[1])
         if is_echo(error):
             code = cli.RUN_ERROR_EXIT
             line = f"{prog}: error: another rank of the job failed or was killed ({error})"
     mine = 1 if code is None else code
     rank, claimed, stamp = b.claim(mine)
-    kept = _kept(error, code)
     if rank != b.rank:
         if kept:  # the job's line is another rank's: this error lives on in its file
             _keep(stamp, b.rank, mine, _error_text(error, code, line))
