@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from megatron_opd import compat
 
-ARCHITECTURES = ("qwen3", "qwen3_moe", "llama")
+ARCHITECTURES = ("qwen3", "llama", "qwen3_moe")
 _HF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
