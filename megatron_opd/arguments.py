@@ -20,7 +20,8 @@ from megatron_opd import cli
 from megatron_opd.distributed import ParallelConfig
 from megatron_opd.engines import ENGINES
 from megatron_opd.engines.megatron import dynamic_engine_unavailable
-from megatron_opd.rewards import REWARD_KINDS
+from megatron_opd.opd import RolloutConfig
+from megatron_opd.rewards import REWARD_KINDS, RewardConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -491,9 +492,7 @@ def check_numbers(args: argparse.Namespace) -> None:
             )
 
 
-def reward_config(args: argparse.Namespace):
-    from megatron_opd.rewards import RewardConfig
-
+def reward_config(args: argparse.Namespace) -> RewardConfig:
     return RewardConfig(
         kind=args.opd_reward,
         alpha=args.opd_alpha,
@@ -501,6 +500,17 @@ def reward_config(args: argparse.Namespace):
         clip_max=args.opd_clip_max,
         tanh_temperature=args.opd_tanh_temperature,
         tropd_alpha=args.opd_tropd_alpha,
+    )
+
+
+def rollout_config(args: argparse.Namespace) -> RolloutConfig:
+    """How the student samples, for the trainer and the rollout ranks alike."""
+    return RolloutConfig(
+        max_new_tokens=args.rollout_max_new_tokens,
+        temperature=args.rollout_temperature,
+        top_p=0.0 if args.rollout_top_p >= 1.0 else args.rollout_top_p,
+        top_k=args.rollout_top_k,
+        engine=args.rollout_engine,  # "auto": graph on CUDA where supported, else static
     )
 
 

@@ -209,6 +209,17 @@ class PromptSet:
         return len(self.problems)
 
 
+def draw_step(prompts: PromptSet, stream: PromptStream, batch: int,
+              samples: int) -> tuple[list[list[int]], list[int]]:  # fmt: skip
+    """One step's prompts for the whole batch in data-parallel order (each repeated ``samples``
+    times), and the teacher each row is routed to (the prompt's ``teacher`` field, else 0): the
+    one draw of the trainer and of the rollout ranks, so both see the same prompts."""
+    chosen = stream.take(batch // samples)
+    rows = [list(prompts.token_ids[i]) for i in chosen for _ in range(samples)]
+    routes = [prompts.problems[i].teacher or 0 for i in chosen for _ in range(samples)]
+    return rows, routes
+
+
 @dataclass
 class PromptStream:
     """An endless, seeded shuffle over a prompt set; ``state_dict`` saves the position.

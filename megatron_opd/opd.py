@@ -27,12 +27,25 @@ from megatron_opd.vocab_parallel import full_vocab_reverse_kl, sampled_token_log
 
 @dataclass
 class RolloutConfig:
+    """How every rollout source samples (the trainer's and the rollout ranks' alike).
+    ``top_p`` 0: no top-p filter (``--rollout-top-p 1`` maps to it)."""
+
     max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 0.0
     top_k: int = 0
-    batch_size: Optional[int] = None
     engine: str = "static"  # a name in megatron_opd.engines.ENGINES, or "auto"
+
+    def sampling_kwargs(self) -> dict:
+        """:func:`megatron_opd.generation.generate`'s arguments for a training rollout."""
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            return_logprobs=False,  # the training pass recomputes them; nothing reads these
+            engine=self.engine,
+        )
 
 
 @dataclass
@@ -58,17 +71,7 @@ def rollout(
 ) -> RolloutBatch:
     """Sample one response per prompt from ``source`` (``megatron_opd.rollouts``: the student in
     place, a refitted copy, or rollout ranks of their own), at the step's ``seed``."""
-    kwargs = dict(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        seed=seed,
-        max_batch_size=cfg.batch_size,
-        return_logprobs=False,  # the training pass recomputes them; nothing reads these
-        engine=cfg.engine,
-    )
-    gens = source.generate(tokenizer, prompts, **kwargs)
+    gens = source.generate(tokenizer, prompts, seed=seed, **cfg.sampling_kwargs())
     lengths = [len(p) + len(g.tokens) for p, g in zip(prompts, gens, strict=True)]
     # one spare position: the last input position has no target
     tokens = torch.full((len(prompts), max(lengths) + 1), tokenizer.pad_id, dtype=torch.long)

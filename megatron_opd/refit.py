@@ -177,6 +177,17 @@ def copy_targets(chunk: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return targets
 
 
+def build_copy(arch: models.ArchConfig, tp: int, pp: int, dtype: torch.dtype,
+               vocab_divisor: int, pg_collection=None) -> torch.nn.Module:  # fmt: skip
+    """A frozen, uninitialised copy of the student at TP ``tp`` x PP ``pp`` (this stage's
+    chunk), for a refit to fill: the colocated copy's and the rollout ranks' one builder."""
+    config = models.transformer_config(arch, tp, pp, dtype=dtype, perform_initialization=False)
+    (chunk,) = models.build_model(arch, config, vocab_divisor, pg_collection=pg_collection)
+    chunk.eval()
+    chunk.requires_grad_(False)
+    return chunk
+
+
 class RolloutModel:
     """The student's rollout copy on its own TP x PP grid (see the module docstring)."""
 
@@ -185,16 +196,9 @@ class RolloutModel:
         from megatron.core import parallel_state as ps
 
         self.grid: ModelGrid = build_model_grid(tp, pp, timeout_minutes=timeout_minutes)
-        train_config = unwrap(student[0]).config
-        config = models.transformer_config(
-            arch, tp, pp, dtype=train_config.params_dtype, perform_initialization=False
-        )
-        (self.chunk,) = models.build_model(
-            arch, config, vocab_divisor, pg_collection=self.grid.pg_collection()
-        )
-        self.chunk.eval()
-        self.chunk.requires_grad_(False)
-        self.gated = bool(config.gated_linear_unit)
+        dtype = unwrap(student[0]).config.params_dtype
+        self.chunk = build_copy(arch, tp, pp, dtype, vocab_divisor, self.grid.pg_collection())
+        self.gated = bool(self.chunk.config.gated_linear_unit)
         self.train_dp_rank = ps.get_data_parallel_rank()
         self.train_tp_group = ps.get_tensor_model_parallel_group()
         self.sources = plan_sources(

@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opd import data, models, refit
-from megatron_opd.generation import Generation
+from megatron_opd import arguments, data, engines, refit
+from megatron_opd.generation import Generation, generate
 from megatron_opd.pools import STOPPED, Pool
 from megatron_opd.rollouts import InPlace, step_seed
 
@@ -49,10 +49,9 @@ IN_FLIGHT = "rollout_in_flight"  # the key of the batch in flight in a checkpoin
 
 def global_prompts(prompts: data.PromptSet, stream: data.PromptStream, batch: int,
                    samples: int) -> list[list[int]]:  # fmt: skip
-    """One step's prompts for the whole batch, in data-parallel order (each repeated
-    ``samples`` times), as :meth:`megatron_opd.trainer.Trainer.step_prompts` draws them."""
-    chosen = stream.take(batch // samples)
-    return [list(prompts.token_ids[i]) for i in chosen for _ in range(samples)]
+    """One step's prompts for the whole batch, in data-parallel order: the trainer's draw
+    (:func:`megatron_opd.data.draw_step`)."""
+    return data.draw_step(prompts, stream, batch, samples)[0]
 
 
 class Remote(InPlace):
@@ -225,17 +224,13 @@ def _serve(args, inputs, pool: Pool) -> bool:
     """False when stopped before the last batch."""
     from megatron.core import parallel_state as ps
 
-    arch = inputs.student_arch
     tp = args.rollout_tensor_model_parallel_size or 1
     pp = args.rollout_pipeline_model_parallel_size or 1
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    config = models.transformer_config(arch, tp, pp, dtype=dtype, perform_initialization=False)
     divisor = inputs.student_meta.get("make_vocab_size_divisible_by", 128)
-    (chunk,) = models.build_model(arch, config, divisor)
-    chunk.eval()
-    chunk.requires_grad_(False)
+    chunk = refit.build_copy(inputs.student_arch, tp, pp, dtype, divisor)
     targets = refit.copy_targets(chunk)
-    gated = bool(config.gated_linear_unit)
+    gated = bool(chunk.config.gated_linear_unit)
     tp_rank, replica, replicas = (
         ps.get_tensor_model_parallel_rank(),
         ps.get_data_parallel_rank(),
@@ -273,13 +268,10 @@ def _serve(args, inputs, pool: Pool) -> bool:
 
     if not receive():
         return False
-    kwargs = dict(
-        max_new_tokens=args.rollout_max_new_tokens,
-        temperature=args.rollout_temperature,
-        top_k=args.rollout_top_k,
-        top_p=0.0 if args.rollout_top_p >= 1.0 else args.rollout_top_p,
-        return_logprobs=False,
-    )
+    kwargs = arguments.rollout_config(args).sampling_kwargs()  # the trainer's, exactly
+    if pool.rank == 0:
+        engine = engines.resolve(kwargs["engine"], [chunk])
+        print(f"rollout ranks: {replicas} replica(s) sampling with the {engine} engine", flush=True)
     idle_since = time.perf_counter()
     while n < args.train_iters:
         while version < max(n - args.rollout_lag, 0):
@@ -293,8 +285,6 @@ def _serve(args, inputs, pool: Pool) -> bool:
         share = prompts[bounds[replica] : bounds[replica + 1]]
         gens = []
         if share:
-            from megatron_opd.generation import generate
-
             seed = step_seed(args.seed, n) + replica
             gens = generate([chunk], inputs.tokenizer, share, seed=seed, **kwargs)
         every: list = [None] * dist.get_world_size()

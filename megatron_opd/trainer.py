@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_opd import checkpointing, cli, compat, data, gap, opd, resume, rollouts
+from megatron_opd import arguments, checkpointing, cli, compat, data, gap, opd, resume, rollouts
 from megatron_opd.arguments import reward_config
 from megatron_opd.distributed import print_rank0
 from megatron_opd.metrics_logger import MetricsLogger
@@ -75,13 +75,7 @@ class Trainer:
             # old rows go
             start_step=self.iteration if inputs.resume_root is not None or args.save else None,
         )
-        self.rollout_cfg = opd.RolloutConfig(
-            max_new_tokens=args.rollout_max_new_tokens,
-            temperature=args.rollout_temperature,
-            top_p=0.0 if args.rollout_top_p >= 1.0 else args.rollout_top_p,
-            top_k=args.rollout_top_k,
-            engine=args.rollout_engine,  # "auto": graph on CUDA where supported, else static
-        )
+        self.rollout_cfg = arguments.rollout_config(args)
         self.eval_benchmarks = None
         if args.eval_interval:
             from megatron_opd import evaluation
@@ -96,14 +90,13 @@ class Trainer:
     def step_prompts(self) -> list[list[int]]:
         """This DP rank's prompts (each repeated ``--rollout-samples-per-prompt`` times)."""
         args = self.args
-        k = args.rollout_samples_per_prompt
-        chosen = self.stream.take(args.global_batch_size // k)
-        responses = [self.prompts.token_ids[i] for i in chosen for _ in range(k)]
+        rows, routes = data.draw_step(
+            self.prompts, self.stream, args.global_batch_size, args.rollout_samples_per_prompt
+        )
         local = args.global_batch_size // self.dp_size
-        # the teacher each local row is routed to (the prompts' ``teacher`` field)
-        routed = [self.prompts.problems[i].teacher or 0 for i in chosen for _ in range(k)]
-        self.step_routes = torch.tensor(routed[self.dp_rank * local : (self.dp_rank + 1) * local])
-        return responses[self.dp_rank * local : (self.dp_rank + 1) * local]
+        mine = slice(self.dp_rank * local, (self.dp_rank + 1) * local)
+        self.step_routes = torch.tensor(routes[mine])  # the teacher of each local row
+        return rows[mine]
 
     def train_one_step(self) -> dict[str, float]:
         args = self.args

@@ -394,7 +394,7 @@ def test_an_opd_run_with_graph_equals_static_in_greedy_mode(pair, tmp_path):
     iters = 2
 
     def run(nproc, name, *extra):
-        torchrun(nproc, [
+        proc = torchrun(nproc, [
             "--load", str(pair["student"]), "--opd-teacher-load", str(pair["teacher"]),
             *SHORT_RUN, "--prompt-data", "builtin:32", "--train-iters", str(iters),
             "--rollout-top-k", "1", "--metrics-file", str(tmp_path / f"{name}.jsonl"),
@@ -405,11 +405,14 @@ def test_an_opd_run_with_graph_equals_static_in_greedy_mode(pair, tmp_path):
             torch.load(tmp_path / name / f"step{s:07d}_dp0.pt", weights_only=False)["tokens"]
             for s in range(1, iters + 1)
         ]
-        return rows, tokens
+        return rows, tokens, proc.stdout
 
-    static, static_tokens = run(1, "static", "--rollout-engine", "static")
-    graphed, graph_tokens = run(1, "graph", "--rollout-engine", "graph")
-    remote, remote_tokens = run(2, "remote", "--rollout-engine", "graph", "--rollout-ranks", "1")
+    static, static_tokens, _ = run(1, "static", "--rollout-engine", "static")
+    graphed, graph_tokens, _ = run(1, "graph", "--rollout-engine", "graph")
+    remote, remote_tokens, log = run(
+        2, "remote", "--rollout-engine", "graph", "--rollout-ranks", "1"
+    )
+    assert "rollout ranks: 1 replica(s) sampling with the graph engine" in log
     for tokens in (graph_tokens, remote_tokens):
         assert all(torch.equal(a, b) for a, b in zip(static_tokens, tokens, strict=True))
     for a, b in zip(static, graphed, strict=True):
