@@ -163,7 +163,7 @@ def check_teachers(
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         out.append(TeacherInput(name, directory, arch, meta, *layout, own))
-    if args.opd_reward == "full_vocab_kl":
+    if arguments.reward_config(args).needs_teacher_logits:
         if len(out) > 1 or out[0].own_layout:
             raise ValueError(
                 "--opd-reward full_vocab_kl needs one teacher on the student's layout: it reads "

@@ -123,12 +123,12 @@ def opd_loss_func(
     """
     reward_cfg.validate()
     kind = reward_cfg.kind
-    if kind == "full_vocab_kl":
+    if reward_cfg.needs_teacher_logits:
         if teacher_logits is None:
             raise ValueError("--opd-reward full_vocab_kl needs the teacher's logits")
     elif teacher_logprobs is None:
         raise ValueError(f"--opd-reward {kind} needs the teacher's sampled-token log-probs")
-    if kind == "zscore" and zscore_moments is None:
+    if reward_cfg.needs_step_moments and zscore_moments is None:
         raise ValueError(
             "--opd-reward zscore needs the step's log-ratio moments (step_log_ratio_moments)"
         )
@@ -141,7 +141,7 @@ def opd_loss_func(
             seq_dim=1,
             chunk_size=chunk_size,
         )
-        if kind == "full_vocab_kl":
+        if reward_cfg.needs_teacher_logits:
             with torch.no_grad():
                 lp_t = teacher_logprobs
                 if lp_t is None:

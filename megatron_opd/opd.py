@@ -385,12 +385,12 @@ def train_step(
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     dp_group = parallel_state.get_data_parallel_group()
-    kind = reward_cfg.kind
+    full_logits = reward_cfg.needs_teacher_logits
     if _on_every_rank(sum(int(mb.loss_mask.sum()) for mb in items) == 0):
         # every response was only a (masked) stop token: nothing to learn from, nothing to step
         return StepResult(False, 0.0, {}, empty=True)
     moments = None
-    if kind == "zscore":
+    if reward_cfg.needs_step_moments:
         # the pre-update student's log-probs, forward only (the same pass that scores the teacher)
         lp_s = forward_only(student, items, vocab_size)
         if _is_last_stage():
@@ -410,12 +410,13 @@ def train_step(
                 reward_cfg=reward_cfg,
                 vocab_size=vocab_size,
                 tp_group=tp_group,
-                teacher_logprobs=None if kind == "full_vocab_kl" else teacher,
-                teacher_logits=teacher if kind == "full_vocab_kl" else None,
+                teacher_logprobs=None if full_logits else teacher,
+                teacher_logits=teacher if full_logits else None,
                 zscore_moments=moments,
             )
             if dump is not None:
-                loss_func = _dumping(loss_func, mb, teacher, kind, vocab_size, tp_group, dump)
+                loss_func = _dumping(loss_func, mb, teacher, full_logits, vocab_size, tp_group,
+                                     dump)  # fmt: skip
         return logits, loss_func
 
     for c in student:
@@ -442,12 +443,12 @@ def train_step(
     return StepResult(bool(applied), float(grad_norm or 0.0), report)
 
 
-def _dumping(loss_func, mb, teacher, kind, vocab_size, tp_group, dump):
+def _dumping(loss_func, mb, teacher, full_logits: bool, vocab_size, tp_group, dump):
     def wrapped(output):
         with torch.no_grad():
             out, targets = output.detach(), mb.logit_targets
             entry = {"lp_s": sampled_token_logprobs(out, targets, vocab_size, tp_group)}
-            if kind == "full_vocab_kl":
+            if full_logits:
                 entry["lp_t"] = sampled_token_logprobs(teacher, targets, vocab_size, tp_group)
                 entry["kl"] = full_vocab_reverse_kl(out, teacher, vocab_size, tp_group)
             else:

@@ -25,22 +25,11 @@ Kinds (PowerOPD, arXiv:2606.17199, and the baselines it compares against):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
-REWARD_KINDS = (
-    "power",
-    "boxcox",
-    "log_ratio",
-    "clip",
-    "tanh",
-    "zscore",
-    "tropd",
-    "sign",
-    "full_vocab_kl",
-)
 
 
 @dataclass
@@ -53,6 +42,20 @@ class RewardConfig:
     clip_max: float = 1.0
     tanh_temperature: float = 5.0
     tropd_alpha: float = 0.2
+
+    @property
+    def spec(self) -> RewardKind:
+        """What the kind needs and descends (:data:`REWARDS`)."""
+        self.validate()
+        return REWARDS[self.kind]
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return self.spec.needs_teacher_logits
+
+    @property
+    def needs_step_moments(self) -> bool:
+        return self.spec.needs_step_moments
 
     def validate(self) -> None:
         if self.kind not in REWARD_KINDS:
@@ -160,6 +163,48 @@ def zscore_reward(
     return (r.float() - mean) / torch.as_tensor(std).float().clamp(min=eps)
 
 
+@dataclass(frozen=True)
+class RewardKind:
+    """One ``--opd-reward`` kind. ``reward(cfg, lp_t, lp_s, mask, moments)``: the per-token
+    reward (before masking). ``needs_teacher_logits``: the loss reads the teacher's
+    vocab-sharded logits, not only its sampled-token log-probs. ``needs_step_moments``: the
+    reward standardises by the log-ratio's mean and std over the whole optimizer step (a
+    forward-only pass of the student first). ``divergence``: what its expected update descends,
+    for the gap report (``kl``, ``tv``, ``power`` at the run's alpha, or ``none`` where no
+    divergence is known)."""
+
+    reward: Callable[..., torch.Tensor]
+    divergence: str
+    needs_teacher_logits: bool = False
+    needs_step_moments: bool = False
+
+
+def _zscore(cfg, lp_t, lp_s, mask, moments):
+    mean, std = moments if moments is not None else (None, None)
+    return zscore_reward(log_ratio_reward(lp_t, lp_s), mask, mean, std)
+
+
+REWARDS: dict[str, RewardKind] = {
+    "power": RewardKind(lambda c, t, s, m, z: power_reward(t, s, c.alpha), "power"),
+    "boxcox": RewardKind(lambda c, t, s, m, z: boxcox_reward(t, s, c.alpha), "power"),
+    "log_ratio": RewardKind(lambda c, t, s, m, z: log_ratio_reward(t, s), "kl"),
+    "clip": RewardKind(
+        lambda c, t, s, m, z: clip_reward(log_ratio_reward(t, s), c.clip_min, c.clip_max), "none"
+    ),
+    "tanh": RewardKind(
+        lambda c, t, s, m, z: tanh_reward(log_ratio_reward(t, s), c.tanh_temperature), "none"
+    ),
+    "zscore": RewardKind(_zscore, "none", needs_step_moments=True),
+    "tropd": RewardKind(lambda c, t, s, m, z: tropd_reward(t, s, c.tropd_alpha), "none"),
+    "sign": RewardKind(lambda c, t, s, m, z: sign_reward(t, s), "tv"),
+    # exact reverse KL through the whole distribution; its "reward" is the log-ratio, reported
+    "full_vocab_kl": RewardKind(
+        lambda c, t, s, m, z: log_ratio_reward(t, s), "kl", needs_teacher_logits=True
+    ),
+}
+REWARD_KINDS = tuple(REWARDS)
+
+
 def compute_reward(
     cfg: RewardConfig,
     lp_t: torch.Tensor,
@@ -168,28 +213,8 @@ def compute_reward(
     zscore_moments: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """The reward of ``cfg.kind`` in fp32, zero where ``mask`` is false; never has a gradient."""
-    lp_t, lp_s = lp_t.detach(), lp_s.detach()
     mask = mask.bool()
-    kind = cfg.kind
-    if kind == "power":
-        r = power_reward(lp_t, lp_s, cfg.alpha)
-    elif kind == "boxcox":
-        r = boxcox_reward(lp_t, lp_s, cfg.alpha)
-    elif kind in ("log_ratio", "full_vocab_kl"):
-        r = log_ratio_reward(lp_t, lp_s)
-    elif kind == "clip":
-        r = clip_reward(log_ratio_reward(lp_t, lp_s), cfg.clip_min, cfg.clip_max)
-    elif kind == "tanh":
-        r = tanh_reward(log_ratio_reward(lp_t, lp_s), cfg.tanh_temperature)
-    elif kind == "tropd":
-        r = tropd_reward(lp_t, lp_s, cfg.tropd_alpha)
-    elif kind == "sign":
-        r = sign_reward(lp_t, lp_s)
-    elif kind == "zscore":
-        mean, std = zscore_moments if zscore_moments is not None else (None, None)
-        r = zscore_reward(log_ratio_reward(lp_t, lp_s), mask, mean, std)
-    else:
-        raise ValueError(f"--opd-reward must be one of {', '.join(REWARD_KINDS)}, got {kind!r}")
+    r = cfg.spec.reward(cfg, lp_t.detach(), lp_s.detach(), mask, zscore_moments)
     # where(): padding positions may hold anything, and 0 * inf would be nan
     return torch.where(mask, r, 0.0)
 

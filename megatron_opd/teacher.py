@@ -387,7 +387,7 @@ def per_teacher_metrics(
     lp_s = torch.cat([d["lp_s"] for d in dump]).float()
     mask = torch.cat([d["mask"] for d in dump]).bool()
     moments = None
-    if reward_cfg.kind == "zscore":
+    if reward_cfg.needs_step_moments:
         moments = step_log_ratio_moments([lp_t], [lp_s], [mask], dp_group)
     reward = compute_reward(reward_cfg, lp_t, lp_s, mask, moments).double()
     ratio = lp_t.double() - lp_s.double()

@@ -127,7 +127,7 @@ class Trainer:
             self.vocab_size,
             args.micro_batch_size,
             routes=self.step_routes if several else None,
-            keep_logits=args.opd_reward == "full_vocab_kl",
+            keep_logits=self.reward_cfg.needs_teacher_logits,
         )
         _sync()
         if self._exit_requested():

@@ -363,3 +363,31 @@ def test_new_kinds_statistics_match_float64(kind):
     out = rewards.summarize_statistics(stats)
     assert out["reward_mean"] == pytest.approx(ref[mask].mean().item(), rel=1e-5)
     assert out["reward_std"] == pytest.approx(ref[mask].std(unbiased=False).item(), rel=1e-4)
+
+
+def test_reward_kinds_are_declared_in_one_registry():
+    """Each kind declares what the step must give it and what it descends; no module outside
+    rewards.py compares reward-kind strings (a new kind is one registry entry)."""
+    import re
+    from pathlib import Path
+
+    from megatron_opd.rewards import REWARD_KINDS, REWARDS, RewardConfig
+
+    assert REWARD_KINDS == tuple(REWARDS)
+    needs_logits = {k for k, v in REWARDS.items() if v.needs_teacher_logits}
+    needs_moments = {k for k, v in REWARDS.items() if v.needs_step_moments}
+    assert (needs_logits, needs_moments) == ({"full_vocab_kl"}, {"zscore"})
+    assert REWARDS["sign"].divergence == "tv" and REWARDS["power"].divergence == "power"
+    assert REWARDS["log_ratio"].divergence == REWARDS["full_vocab_kl"].divergence == "kl"
+    assert RewardConfig(kind="zscore").needs_step_moments
+    kinds = "|".join(REWARD_KINDS)
+    compared = re.compile(rf'(==|!=)\s*"({kinds})"|"({kinds})"\s*(==|!=)')
+    package = Path(__file__).resolve().parents[1] / "megatron_opd"
+    offenders = [
+        f"{path.relative_to(package)}:{n}"
+        for path in package.rglob("*.py")
+        if path.name != "rewards.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if compared.search(line)
+    ]
+    assert offenders == []
