@@ -233,9 +233,10 @@ def _layouts_worker(
             sharded = {"model": chunks[0].sharded_state_dict(metadata={"dp_cp_group": grid.dp})}
             directory = Path(save_root) / "x".join(map(str, layout))
             checkpointing.atomic_save(sharded, directory, meta=meta)
-    # a dense and an MoE teacher, each prompt routed to one of them
+    # a dense and an MoE teacher, each prompt routed to one of them; rank 0 routes no row to the
+    # MoE teacher, whose EP2 group pairs it with rank 1 (routing both): rank 0 still runs along
     teachers = teacher.build_teachers([Path(dense_dir), Path(teacher_dir)], [(1, 1), (1, 1, 2)])
-    routes = torch.tensor([rank % 2, 1 - rank % 2])
+    routes = torch.tensor([[0, 0], [1, 1], [0, 1], [1, 0]][rank])
     parts = []
     for k in range(2):
         rows = routes == k
@@ -253,7 +254,8 @@ def test_every_layout_matches_hf(moe, tmp_path):
     """Teacher on its own grid at TP x PP x EP = 1x1x1, 1x1x2, 2x1x1, 1x2x2, 2x1x2 and 1x1x4 (4
     ranks): logits within 1e-5 of transformers (fp64), the sampled-token log-probs equal across
     layouts within 1e-6 (relative: a few ulps of values near -8); a dense and an MoE teacher
-    routed per row score as each alone. Saved again at TP1 x PP2 x EP2 and TP2 x EP2, the
+    routed per row score as each alone (one replica of the MoE teacher's expert group with no
+    row routed to it). Saved again at TP1 x PP2 x EP2 and TP2 x EP2, the
     checkpoint exports to the original Hugging Face tensors bit for bit."""
     from test_convert import read_safetensors
 
@@ -410,3 +412,28 @@ def test_gpu_check_moe_runs_at_toy_shapes(tmp_path):
     assert result["failed"] == [] and [r["layers"] for r in result["rows"]] == [2, 4]
     assert all(r["finite"] and r["experts_used"] == 8 for r in result["rows"])
     assert result["summary"]["full_layers"] == 48
+
+
+def _shares_worker(teacher_dir: str, seqs: torch.Tensor, vocab: int) -> dict:
+    from megatron_opd import distributed, teacher
+
+    distributed.initialize(distributed.ParallelConfig(1, 2))  # the student at PP2: one DP rank
+    teachers = teacher.build_teachers([Path(teacher_dir)], [(1, 1, 2)])  # TP1 x DP2 = EP2
+    (chunks,), (grid,), (shares,) = teachers.chunks, teachers.grids, teachers.shares
+    split = teacher.score_on_grid(chunks, grid, seqs, vocab, 0, 2, shares=shares)
+    whole = teacher.score_on_grid(chunks, grid, seqs, vocab, 0, 2)
+    return {"split": split, "whole": whole, "shares": (shares.index, shares.count)}
+
+
+@pytest.mark.slow
+def test_expert_group_replicas_share_a_student_replicas_rows(moe):
+    """A PP2 student beside the MoE teacher at EP2 (its two replicas are one expert group): each
+    replica scores its own share of the 3 rows (1 and 2, padded to equal micro-batches), and the
+    rows come back equal to transformers' and to the rows scored whole."""
+    seqs = moe.seqs[:3].reshape(-1, 14)[:3]  # 3 rows: shares of 1 and 2
+    per_rank = run_distributed(_shares_worker, 2, str(moe.teacher), seqs, moe.vocab)
+    assert sorted(r["shares"] for r in per_rank) == [(0, 2), (1, 2)]
+    expected = torch.cat([moe.logprobs[0], moe.logprobs[1]])[:3].float()
+    for r in per_rank:
+        torch.testing.assert_close(r["split"], expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(r["split"], r["whole"], rtol=1e-6, atol=1e-6)
