@@ -375,7 +375,10 @@ def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None, poo
         if pool is None or pool.is_rollout:
             raise ValueError("--rollout-ranks: build_trainer needs the training pool's Pool")
         dp_size = parallel_state.get_data_parallel_world_size()
-        source = remote.Remote(student, pool, args, dp_rank, dp_size)
+        source = remote.Remote(
+            student, pool, args.rollout_lag, args.train_iters, dp_rank, dp_size,
+            parallel_state.get_tensor_model_parallel_group(),
+        )  # fmt: skip
     else:
         layout = refit.check_layout(args, inputs.student_arch, distributed.env_rank_and_world()[2])
         if layout is not None:

@@ -57,13 +57,12 @@ def global_prompts(prompts: data.PromptSet, stream: data.PromptStream, batch: in
 class Remote(InPlace):
     """The training pool's side: batches from the rollout pool, weights to it."""
 
-    def __init__(self, student, pool: Pool, args, dp_rank: int, dp_size: int):
-        from megatron.core import parallel_state as ps
-
+    def __init__(self, student, pool: Pool, lag: int, train_iters: int, dp_rank: int,
+                 dp_size: int, tp_group):  # fmt: skip
         super().__init__(student, dp_rank)
-        self.pool, self.args, self.lag = pool, args, args.rollout_lag
+        self.pool, self.lag, self.train_iters = pool, lag, train_iters
         self.dp_size = dp_size
-        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_group = tp_group
         self.gated = bool(refit.unwrap(student[0]).config.gated_linear_unit)
         self.sources = refit.plan_sources(refit.global_parameters(student), dp_rank, self.tp_group)
         self.held: Optional[tuple[int, list]] = None  # (iteration, the whole batch's generations)
@@ -93,21 +92,29 @@ class Remote(InPlace):
 
     # -- per step ------------------------------------------------------------------------------
 
-    def prepare(self, iteration: int) -> dict[str, float]:
-        self.iteration = iteration
-        return {}
+    def update_weights(self, iteration: int) -> dict[str, float]:
+        """The one weight sync, in the bridge's fixed order. Lag 0: θ_i to the rollout pool,
+        which samples ``B_i`` from it (θ at the start iteration went with the hello). Lag 1:
+        first receive ``B_i`` (sampled from θ_{i-1}), then send θ_i, from which the pool samples
+        ``B_{i+1}`` while step ``i`` trains."""
+        i = self.iteration = iteration
+        wait = 0.0
+        if self.lag == 1:
+            t0 = time.perf_counter()
+            self._batch(i)
+            wait = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if i + self.lag < self.train_iters and (self.sent is None or self.sent < i):
+            self._send_weights(i)
+        self.timings = {"time/rollout_wait": wait, "time/refit": time.perf_counter() - t1}
+        return dict(self.timings)
 
     def generate(self, tokenizer, prompts, seed: int, **kwargs) -> list[Generation]:
         """This data-parallel rank's share of ``B_i`` (the rollout pool's seed is the same
         ``seed``: it follows :func:`megatron_opd.rollouts.step_seed`)."""
-        i = self.iteration
         t0 = time.perf_counter()
-        gens = self._batch(i)
-        wait = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        if self.lag == 1 and i + 1 < self.args.train_iters and (self.sent or 0) < i:
-            self._send_weights(i)  # B_{i+1} is sampled from θ_i while step i trains
-        self.timings = {"time/rollout_wait": wait, "time/refit": time.perf_counter() - t1}
+        gens = self._batch(self.iteration)
+        self.timings["time/rollout_wait"] += time.perf_counter() - t0
         local = len(gens) // self.dp_size
         mine = gens[self.dp_rank * local : (self.dp_rank + 1) * local]
         if len(mine) != len(prompts):
@@ -145,15 +152,9 @@ class Remote(InPlace):
         out.update(getattr(self, "rollout_pool_times", {}))
         return out
 
-    def after_step(self, iteration: int) -> None:
-        if self.lag == 0 and iteration < self.args.train_iters:
-            t0 = time.perf_counter()
-            self._send_weights(iteration)  # B_iteration is sampled from them
-            self.timings["time/refit"] = time.perf_counter() - t0
-
     def checkpoint_state(self, iteration: int) -> dict:
         """At lag 1, ``B_iteration`` (sampled from θ_{iteration-1}); received now if need be."""
-        if self.lag == 0 or iteration >= self.args.train_iters:
+        if self.lag == 0 or iteration >= self.train_iters:
             return {}
         gens = self._batch(iteration)
         return {

@@ -104,7 +104,7 @@ class Trainer:
         compat.reset_peak_memory()  # the step's own peak: evaluation between steps is not in it
         t0 = time.perf_counter()
         seed = rollouts.step_seed(args.seed, self.iteration)
-        extra_times = self.rollouts.prepare(self.iteration)
+        extra_times = self.rollouts.update_weights(self.iteration)  # the one weight sync
         batch = opd.rollout(
             self.rollouts, self.tokenizer, self.step_prompts(), self.rollout_cfg, seed
         )
@@ -148,7 +148,6 @@ class Trainer:
             dump = opd.dump_in_rollout_order(dump, items, batch)
             if args.opd_dump_tokens:
                 self._write_dump(dump, batch)
-        self.rollouts.after_step(self.iteration + 1)
         _sync()
         t3 = time.perf_counter()
         times = {"time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/train": t3 - t2}
