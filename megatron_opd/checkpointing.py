@@ -19,8 +19,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opd import integrity
+from megatron_opd import compat, integrity
 from megatron_opd.cli import RunError
+from megatron_opd.compat import WriterDied
 from megatron_opd.distributed import is_rank0
 
 META_FILE = "megatron_opd.json"
@@ -139,8 +140,6 @@ def _out_of_space(directory: Path) -> bool:
 
 
 def _writer_died(error: BaseException) -> Optional[BaseException]:
-    from megatron_opd.compat import WriterDied
-
     for cause in _causes(error):
         if isinstance(cause, WriterDied):
             return cause
@@ -174,8 +173,6 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path, strict: boo
 def stamp(meta: dict[str, Any]) -> dict[str, Any]:
     """``meta`` with the megatron-core version that wrote the checkpoint (0.16 cannot read what
     0.17+ writes: :func:`megatron_opd.integrity.check_readable` says so by name)."""
-    from megatron_opd import compat
-
     return {**meta, "megatron_core": compat.megatron_core_version()}
 
 
@@ -261,8 +258,6 @@ def save_training_checkpoint(
 
 def weights_are_finite(chunks: list[torch.nn.Module]) -> bool:
     """True when every rank's weights are finite (every rank must call it)."""
-    from megatron_opd import compat
-
     bad = torch.zeros(1, device=compat.default_device())
     for c in chunks:
         for p in unwrap(c).parameters():

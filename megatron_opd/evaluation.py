@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_opd import compat, data, grading
 from megatron_opd.checkpointing import write_text_atomic
+from megatron_opd.distributed import is_rank0
 from megatron_opd.generation import generate
 
 
@@ -233,8 +234,6 @@ def write_outputs(
 
 
 def _progress(it, enabled: bool, name: str, cfg: EvalConfig):
-    from megatron_opd.distributed import is_rank0
-
     if not (enabled and is_rank0()):
         return it
     from tqdm import tqdm

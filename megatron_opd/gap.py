@@ -34,9 +34,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opd import opd
+from megatron_opd import checkpointing, compat, convert, opd
 from megatron_opd.divergences import vocab_parallel_divergences
 from megatron_opd.entropy import vocab_parallel_entropy
+from megatron_opd.evaluation import _dp_info, rank_jobs, sample_jobs
 from megatron_opd.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
 
 # per-response sums, in this order, in every record (``tokens`` is the count they are over),
@@ -65,8 +66,6 @@ def _to_every_stage(sums: Optional[torch.Tensor], rows: int, width: int) -> torc
 
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return sums
-    from megatron_opd import compat
-
     out = sums if sums is not None else torch.zeros(rows, width, dtype=torch.float64)
     out = out.to(compat.default_device()).contiguous()
     dist.broadcast(
@@ -314,8 +313,6 @@ def evaluate_gap(
     (from ``sampler``, the student's rollout copy, when given). ``power_alphas``: the alphas of
     the power divergences to report.
     """
-    from megatron_opd.evaluation import _dp_info, rank_jobs, sample_jobs
-
     dp_rank, dp_size, dp_group = _dp_info()
     reuse = None
     if records is not None:
@@ -406,8 +403,6 @@ class TrainingGapWatch:
 
 
 def _load_eval_teacher(path: str, student_path: str) -> list[torch.nn.Module]:
-    from megatron_opd import checkpointing, convert
-
     directory = checkpointing.resolve_checkpoint(path)
     student_arch, _ = convert.read_checkpoint(checkpointing.resolve_checkpoint(student_path))
     chunks, arch = convert.load_checkpoint_model(directory)

@@ -16,7 +16,9 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from megatron_opd import compat
 from megatron_opd.cli import UserError
+from megatron_opd.compat import versions
 
 MANIFEST_FILE = "manifest.json"
 # a Megatron dist checkpoint cannot load without these (and common.pt, where the writing
@@ -87,8 +89,6 @@ def verify(
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{flag}: {where}: {MANIFEST_FILE} is corrupt") from None
     if recorded is None:
-        from megatron_opd.compat import versions
-
         required = (
             REQUIRED if versions.reads_common_state_from_distcp() else REQUIRED + (COMMON_FILE,)
         )
@@ -122,8 +122,6 @@ def check_readable(directory: str | Path, flag: str) -> None:
     """Refuse, before any model is built, a checkpoint this Megatron-Core cannot read: one written
     by megatron-core 0.17+ (common state inside the ``.distcp`` files, no ``common.pt``) read by
     0.16. The other way round works: 0.19 reads 0.16's checkpoints."""
-    from megatron_opd import compat
-
     directory = Path(directory)
     if (directory / COMMON_FILE).exists() or compat.versions.reads_common_state_from_distcp():
         return

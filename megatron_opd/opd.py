@@ -19,8 +19,15 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opd import models
-from megatron_opd.loss import build_loss_mask, opd_loss_func, step_log_ratio_moments
+from megatron_opd import compat, models
+from megatron_opd.batching import padding_counts, scatter_rows, token_budget_groups
+from megatron_opd.checkpointing import unwrap
+from megatron_opd.loss import (
+    build_loss_mask,
+    opd_loss_func,
+    reduce_reports,
+    step_log_ratio_moments,
+)
 from megatron_opd.rewards import RewardConfig
 from megatron_opd.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
 
@@ -152,8 +159,6 @@ def micro_batches(
 
 
 def _token_budget_micro_batches(batch, max_tokens, mask_terminal_stop, device):
-    from megatron_opd.batching import token_budget_groups
-
     lengths = batch.prompt_lengths + batch.response_lengths
     out = []
     for rows in token_budget_groups(lengths, max_tokens):
@@ -179,8 +184,6 @@ def _token_budget_micro_batches(batch, max_tokens, mask_terminal_stop, device):
 
 def padding_fraction(batch: RolloutBatch, items: list[MicroBatch]) -> tuple[int, int]:
     """(pad positions, all positions) in the inputs of ``items``, this rank's share of the step."""
-    from megatron_opd.batching import padding_counts
-
     lengths = batch.prompt_lengths + batch.response_lengths
     shapes = [tuple(mb.tokens.shape) for mb in items]
     return padding_counts(lengths, [s for _, s in shapes], [b for b, _ in shapes])
@@ -191,8 +194,6 @@ def dump_in_rollout_order(dump: list, items: list[MicroBatch], batch: RolloutBat
     width (the padded path's layout); other dumps unchanged."""
     if not dump or items[0].rows is None:
         return dump
-    from megatron_opd.batching import scatter_rows
-
     width = batch.tokens.shape[1] - 1
     return scatter_rows(dump, [mb.rows for mb in items], batch.tokens.shape[0], width)
 
@@ -212,7 +213,6 @@ def split_like_items(full: torch.Tensor, items: list[MicroBatch]) -> list[torch.
 
 
 def models_device() -> torch.device:
-    from megatron_opd import compat
 
     return compat.default_device()
 
@@ -220,7 +220,6 @@ def models_device() -> torch.device:
 def _run_forward(model: torch.nn.Module, tokens: torch.Tensor, first: int = 0) -> torch.Tensor:
     """The model's output for ``tokens`` [b, s]; on the last stage logits ``[b, s - first, v/tp]``
     of positions ``first..s-1``: the output layer sees only those positions' hidden states."""
-    from megatron_opd.checkpointing import unwrap
 
     b, s = tokens.shape
     inputs = (
@@ -380,8 +379,6 @@ def train_step(
     (and ``kl`` for full_vocab_kl), recomputed beside the loss for inspection.
     """
     from megatron.core import parallel_state
-
-    from megatron_opd.loss import reduce_reports
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     dp_group = parallel_state.get_data_parallel_group()

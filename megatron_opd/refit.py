@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opd import models
+from megatron_opd import models, teacher
 from megatron_opd.checkpointing import unwrap
 from megatron_opd.distributed import ModelGrid, build_model_grid
 from megatron_opd.generation import Generation, generate
@@ -250,8 +250,6 @@ def check_layout(args, arch: models.ArchConfig, world_size: int) -> Optional[tup
     """The rollout layout ``(TP, PP)`` the flags ask for, ``None`` for the training layout
     (given or not: no copy is made); a ValueError naming the flag when ``arch`` cannot run
     at it."""
-    from megatron_opd import teacher
-
     tp, pp = args.rollout_tensor_model_parallel_size, args.rollout_pipeline_model_parallel_size
     if args.rollout_ranks:  # the copy on rollout ranks of its own (megatron_opd.remote)
         tp, pp = tp or 1, pp or 1

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_opd import checkpointing, integrity
+from megatron_opd import checkpointing, data, integrity
 from megatron_opd.cli import UserError
 from megatron_opd.distributed import env_rank_and_world
 
@@ -120,8 +120,6 @@ def check_run_inputs(
 
 def load_prompt_problems(args: argparse.Namespace):
     """``--prompt-data`` read, with errors naming the flag."""
-    from megatron_opd import data
-
     try:
         problems = data.load_prompt_source(args.prompt_data, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:

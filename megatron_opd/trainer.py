@@ -10,10 +10,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_opd import arguments, checkpointing, cli, compat, data, gap, opd, resume, rollouts
+from megatron_opd import (
+    arguments,
+    checkpointing,
+    cli,
+    compat,
+    data,
+    evaluation,
+    gap,
+    opd,
+    resume,
+    rollouts,
+)
 from megatron_opd.arguments import reward_config
 from megatron_opd.distributed import print_rank0
 from megatron_opd.metrics_logger import MetricsLogger
+from megatron_opd.teacher import per_teacher_metrics
+from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR
 
 
 class NonFiniteError(cli.RunStopped):
@@ -78,8 +91,6 @@ class Trainer:
         self.rollout_cfg = arguments.rollout_config(args)
         self.eval_benchmarks = None
         if args.eval_interval:
-            from megatron_opd import evaluation
-
             self.eval_benchmarks = evaluation.load_benchmarks(args.eval_data, args.eval_limit)
         self.gap_watch = gap.TrainingGapWatch(teacher, args)
         # what a resume must agree with; the prompt digest hashes every prompt, so once per run
@@ -156,8 +167,6 @@ class Trainer:
         metrics = self._metrics(batch, result, times, padding)
         metrics.update(self.rollouts.step_metrics(t3 - t0))  # rollout ranks: lag, busy, idle
         if several and dump:  # the last pipeline stage holds the per-token values
-            from megatron_opd.teacher import per_teacher_metrics
-
             metrics.update(
                 per_teacher_metrics(
                     dump, self.step_routes, self.teacher.names, self.reward_cfg, self.dp_group
@@ -247,8 +256,6 @@ class Trainer:
         tokenizer = self.tokenizer
 
         def add_tokenizer(tmp: Path) -> None:
-            from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR
-
             tokenizer.save(tmp / CHECKPOINT_TOKENIZER_DIR)
 
         checkpointing.save_training_checkpoint(
@@ -264,8 +271,6 @@ class Trainer:
         self.saved_iteration = self.iteration
 
     def evaluate(self) -> dict[str, float]:
-        from megatron_opd import evaluation
-
         args = self.args
         cfg = evaluation.EvalConfig(
             samples=args.eval_samples,
