@@ -37,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--distributed-timeout-minutes", type=int, default=30)
 
     g = p.add_argument_group("training")
@@ -233,10 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher checkpoint of the held-out gap (default: --opd-teacher-load's)",
     )
     return p
-
-
-def _dest(parser: argparse.ArgumentParser) -> dict[str, str]:
-    return {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -445,7 +440,6 @@ RANGES = {
     "--tensor-model-parallel-size": cli.at_least(1),
     "--pipeline-model-parallel-size": cli.at_least(1),
     "--num-layers-per-virtual-pipeline-stage": cli.at_least(1),
-    "--make-vocab-size-divisible-by": cli.at_least(1),
     "--distributed-timeout-minutes": cli.at_least(1),
     "--micro-batch-size": cli.at_least(1),
     "--global-batch-size": cli.at_least(1),

@@ -41,6 +41,14 @@ from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR, load_tokenizer
 
 META_FORMAT = "megatron_opd.checkpoint/1"
 DEFAULT_VOCAB_DIVISOR = 128
+
+
+def vocab_divisor(meta: dict[str, Any]) -> int:
+    """The ``--make-vocab-size-divisible-by`` a checkpoint was converted with (its padded
+    vocabulary is that times TP): fixed at conversion, recorded in ``megatron_opd.json``."""
+    return int(meta.get("make_vocab_size_divisible_by", DEFAULT_VOCAB_DIVISOR))
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -601,7 +609,7 @@ def load_checkpoint_model(
         expert_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         **config_overrides,
     )
-    divisor = meta.get("make_vocab_size_divisible_by", DEFAULT_VOCAB_DIVISOR)
+    divisor = vocab_divisor(meta)
     chunks = models.build_model(arch, config, divisor)
     try:
         checkpointing.load_model(chunks, directory, strict=False)

@@ -18,8 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_opd import arguments, checkpointing, data, distributed, models, outputs, resume
-from megatron_opd.tokenizer import load_tokenizer
+from megatron_opd import (
+    arguments,
+    checkpointing,
+    convert,
+    data,
+    distributed,
+    models,
+    outputs,
+    refit,
+    remote,
+    resume,
+    rollouts,
+    teacher,
+)
+from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR, load_tokenizer
+from megatron_opd.trainer import Trainer
 
 
 @dataclass
@@ -60,8 +74,6 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
     """Validate the flags, the checkpoints' metadata, layouts, tokenizer and prompts.
 
     Raises ``ValueError`` (or ``FileNotFoundError``) with one line naming the flag or file."""
-    from megatron_opd import convert
-
     arguments.validate_args(args, world_size)
     resume.prepare_save_dir(args)
     outputs.check_run_outputs(args)
@@ -86,8 +98,6 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
             f"--load {student_dir}: a mixture-of-experts student trains at "
             f"--tensor-model-parallel-size 1 only (got {tp}); an MoE teacher may use any TP"
         )
-    from megatron_opd import refit
-
     train_world = arguments.validate_rollout_ranks(args, world_size)
     refit.check_layout(args, s_arch, world_size)
     teachers = check_teachers(args, train_world, s_arch, s_meta)
@@ -133,8 +143,6 @@ def check_teachers(
     args: argparse.Namespace, world_size: int, s_arch: models.ArchConfig, s_meta: dict
 ) -> list[TeacherInput]:
     """Every ``--opd-teacher-load`` with its layout, checked against the student's."""
-    from megatron_opd import convert, teacher
-
     paths = arguments.teacher_loads(args)
     layouts = arguments.teacher_layouts(args)
     student_layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, 1)
@@ -173,7 +181,7 @@ def check_teachers(
             )
         padded = [
             models.padded_vocab_size(
-                arch.vocab_size, meta.get("make_vocab_size_divisible_by", 128), student_layout[0]
+                arch.vocab_size, convert.vocab_divisor(meta), student_layout[0]
             )
             for arch, meta in ((out[0].arch, out[0].meta), (s_arch, s_meta))
         ]
@@ -211,8 +219,6 @@ def check_routing(prompts: data.PromptSet, teachers: list[TeacherInput], source:
 
 def check_teacher_tokenizers(teachers: list[TeacherInput], tokenizer, prompts) -> None:
     """A teacher that ships a tokenizer must tokenize like the student's (ids, stop tokens)."""
-    from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR
-
     probe = "\n".join(p.problem for p in prompts.problems[:4]) + " 0123 ?!"
     want = (tokenizer.vocab_size, sorted(tokenizer.stop_token_ids), tokenizer.encode(probe))
     for t in teachers:
@@ -282,7 +288,7 @@ def build_student(args: argparse.Namespace, inputs: Inputs):
         perform_initialization=False,
         **recompute,
     )
-    divisor = inputs.student_meta.get("make_vocab_size_divisible_by", 128)
+    divisor = convert.vocab_divisor(inputs.student_meta)
     chunks = models.build_model(inputs.student_arch, config, divisor)
     if inputs.resume_root is None:
         checkpointing.load_model(chunks, inputs.student_dir, strict=False)
@@ -331,8 +337,6 @@ def build_teacher(args: argparse.Namespace, inputs: Inputs):
     student's grid (Megatron's global groups); otherwise each teacher on its own groups."""
     import torch
 
-    from megatron_opd import convert, teacher
-
     dtype = torch.bfloat16 if args.opd_teacher_bf16 else None
     if inputs.own_teacher_layout:
         return teacher.build_teachers(
@@ -360,15 +364,12 @@ def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None, poo
     rank's pool from :func:`initialize` (needed with ``--rollout-ranks``)."""
     from megatron.core import parallel_state
 
-    from megatron_opd import refit, remote, rollouts
-    from megatron_opd.trainer import Trainer
-
     if inputs is None:
         inputs = check_inputs(args, distributed.env_rank_and_world()[2])
     if not parallel_state.model_parallel_is_initialized():
         pool = initialize(args)
     student, optimizer, scheduler = build_student(args, inputs)
-    teacher = build_teacher(args, inputs)
+    teachers = build_teacher(args, inputs)
     dp_rank = parallel_state.get_data_parallel_rank()
     source = None
     if args.rollout_ranks:
@@ -382,9 +383,9 @@ def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None, poo
     else:
         layout = refit.check_layout(args, inputs.student_arch, distributed.env_rank_and_world()[2])
         if layout is not None:
-            divisor = inputs.student_meta.get("make_vocab_size_divisible_by", 128)
+            divisor = convert.vocab_divisor(inputs.student_meta)
             copy = refit.RolloutModel(
                 student, inputs.student_arch, divisor, *layout, args.distributed_timeout_minutes
             )
             source = rollouts.Copy(student, copy)
-    return Trainer(args, inputs, student, optimizer, scheduler, teacher, source)
+    return Trainer(args, inputs, student, optimizer, scheduler, teachers, source)

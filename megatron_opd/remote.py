@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opd import arguments, data, engines, refit
+from megatron_opd import arguments, convert, data, engines, refit
 from megatron_opd.generation import Generation, generate
 from megatron_opd.pools import STOPPED, Pool
 from megatron_opd.rollouts import InPlace, step_seed
@@ -228,7 +228,7 @@ def _serve(args, inputs, pool: Pool) -> bool:
     tp = args.rollout_tensor_model_parallel_size or 1
     pp = args.rollout_pipeline_model_parallel_size or 1
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    divisor = inputs.student_meta.get("make_vocab_size_divisible_by", 128)
+    divisor = convert.vocab_divisor(inputs.student_meta)
     chunk = refit.build_copy(inputs.student_arch, tp, pp, dtype, divisor)
     targets = refit.copy_targets(chunk)
     gated = bool(chunk.config.gated_linear_unit)

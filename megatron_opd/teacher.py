@@ -125,7 +125,7 @@ def load_on_grid(
         perform_initialization=False,
         expert_parallel_size=grid.ep_size,
     )
-    divisor = meta.get("make_vocab_size_divisible_by", convert.DEFAULT_VOCAB_DIVISOR)
+    divisor = convert.vocab_divisor(meta)
     (chunk,) = models.build_model(arch, config, divisor, pg_collection=grid.pg_collection())
     sharded = {"model": chunk.sharded_state_dict(metadata={"dp_cp_group": grid.dp})}
     try:
