@@ -320,6 +320,25 @@ def test_opd_step_with_the_experts_on_their_own_grid_equals_the_students_grid(mo
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
 
 
+@pytest.mark.slow
+def test_an_moe_student_trains_the_same_at_pp1_and_pp2(moe, tmp_path):
+    """The student MoE too (TP1, EP1; the dense model as its teacher): 2 steps on one rank equal
+    2 steps at PP2 (the MoE layers' gradients through Megatron's DDP and optimizer)."""
+    flags = [
+        "--load", str(moe.teacher), "--opd-teacher-load", str(moe.student), *SHORT_RUN,
+        "--prompt-data", "builtin:32", "--train-iters", "2",
+    ]  # fmt: skip
+    one, two = tmp_path / "pp1.jsonl", tmp_path / "pp2.jsonl"
+    torchrun(1, [*flags, "--metrics-file", str(one)])
+    torchrun(2, [*flags, "--pipeline-model-parallel-size", "2", "--metrics-file", str(two)])
+    a, b = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    assert a[0]["loss"] != a[1]["loss"]
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "reward/mean", "reward/log_ratio_mean"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+
+
 def _one_line(excinfo) -> str:
     message = str(excinfo.value)
     assert "\n" not in message, message
