@@ -355,11 +355,16 @@ class TrainingGapWatch:
     """The trainer's side: the held-out gap at every ``--eval-interval`` (teacher: the run's own,
     or ``--eval-teacher``) and the two warnings, held-out KL and the steps' sampled gap."""
 
-    def __init__(self, teacher, args) -> None:
+    def __init__(self, teacher, micro_batch_size: int, power_alpha: float,
+                 eval_teacher: Optional[list[torch.nn.Module]] = None) -> None:  # fmt: skip
         """``teacher``: the run's :class:`megatron_opd.teacher.TeacherSet` (its gap teacher: the
-        only teacher when it sits on the student's grid) or ``None``."""
-        self.args = args
+        only teacher when it sits on the student's grid) or ``None``; ``eval_teacher``: the
+        chunks of ``--eval-teacher`` (:func:`load_eval_teacher`), which take its place.
+        ``power_alpha``: the power divergence reported beside the KL (the run's ``--opd-alpha``)."""
+        self.micro_batch_size, self.power_alpha = micro_batch_size, power_alpha
         self.teacher = None if teacher is None else teacher.chunks_on_student_grid
+        if eval_teacher is not None:
+            self.teacher = eval_teacher
         last = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
         # evaluations reuse one sampling seed, so they are far less noisy than single steps
         self.held_out = GapWatch(
@@ -376,33 +381,36 @@ class TrainingGapWatch:
             hint=HINT,
             enabled=last,
         )
-        if args.eval_interval and args.eval_gap and args.eval_teacher:
-            self.teacher = _load_eval_teacher(args.eval_teacher, args.load)
 
     def step(self, iteration: int, metrics: dict[str, float]) -> None:
         log_ratio = metrics.get("reward/log_ratio_mean")  # only the last pipeline stage has it
         if log_ratio is not None:
             self.sampled.update(-log_ratio, iteration)
 
-    def evaluate(self, trainer, cfg, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    def evaluate(
+        self, student, sampler, tokenizer, benchmarks, cfg, vocab_size: int, iteration: int,
+        records: Sequence[dict[str, Any]],
+    ) -> dict[str, float]:  # fmt: skip
+        """The held-out gap after ``iteration`` steps of ``student``, on what ``sampler``
+        sampled for the scores (``records``, reused when the sampling settings allow)."""
         reusable = samples_are_reusable(cfg.temperature, cfg.top_p)
         summaries, _ = evaluate_gap(
-            trainer.student,
+            student,
             self.teacher,
-            trainer.tokenizer,
-            trainer.eval_benchmarks,
+            tokenizer,
+            benchmarks,
             cfg,
-            trainer.vocab_size,
+            vocab_size,
             records=records if reusable else None,
-            micro_batch_size=self.args.micro_batch_size,
-            sampler=trainer.rollouts.eval_sampler(trainer.iteration),
-            power_alphas=(self.args.opd_alpha,),
+            micro_batch_size=self.micro_batch_size,
+            sampler=sampler,
+            power_alphas=(self.power_alpha,),
         )
-        self.held_out.update(summaries["mean"]["kl_per_token"], trainer.iteration)
+        self.held_out.update(summaries["mean"]["kl_per_token"], iteration)
         return metrics(summaries)
 
 
-def _load_eval_teacher(path: str, student_path: str) -> list[torch.nn.Module]:
+def load_eval_teacher(path: str, student_path: str) -> list[torch.nn.Module]:
     directory = checkpointing.resolve_checkpoint(path)
     student_arch, _ = convert.read_checkpoint(checkpointing.resolve_checkpoint(student_path))
     chunks, arch = convert.load_checkpoint_model(directory)

@@ -92,7 +92,12 @@ class Trainer:
         self.eval_benchmarks = None
         if args.eval_interval:
             self.eval_benchmarks = evaluation.load_benchmarks(args.eval_data, args.eval_limit)
-        self.gap_watch = gap.TrainingGapWatch(teacher, args)
+        eval_teacher = None
+        if args.eval_interval and args.eval_gap and args.eval_teacher:
+            eval_teacher = gap.load_eval_teacher(args.eval_teacher, args.load)
+        self.gap_watch = gap.TrainingGapWatch(
+            teacher, args.micro_batch_size, args.opd_alpha, eval_teacher
+        )
         # what a resume must agree with; the prompt digest hashes every prompt, so once per run
         self.run_identity = resume.run_identity(args, self.prompts)
 
@@ -292,7 +297,18 @@ class Trainer:
         )
         out = evaluation.metrics(scores, cfg.samples)
         if args.eval_gap:
-            out.update(self.gap_watch.evaluate(self, cfg, records))
+            out.update(
+                self.gap_watch.evaluate(
+                    self.student,
+                    sampler,
+                    self.tokenizer,
+                    self.eval_benchmarks,
+                    cfg,
+                    self.vocab_size,
+                    self.iteration,
+                    records,
+                )  # fmt: skip
+            )
         return out
 
     def _install_signal_handler(self) -> None:

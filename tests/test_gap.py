@@ -368,15 +368,12 @@ def test_training_report_has_the_students_entropy_on_the_loss_tokens():
 def test_trainer_watch_warns_on_the_measured_drifting_run(capsys):
     """The trainer's held-out watch on the numbers of a real drifting run (docs/demo.md, PowerOPD
     seed 2): it warns at the third rise; the full-vocab KL run's falling gap never warns."""
-    from types import SimpleNamespace
-
-    args = SimpleNamespace(eval_interval=None, eval_gap=True, eval_teacher=None)
-    drifting = gap.TrainingGapWatch(None, args)
+    drifting = gap.TrainingGapWatch(None, micro_batch_size=1, power_alpha=1.0)
     series = zip((0, 4, 8, 12), (1.671, 1.732, 1.735, 1.761), strict=True)
     fired = [drifting.held_out.update(v, s) for s, v in series]
     assert fired == [False, False, False, True]
     assert "iteration 12" in capsys.readouterr().err
-    closing = gap.TrainingGapWatch(None, args)
+    closing = gap.TrainingGapWatch(None, micro_batch_size=1, power_alpha=1.0)
     assert not any(
         closing.held_out.update(v, s) for s, v in enumerate((1.667, 1.570, 1.525, 1.508))
     )
