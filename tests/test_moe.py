@@ -339,6 +339,42 @@ def test_an_moe_student_trains_the_same_at_pp1_and_pp2(moe, tmp_path):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
 
 
+def _evaluate(nproc: int, flags: list[str]) -> None:
+    import subprocess
+    import sys
+
+    from megatron_opd.distributed import standalone_env
+    from megatron_opd.testing import free_port
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", str(script), *flags]  # fmt: skip
+    env = dict(standalone_env(), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_evaluate_takes_an_moe_model_at_tp1_and_tp2(moe, tmp_path):
+    """scripts/evaluate.py with the MoE model to evaluate and the dense one as the gap's teacher:
+    at TP2 (the experts split over TP, their tokens all-gathered into Megatron's global buffer
+    after the engine generated under inference mode: compat.moe) the same completions and gap
+    as at TP1."""
+    flags = [
+        "--load", str(moe.teacher), "--teacher", str(moe.student), "--data", "builtin:4",
+        "--samples", "2", "--max-new-tokens", "8", "--no-progress",
+    ]  # fmt: skip
+    _evaluate(1, [*flags, "--output", str(tmp_path / "tp1")])
+    _evaluate(2, [*flags, "--output", str(tmp_path / "tp2"), "--tensor-model-parallel-size", "2"])
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("tp1", "tp2"))
+    assert a["gap"]["mean"]["responses"] == 8
+    for key, value in a["gap"]["mean"].items():
+        assert b["gap"]["mean"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    rows = [(tmp_path / d / "gap.jsonl").read_text().splitlines() for d in ("tp1", "tp2")]
+    ids = [[json.loads(line)["response_ids"] for line in r] for r in rows]
+    assert ids[0] == ids[1]
+
+
 def _one_line(excinfo) -> str:
     message = str(excinfo.value)
     assert "\n" not in message, message

@@ -12,6 +12,13 @@
   (``with torch.cuda.stream(...)``). On the CPU there is no device and every op has finished when
   it returns -> a stream stand-in and a no-op ``torch.cuda.stream`` context (CPU only). This
   project's models use the ``allgather`` dispatcher, which needs neither.
+* ``utils.GlobalMemoryBuffer.get_tensor``: the ``allgather`` dispatcher gathers its tokens over
+  TP x EP into Megatron's global buffer (``use_global_buffer=True``). A buffer first allocated
+  while the static engine generates (under ``torch.inference_mode``) is an inference tensor, and
+  the next gather into it outside inference mode (the held-out gap's forward pass after the
+  rollouts, at TP or EP > 1) raises "Inplace update to inference tensor outside InferenceMode".
+  -> outside inference mode, a buffer that is an inference tensor is dropped and allocated anew
+  (all platforms; a plain buffer is reused as before).
 """
 
 from __future__ import annotations
@@ -35,7 +42,29 @@ def _bridge_cuda_streams() -> None:
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
 
 
+def _bridge_inference_buffers() -> None:
+    import functools
+
+    import torch
+    from megatron.core import utils
+
+    original = utils.GlobalMemoryBuffer.get_tensor
+    if getattr(original, "_megatron_opd_moe", False):
+        return
+
+    @functools.wraps(original)
+    def get_tensor(self, tensor_shape, dtype, name, *args, **kwargs):
+        held = self.buffer.get((name, dtype))
+        if held is not None and held.is_inference() and not torch.is_inference_mode_enabled():
+            del self.buffer[(name, dtype)]
+        return original(self, tensor_shape, dtype, name, *args, **kwargs)
+
+    get_tensor._megatron_opd_moe = True
+    utils.GlobalMemoryBuffer.get_tensor = get_tensor
+
+
 def apply(cpu: bool) -> None:
     _bridge_missing_te_gemm()
+    _bridge_inference_buffers()
     if cpu:
         _bridge_cuda_streams()
