@@ -160,7 +160,7 @@ def run(main: Callable[[], Any], prog: str) -> NoReturn:
     checkpoint helpers die with this process (``compat.die_with_parent``)."""
     from megatron_opd import failures
 
-    failures.start_watching()  # another rank's failure ends this one, quietly
+    failures.start_watching(prog)  # another rank's failure ends this one, quietly
     try:
         try:
             main()

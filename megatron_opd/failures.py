@@ -87,18 +87,17 @@ class Board:
                 return claim
             if stop is not None and stop.is_set():
                 return None
-            time.sleep(POLL_S)
+            _pause(POLL_S)
 
     def leave(self) -> None:
         self.store.add(_GONE, 1)
 
     def wait_for_the_others(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
+        deadline, cut = time.monotonic() + seconds, False
         while self.store.add(_GONE, 0) < self.world_size - 1 and time.monotonic() < deadline:
-            if _sigterm.is_set():
-                deadline = min(deadline, time.monotonic() + AFTER_SIGTERM_S)
-                _sigterm.clear()
-            time.sleep(POLL_S)
+            if _sigterm.is_set() and not cut:
+                deadline, cut = min(deadline, time.monotonic() + AFTER_SIGTERM_S), True
+            _pause(POLL_S)
 
 
 def _parse(value) -> tuple[int, int, str]:
@@ -110,10 +109,27 @@ _board: Optional[Board] = None
 _agent_tried = False
 _job_store = None  # the launcher's store when the ranks are split into pools (megatron_opd.pools)
 _board_lock = threading.Lock()
-_handling = threading.Event()  # set while the main thread reports its own failure
-_sigterm = threading.Event()  # SIGTERM arrived while reporting: stop waiting for others
+_handling = threading.Event()  # set once a thread of this rank reports its failure
+_handling_lock = threading.Lock()
+_sigterm = threading.Event()  # SIGTERM arrived (whoever handles it): no long waits for others
 _keep_dir: Optional[str] = None  # --save: where the failing ranks keep their errors
 _handler_pid: Optional[int] = None  # the process that installed the SIGTERM handler
+_wakeup: Optional[int] = None  # read end of the fd Python's C signal handler writes to
+_prog = "megatron_opd"  # the script's name, for a report the watcher makes
+MAIN_THREAD_GRACE_S = 2.0  # after SIGTERM: how long the main thread has to start reporting
+JOB_STOPPED = (
+    "another rank of the job failed or was killed, or the job was cancelled: this rank got "
+    "SIGTERM and stopped without saving (--exit-signal-handler saves first)"
+)
+
+
+def _take_report() -> bool:
+    """This thread reports this rank's failure (False: another thread of the rank does)."""
+    with _handling_lock:
+        if _handling.is_set():
+            return False
+        _handling.set()
+        return True
 
 
 def _env_rank_and_world() -> tuple[int, int]:
@@ -196,9 +212,13 @@ def _exit_quietly(b: Board, code: int) -> None:
 
 
 def _watch() -> None:
-    b = None
+    b, termed_at = None, None
     while True:
-        time.sleep(POLL_S)
+        _pause(POLL_S)
+        if _sigterm.is_set() and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            termed_at = termed_at or time.monotonic()
+        if termed_at is not None and time.monotonic() - termed_at > MAIN_THREAD_GRACE_S:
+            _report_stop_for_the_main_thread()
         try:
             b = b or board()
             if b is None:
@@ -210,17 +230,78 @@ def _watch() -> None:
             _exit_quietly(b, claim[1])
 
 
-def start_watching() -> None:
+def _pause(seconds: float) -> None:
+    """Sleep up to ``seconds``, and set :data:`_sigterm` if SIGTERM came meanwhile, whichever
+    Python handler has it (``--exit-signal-handler``'s too): Python's C-level handler writes each
+    signal's number to the wakeup fd at once, wherever the main thread is."""
+    if _wakeup is None:
+        time.sleep(seconds)
+        return
+    import select
+
+    try:
+        if select.select([_wakeup], [], [], seconds)[0] and signal.SIGTERM in os.read(_wakeup, 512):
+            _sigterm.set()
+    except (OSError, ValueError):  # the fd closed under us (a fork's child forgot it)
+        time.sleep(seconds)
+
+
+def _report_stop_for_the_main_thread() -> None:
+    """SIGTERM came, and the main thread did not start reporting: it is inside a call that does
+    not return (a collective, or a store wait, on a rank that is gone), where Python cannot run
+    the handler. The watcher reports the stop in its place, and ends the process."""
+    from megatron_opd import cli
+
+    if not _take_report():
+        return
+    _sigterm.set()
+    error, code = cli.JobStopped(JOB_STOPPED), cli.RUN_ERROR_EXIT
+    b = board()
+    try:
+        if b is None:
+            raise RuntimeError("no store shared with the other ranks")
+        code = _settle(b, error, code, _prog)
+    except RuntimeError:
+        print(" ".join(f"{_prog}: error: {error}".split()), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def start_watching(prog: str = _prog) -> None:
     """In a job of several ranks: end this rank, quietly and with the claimed code, once another
     rank claims the job's report (a daemon thread polling the store every :data:`POLL_S`), and
     turn SIGTERM into :class:`cli.JobStopped` (``cli.run`` calls this first; the trainer's
-    ``--exit-signal-handler`` replaces the handler once the run starts)."""
-    global _handler_pid
-    if _env_rank_and_world()[1] > 1:
-        threading.Thread(target=_watch, name="megatron_opd-failures", daemon=True).start()
-        if threading.current_thread() is threading.main_thread():
-            _handler_pid = os.getpid()
-            signal.signal(signal.SIGTERM, _on_sigterm)
+    ``--exit-signal-handler`` replaces the handler once the run starts). Where the main thread
+    cannot take the signal (blocked in C++), the watcher reports the stop itself."""
+    global _handler_pid, _prog, _wakeup
+    _prog = prog
+    if _env_rank_and_world()[1] <= 1:
+        return
+    if threading.current_thread() is threading.main_thread():
+        _handler_pid = os.getpid()
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        if signal.set_wakeup_fd(write, warn_on_full_buffer=False) == -1:
+            _wakeup = read
+            # a forked helper (a checkpoint writer) must not write its signals into this pipe:
+            # multiprocessing ends its workers with SIGTERM
+            os.register_at_fork(after_in_child=_forget_wakeup)
+        else:  # someone else's fd: leave it theirs
+            signal.set_wakeup_fd(-1)
+            os.close(read)
+            os.close(write)
+    threading.Thread(target=_watch, name="megatron_opd-failures", daemon=True).start()
+
+
+def _forget_wakeup() -> None:
+    global _wakeup
+    _wakeup = None
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # not the main thread
+        pass
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -233,10 +314,7 @@ def _on_sigterm(signum, frame) -> None:
     _sigterm.set()  # torchrun is stopping the job: no rank waits long for another
     if _handling.is_set():  # reporting already: end the waits, never the line
         return
-    raise cli.JobStopped(
-        "another rank of the job failed or was killed, or the job was cancelled: this rank got "
-        "SIGTERM and stopped without saving (--exit-signal-handler saves first)"
-    )
+    raise cli.JobStopped(JOB_STOPPED)
 
 
 def keep_in(directory: Optional[str]) -> None:
@@ -327,7 +405,9 @@ def report(error: BaseException, code: Optional[int], prog: str) -> int:
     """Settle ``error`` with the other ranks and return the exit code; at most one line (or one
     traceback) for the whole job is printed. ``code``: the handled error's exit code, None for
     anything else. Needs a :func:`board`."""
-    _handling.set()
+    if not _take_report():  # the watcher reports a SIGTERM the main thread could not take
+        while True:
+            time.sleep(1)
     b = board()
     assert b is not None, "report() needs the job's board"
     try:

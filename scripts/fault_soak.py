@@ -8,10 +8,11 @@ Faults, drawn from ``--seed`` (the same seed gives the same schedule): kill -9 o
 kill -9 of a random rank's checkpoint writer process, during a save (where Megatron-Core writes
 from threads there is no such process, and the rank itself is killed during its save; the table
 says which); SIGTERM of the job (torchrun forwards it; ``--exit-signal-handler`` saves and exits).
-Each fires once the launch has logged a drawn number of steps (0-2), after a drawn fraction of a
-step (0-1; the step's seconds measured in the straight run, so a fast machine does not finish the
-run before the fault). The drawn step count is cut where it would leave the later faults no step
-to land in.
+Each fires once the launch has logged a drawn number of steps (0-2, and at least one: a fault
+that lands while the ranks are still starting tests nothing of a run), after a drawn fraction of
+a step (0-1; the step's seconds measured in the straight run, so a fast machine does not finish
+the run before the fault). The drawn step count is cut where it would leave the later faults no
+step to land in.
 
 Checks, printed as a table; exit code 1 on any failure:
 
@@ -20,8 +21,13 @@ Checks, printed as a table; exit code 1 on any failure:
 - the metrics file holds each step 1..N exactly once, each row equal to the straight run's
   (timings and memory aside);
 - no rank prints a traceback; no process of a launch outlives it (found by an environment
-  marker, then killed); no temporary (``*.tmp``, ``*.old``, ``.write_test.*``) is left at the end;
-- every launch ends within ``--hang-after`` seconds (printed; a launch past it is a hang).
+  marker 30 s after the launch, then killed, and again for every launch after the last one); no
+  temporary (``*.tmp``, ``*.old``, ``.write_test.*``) is left at the end;
+- every launch ends within ``--hang-after`` seconds (printed; a launch past it is a hang);
+- every faulted launch ends as documented (:func:`expected_codes`): SIGTERM saves and every rank
+  exits 0 with the exit-signal line; kill -9 of a rank leaves the other exiting 4 with one line;
+  a killed writer process ends both ranks with 4; a fault counts only if it landed after the
+  launch had logged a step.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import functools
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +93,10 @@ class Launch:
     rank_lines: list[str] = field(default_factory=list)
     hung: bool = False
     step_times: list[float] = field(default_factory=list)  # when each step was seen logged
+    mark: str = ""  # the environment marker of the launch's processes
+    steps_at_fault: int = -1  # steps the launch had logged when its fault fired
+    codes: dict = field(default_factory=dict)  # rank -> exit code (torchrun's summary; 0 unlisted)
+    rank_out: str = ""  # every rank's stdout
 
     def step_s(self) -> float:
         """The median seconds between logged steps (1.0 if fewer than two were seen)."""
@@ -195,7 +206,7 @@ def launch(
     mark = f"MEGATRON_OPD_SOAK_{uuid.uuid4().hex}"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **{mark: "1"})
-    result = Launch(number, fault, start_iteration=latest(save))
+    result = Launch(number, fault, start_iteration=latest(save), mark=mark)
     console = (work / "logs" / f"launch{number:03d}.console").open("w")
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -216,6 +227,7 @@ def launch(
                 armed_at = now
             if armed_at is not None and now - armed_at >= delay_s:
                 fired, note = fire(fault, proc, save, writer_misses, saving)
+                result.steps_at_fault = steps
                 if note == "not yet":
                     fired = False
                     now_saving = bool(list(save.glob("iter_*.tmp")))
@@ -246,8 +258,30 @@ def launch(
         text = _read(err).decode(errors="replace")
         result.tracebacks += text.count("Traceback") + text.count("Stack (most recent")
         result.rank_lines += [line for line in text.splitlines() if line.strip()]
+    for out in logs.glob("*/attempt_0/*/stdout.log"):
+        result.rank_out += _read(out).decode(errors="replace")
+    console_text = _read(work / "logs" / f"launch{number:03d}.console").decode(errors="replace")
+    result.codes = {r: 0 for r in range(2)}
+    result.codes.update({int(r): int(c) for r, c in _FAILURE.findall(console_text)})
     result.end_iteration = latest(save)
     return result
+
+
+_FAILURE = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+
+
+def expected_codes(r: Launch) -> dict[int, int] | None:
+    """Every rank's exit code a faulted launch must end with (None: no fault fired)."""
+    from megatron_opd import cli
+
+    if r.fault is None or not r.outcome or r.outcome.startswith("not fired"):
+        return None
+    if r.fault.kind == "sigterm":  # --exit-signal-handler: saved, and a clean exit
+        return {0: 0, 1: 0}
+    if "kill -9 writer" in r.outcome:  # the dead writer's rank fails its save, the other echoes
+        return {0: cli.RUN_ERROR_EXIT, 1: cli.RUN_ERROR_EXIT}
+    # a rank killed: the survivor (torchrun's SIGTERM, or the lost peer) is one line and exit 4
+    return {r.fault.rank: -signal.SIGKILL, 1 - r.fault.rank: cli.RUN_ERROR_EXIT}
 
 
 def fire(fault: Fault, proc: subprocess.Popen, save: Path, writer_misses: int, saving: bool):
@@ -350,7 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args,
         {"--faults": cli.at_least(0), "--steps": cli.at_least(1), "--hang-after": cli.above(0)},
     )
-    if args.steps < 2 * args.faults + 2:
+    if args.steps < 2 * args.faults + 2:  # see main(): each fault needs two steps
         raise cli.UserError(
             f"--steps {args.steps} is too few for --faults {args.faults}: a fault may fire up to "
             f"2 steps into a launch; give --steps >= {2 * args.faults + 2}"
@@ -390,9 +424,10 @@ def main(argv=None) -> int:
     while True:
         fault = plan[number - 1] if number <= len(plan) else None
         after, delay = 0, 0.0
-        if fault is not None:  # leave a step to land in for this fault and each later one
-            room = args.steps - latest(soak_save) - (len(plan) - number + 1)
-            after, delay = max(0, min(fault.after_steps, room)), fault.delay_steps * step_s
+        if fault is not None:  # two steps for this fault and each later one: one logged, one to
+            # land in (a launch logs at least one step before its fault fires)
+            room = args.steps - latest(soak_save) - 2 * (len(plan) - number + 1) + 1
+            after, delay = max(1, min(fault.after_steps, room)), fault.delay_steps * step_s
         result = launch(number, flags, work, soak_save, fault, args.hang_after, after, delay)
         launches.append(result)
         print(row(result), flush=True)
@@ -406,21 +441,30 @@ def main(argv=None) -> int:
 
 
 HEADER = (
-    f"{'launch':>6}  {'fault':<44} {'what was done':<44} {'exit':>5} {'iters':>9} {'s':>6} "
-    f"{'orph':>4} {'tb':>3}"
+    f"{'launch':>6}  {'fault':<44} {'what was done':<44} {'exit (ranks)':>12} {'iters':>9} "
+    f"{'s':>6} {'orph':>4} {'tb':>3}"
 )
 
 
 def row(r: Launch) -> str:
     fault = str(r.fault) if r.fault else "-"
     iters = f"{r.start_iteration}->{r.end_iteration}"
-    code = "HANG" if r.hung else str(r.returncode)
-    return (f"{r.number:>6}  {fault:<44.44} {r.outcome:<44.44} {code:>5} {iters:>9} "
+    ranks = ",".join(str(r.codes.get(rank, "?")) for rank in range(2))
+    code = "HANG" if r.hung else f"{r.returncode} ({ranks})"
+    return (f"{r.number:>6}  {fault:<44.44} {r.outcome:<44.44} {code:>12} {iters:>9} "
             f"{r.seconds:>6.1f} {r.orphans:>4} {r.tracebacks:>3}")  # fmt: skip
 
 
 def report(args, straight, launches, straight_save, soak_save, straight_metrics, soak_metrics):
     problems = []
+    time.sleep(5)  # after the last launch: does anything of any launch still run?
+    late = {r.number: marked(r.mark) for r in [straight, *launches]}
+    for pids in late.values():
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
     print("\n" + HEADER)
     for r in [straight, *launches]:
         print(row(r))
@@ -428,13 +472,27 @@ def report(args, straight, launches, straight_save, soak_save, straight_metrics,
             problems.append(f"launch {r.number} hung (> {args.hang_after:.0f} s)")
         if r.orphans:
             problems.append(f"launch {r.number} left {r.orphans} processes")
+        if late[r.number]:
+            problems.append(f"launch {r.number}: {len(late[r.number])} processes after the last")
+        if r.fault is not None and 0 <= r.steps_at_fault < 1:
+            problems.append(f"launch {r.number}: the fault landed before a step was logged")
+        want = expected_codes(r)
+        if want is not None and r.codes != want:
+            problems.append(f"launch {r.number}: ranks exited {r.codes}, expected {want}")
+        if r.fault is not None and r.fault.kind == "sigterm" and want is not None:
+            if "exit signal: saved iteration" not in r.rank_out:  # (torchrun itself exits 1)
+                problems.append(f"launch {r.number}: SIGTERM did not save (exit {r.returncode})")
         if r.tracebacks:
             problems.append(f"launch {r.number}: a rank printed a traceback")
         if len(r.rank_lines) > 1:
             problems.append(f"launch {r.number}: {len(r.rank_lines)} lines on the ranks' stderr")
     if straight.returncode != 0:
         problems.append(f"the straight run exited {straight.returncode}")
-    fired = sum(1 for r in launches if r.fault is not None and not r.outcome.startswith("not"))
+    fired = sum(
+        1
+        for r in launches
+        if r.fault is not None and not r.outcome.startswith("not") and r.steps_at_fault >= 1
+    )
     if fired < args.faults:
         problems.append(f"{fired} of {args.faults} faults fired")
     last = launches[-1]
@@ -463,7 +521,8 @@ def report(args, straight, launches, straight_save, soak_save, straight_metrics,
         f"\nfaults fired {fired}/{args.faults}; launches {len(launches)}; final checkpoint: "
         f"{tensors} tensors and the common state compared bit for bit; metrics rows {len(rows_b)} "
         f"(steps 1..{args.steps} once each: {steps == list(range(1, args.steps + 1))}); "
-        f"orphans {sum(r.orphans for r in launches)}; temporaries {len(left)}; "
+        f"orphans {sum(r.orphans for r in launches)} (after the last launch "
+        f"{sum(len(p) for p in late.values())}); temporaries {len(left)}; "
         f"hangs {sum(r.hung for r in launches)}"
     )
     for p in problems:
