@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from megatron_opd import (
     arguments,
     checkpointing,
@@ -262,7 +264,6 @@ def initialize(args: argparse.Namespace):
 
 def build_student(args: argparse.Namespace, inputs: Inputs):
     """The student's chunks wrapped in Megatron DDP, its optimizer and LR scheduler."""
-    import torch
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -335,8 +336,6 @@ def build_teacher(args: argparse.Namespace, inputs: Inputs):
     """Every teacher frozen, in eval mode, no optimizer state; bf16 with ``--opd-teacher-bf16``:
     a :class:`megatron_opd.teacher.TeacherSet`. One teacher on the student's layout sits on the
     student's grid (Megatron's global groups); otherwise each teacher on its own groups."""
-    import torch
-
     dtype = torch.bfloat16 if args.opd_teacher_bf16 else None
     if inputs.own_teacher_layout:
         return teacher.build_teachers(
@@ -353,6 +352,24 @@ def build_teacher(args: argparse.Namespace, inputs: Inputs):
         c.eval()
         c.requires_grad_(False)
     return teacher.on_student_grid(chunks)
+
+
+def serve_config(args: argparse.Namespace, inputs: Inputs) -> remote.ServeConfig:
+    """What a rollout rank (``--rollout-ranks``) needs of the flags and the checkpoint."""
+    return remote.ServeConfig(
+        arch=inputs.student_arch,
+        vocab_divisor=convert.vocab_divisor(inputs.student_meta),
+        tp=args.rollout_tensor_model_parallel_size or 1,
+        pp=args.rollout_pipeline_model_parallel_size or 1,
+        dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        rollout=arguments.rollout_config(args),
+        seed=args.seed,
+        global_batch_size=args.global_batch_size,
+        samples_per_prompt=args.rollout_samples_per_prompt,
+        train_iters=args.train_iters,
+        lag=args.rollout_lag,
+        ignore_signal=args.exit_signal if args.exit_signal_handler else None,
+    )
 
 
 def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None, pool=None):

@@ -33,14 +33,19 @@ closing ``dist.barrier()``), while here each pool's default group is its own. Se
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_opd import arguments, convert, data, engines, refit
+from megatron_opd import data, engines, models, refit
 from megatron_opd.generation import Generation, generate
+from megatron_opd.opd import RolloutConfig
 from megatron_opd.pools import STOPPED, Pool
 from megatron_opd.rollouts import InPlace, step_seed
 
@@ -203,33 +208,44 @@ def _device(student) -> torch.device:
     return next(refit.unwrap(student[0]).parameters()).device
 
 
-def serve(args, inputs, pool: Pool) -> None:
+@dataclass
+class ServeConfig:
+    """What a rollout rank needs to know of the run (built from the flags by
+    :func:`megatron_opd.launch.serve_config`)."""
+
+    arch: models.ArchConfig  # the student's
+    vocab_divisor: int
+    tp: int  # the rollout copy's layout
+    pp: int
+    dtype: torch.dtype
+    rollout: RolloutConfig  # the trainer's, exactly: lag 0 equals the colocated run
+    seed: int
+    global_batch_size: int
+    samples_per_prompt: int
+    train_iters: int
+    lag: int
+    ignore_signal: Optional[str]  # the training pool's exit signal: it decides when to stop
+
+
+def serve(cfg: ServeConfig, prompts: data.PromptSet, tokenizer, pool: Pool) -> None:
     """The rollout pool's side: until the last batch is sent or the leader says stop (then the
     process ends at once: a transfer it abandoned would hold gloo's worker thread at exit)."""
-    if args.exit_signal_handler:
-        # the training pool decides when to stop: it saves first, and at lag 1 its checkpoint
-        # needs the batch in flight from this pool; its stop flag then ends this rank
-        import signal
-
-        signal.signal(getattr(signal, args.exit_signal), signal.SIG_IGN)
-    if not _serve(args, inputs, pool):
-        import os
-        import sys
-
+    if cfg.ignore_signal:
+        # the training pool saves first, and at lag 1 its checkpoint needs the batch in flight
+        # from this pool; its stop flag then ends this rank
+        signal.signal(getattr(signal, cfg.ignore_signal), signal.SIG_IGN)
+    if not _serve(cfg, prompts, tokenizer, pool):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
 
 
-def _serve(args, inputs, pool: Pool) -> bool:
+def _serve(cfg: ServeConfig, prompts: data.PromptSet, tokenizer, pool: Pool) -> bool:
     """False when stopped before the last batch."""
     from megatron.core import parallel_state as ps
 
-    tp = args.rollout_tensor_model_parallel_size or 1
-    pp = args.rollout_pipeline_model_parallel_size or 1
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    divisor = convert.vocab_divisor(inputs.student_meta)
-    chunk = refit.build_copy(inputs.student_arch, tp, pp, dtype, divisor)
+    tp = cfg.tp
+    chunk = refit.build_copy(cfg.arch, cfg.tp, cfg.pp, cfg.dtype, cfg.vocab_divisor)
     targets = refit.copy_targets(chunk)
     gated = bool(chunk.config.gated_linear_unit)
     tp_rank, replica, replicas = (
@@ -244,11 +260,11 @@ def _serve(args, inputs, pool: Pool) -> bool:
     hello = bridge.broadcast_object()
     if plan is STOPPED or hello is STOPPED:
         return False
-    stream = data.PromptStream(len(inputs.prompts), seed=args.seed)
+    stream = data.PromptStream(len(prompts), seed=cfg.seed)
     stream.load_state_dict(hello["stream"])
     n = hello["iteration"]
     if hello["in_flight"]:  # B_n is in the checkpoint: the next to sample is B_{n+1}
-        stream.take(args.global_batch_size // args.rollout_samples_per_prompt)
+        stream.take(cfg.global_batch_size // cfg.samples_per_prompt)
         n += 1
 
     version = None
@@ -269,25 +285,23 @@ def _serve(args, inputs, pool: Pool) -> bool:
 
     if not receive():
         return False
-    kwargs = arguments.rollout_config(args).sampling_kwargs()  # the trainer's, exactly
+    kwargs = cfg.rollout.sampling_kwargs()
     if pool.rank == 0:
         engine = engines.resolve(kwargs["engine"], [chunk])
         print(f"rollout ranks: {replicas} replica(s) sampling with the {engine} engine", flush=True)
     idle_since = time.perf_counter()
-    while n < args.train_iters:
-        while version < max(n - args.rollout_lag, 0):
+    while n < cfg.train_iters:
+        while version < max(n - cfg.lag, 0):
             if not receive():
                 return False
-        prompts = global_prompts(
-            inputs.prompts, stream, args.global_batch_size, args.rollout_samples_per_prompt
-        )
+        rows = global_prompts(prompts, stream, cfg.global_batch_size, cfg.samples_per_prompt)
         t0 = time.perf_counter()
-        bounds = [len(prompts) * r // replicas for r in range(replicas + 1)]
-        share = prompts[bounds[replica] : bounds[replica + 1]]
+        bounds = [len(rows) * r // replicas for r in range(replicas + 1)]
+        share = rows[bounds[replica] : bounds[replica + 1]]
         gens = []
         if share:
-            seed = step_seed(args.seed, n) + replica
-            gens = generate([chunk], inputs.tokenizer, share, seed=seed, **kwargs)
+            seed = step_seed(cfg.seed, n) + replica
+            gens = generate([chunk], tokenizer, share, seed=seed, **kwargs)
         every: list = [None] * dist.get_world_size()
         dist.all_gather_object(every, (replica, [(g.tokens, g.truncated) for g in gens]))
         by_replica = dict(every)

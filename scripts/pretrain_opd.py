@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from megatron_opd import cli  # noqa: E402
 
 cli.quiet()  # before Megatron is imported: its import-time warnings are filtered here
-from megatron_opd import arguments, distributed, failures, launch  # noqa: E402
+from megatron_opd import arguments, distributed, failures, launch, remote  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -69,9 +69,7 @@ def main(argv=None) -> None:
 
     pool = launch.initialize(args)
     if pool.is_rollout:  # --rollout-ranks: this rank only samples
-        from megatron_opd import remote
-
-        remote.serve(args, inputs, pool)
+        remote.serve(launch.serve_config(args, inputs), inputs.prompts, inputs.tokenizer, pool)
     else:
         launch.build_trainer(args, inputs, pool).run()
     distributed.teardown()  # on success only: a failure ends the process in cli.run
