@@ -280,7 +280,8 @@ def test_every_layout_matches_hf(moe, tmp_path):
             # log-probs of ~-8: 1e-6 relative is a few fp32 ulps (TP and EP reorder the sums)
             torch.testing.assert_close(lp, ref, rtol=1e-6, atol=1e-6)
         spread = max((lp - ref).abs().max().item() for lp, ref in zip(lps, reference, strict=True))
-        print(f"layout {layout}: log-prob spread to TP1/PP1/EP1 {spread:.2e}")
+        to_hf = max((lg.double() - moe.logits).abs().max().item() for lg in logits)
+        print(f"layout {layout}: logits to HF {to_hf:.2e}, log-prob spread to 1x1x1 {spread:.2e}")
     for rank, r in enumerate(per_rank):
         routes, scored = r["routed"]
         moe_rows, dense_rows = routes == 1, routes == 0
