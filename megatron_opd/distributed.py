@@ -160,10 +160,6 @@ class ModelGrid:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
-    @property
-    def ep_rank(self) -> int:
-        return self.dp_rank % self.ep_size
-
     def pg_collection(self):
         """Megatron-Core's ``ProcessGroupCollection`` of this grid, for GPTModel and the
         pipeline schedules."""
