@@ -62,8 +62,9 @@ class Board:
     """The job's failure report in a shared store: who claimed it, with which exit code, and the
     claim's time (it names the directory the failing ranks keep their errors in)."""
 
-    def __init__(self, store, rank: int, world_size: int):
+    def __init__(self, store, rank: int, world_size: int, hosts_store: bool = False):
         self.store, self.rank, self.world_size = store, rank, world_size
+        self.hosts_store = hosts_store  # the store lives in this process: it goes when we go
 
     def claim(self, code: int) -> tuple[int, int, str]:
         """(rank, code, stamp) of the job's report: ours if nobody claimed before."""
@@ -95,7 +96,9 @@ class Board:
     def wait_for_the_others(self, seconds: float) -> None:
         deadline, cut = time.monotonic() + seconds, False
         while self.store.add(_GONE, 0) < self.world_size - 1 and time.monotonic() < deadline:
-            if _sigterm.is_set() and not cut:
+            if _sigterm.is_set() and not cut:  # torchrun stops the job: the others go anyway
+                if not self.hosts_store:  # once the host has gone, a store call logs a C++
+                    return  # warning with its stack on stderr: no call after SIGTERM
                 deadline, cut = min(deadline, time.monotonic() + AFTER_SIGTERM_S), True
             _pause(POLL_S)
 
@@ -107,10 +110,12 @@ def _parse(value) -> tuple[int, int, str]:
 
 _board: Optional[Board] = None
 _agent_tried = False
+_on_agent_store = False  # the board is in torchrun's agent store (no rank hosts it)
+_printed = False  # this rank printed the job's report
 _job_store = None  # the launcher's store when the ranks are split into pools (megatron_opd.pools)
-_board_lock = threading.Lock()
+_board_lock = threading.RLock()  # re-entered by a SIGTERM handler that interrupts board()
 _handling = threading.Event()  # set once a thread of this rank reports its failure
-_handling_lock = threading.Lock()
+_handling_lock = threading.RLock()
 _sigterm = threading.Event()  # SIGTERM arrived (whoever handles it): no long waits for others
 _keep_dir: Optional[str] = None  # --save: where the failing ranks keep their errors
 _handler_pid: Optional[int] = None  # the process that installed the SIGTERM handler
@@ -141,7 +146,7 @@ def _env_rank_and_world() -> tuple[int, int]:
 def _shared_store():
     """torchrun's agent store (once: an unreachable agent is not tried again), else the default
     process group's store once it exists, else None."""
-    global _agent_tried
+    global _agent_tried, _on_agent_store
     import torch.distributed as dist
 
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True) and not _agent_tried:
@@ -156,15 +161,20 @@ def _shared_store():
                 is_master=False,
                 timeout=timedelta(seconds=30),
             )
+            _on_agent_store = True
             return dist.PrefixStore(f"megatron_opd/failures/attempt_{attempt}/", agent)
         except (RuntimeError, KeyError, ValueError):
             pass
     if _job_store is not None:  # each pool's default group has its own: the job's is shared
         return dist.PrefixStore("megatron_opd/failures/", _job_store)
+    # a default group that does not span the job's world is not the job's (a process group left
+    # by an earlier run in this process, as in-process tests do): settling on it would wait for
+    # ranks that never come
     if dist.is_available() and dist.is_initialized():
-        return dist.PrefixStore(
-            "megatron_opd/failures/", dist.distributed_c10d._get_default_store()
-        )
+        if dist.get_world_size() == _env_rank_and_world()[1]:
+            return dist.PrefixStore(
+                "megatron_opd/failures/", dist.distributed_c10d._get_default_store()
+            )
     return None
 
 
@@ -194,7 +204,7 @@ def board(may_import: bool = False) -> Optional[Board]:
         if _board is None and world > 1 and _imported("torch") and _imported("torch.distributed"):
             store = _shared_store()
             if store is not None:
-                _board = Board(store, rank, world)
+                _board = Board(store, rank, world, hosts_store=rank == 0 and not _on_agent_store)
         return _board
 
 
@@ -215,10 +225,12 @@ def _watch() -> None:
     b, termed_at = None, None
     while True:
         _pause(POLL_S)
+        if _handling.is_set():  # this rank reports: nothing left to watch (its waits read SIGTERM)
+            return
         if _sigterm.is_set() and signal.getsignal(signal.SIGTERM) is _on_sigterm:
             termed_at = termed_at or time.monotonic()
         if termed_at is not None and time.monotonic() - termed_at > MAIN_THREAD_GRACE_S:
-            _report_stop_for_the_main_thread()
+            _report_stop()  # the main thread is in a call that does not return
         try:
             b = b or board()
             if b is None:
@@ -246,10 +258,12 @@ def _pause(seconds: float) -> None:
         time.sleep(seconds)
 
 
-def _report_stop_for_the_main_thread() -> None:
-    """SIGTERM came, and the main thread did not start reporting: it is inside a call that does
-    not return (a collective, or a store wait, on a rank that is gone), where Python cannot run
-    the handler. The watcher reports the stop in its place, and ends the process."""
+def _report_stop() -> None:
+    """Report SIGTERM as :class:`cli.JobStopped` and end the process, unless a thread of this
+    rank reports already. From the handler (the main thread, between two bytecodes: no ``finally``
+    runs, none can block the way out), or from the watcher when the main thread is inside a call
+    that does not return (a collective or a store wait on a rank that is gone), where Python
+    cannot run the handler."""
     from megatron_opd import cli
 
     if not _take_report():
@@ -262,7 +276,8 @@ def _report_stop_for_the_main_thread() -> None:
             raise RuntimeError("no store shared with the other ranks")
         code = _settle(b, error, code, _prog)
     except RuntimeError:
-        print(" ".join(f"{_prog}: error: {error}".split()), file=sys.stderr, flush=True)
+        if not _printed:
+            print(" ".join(f"{_prog}: error: {error}".split()), file=sys.stderr, flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -305,7 +320,6 @@ def _forget_wakeup() -> None:
 
 
 def _on_sigterm(signum, frame) -> None:
-    from megatron_opd import cli
 
     if os.getpid() != _handler_pid:  # a forked helper (a checkpoint writer): die as before
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -314,7 +328,25 @@ def _on_sigterm(signum, frame) -> None:
     _sigterm.set()  # torchrun is stopping the job: no rank waits long for another
     if _handling.is_set():  # reporting already: end the waits, never the line
         return
-    raise cli.JobStopped(JOB_STOPPED)
+    _report_stop()
+
+
+def exit_after_stop() -> None:
+    """End a rank the job told to stop early (a rollout rank, by the training leader's stop
+    flag). A leader that stops because it failed sets the flag before it claims the job's report:
+    wait up to :data:`ECHO_WAIT_S` + 1 s for that claim and end quietly with its code (the rank
+    exited 0 before, while the job failed); no claim by then: the stop was planned, exit 0."""
+    b = board()
+    if b is not None:
+        try:
+            claim = b.wait_for_claim(ECHO_WAIT_S + 1.0)
+        except RuntimeError:  # the store went with its host: the job is over
+            claim = None
+        if claim is not None and claim[0] != b.rank:
+            _exit_quietly(b, claim[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def keep_in(directory: Optional[str]) -> None:
@@ -413,6 +445,8 @@ def report(error: BaseException, code: Optional[int], prog: str) -> int:
     try:
         return _settle(b, error, code, prog)
     except RuntimeError:  # the store went with its host rank (no torchrun agent): report alone
+        if _printed:
+            return 1 if code is None else code
         if code is None:
             traceback.print_exception(error)
         else:
@@ -465,6 +499,8 @@ def _print_report(
     error: BaseException, code: Optional[int], line: str, prog: str, where: Optional[str]
 ) -> None:
     """The job's report: ``line`` (a traceback for a bug), and where the others' errors are."""
+    global _printed
+    _printed = True
     if code is None:
         traceback.print_exception(error)
         if where is not None:
