@@ -33,9 +33,7 @@ closing ``dist.barrier()``), while here each pool's default group is its own. Se
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -235,9 +233,9 @@ def serve(cfg: ServeConfig, prompts: data.PromptSet, tokenizer, pool: Pool) -> N
         # from this pool; its stop flag then ends this rank
         signal.signal(getattr(signal, cfg.ignore_signal), signal.SIG_IGN)
     if not _serve(cfg, prompts, tokenizer, pool):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        from megatron_opd import failures
+
+        failures.exit_after_stop()  # 0, or the code of the failure that stopped the job
 
 
 def _serve(cfg: ServeConfig, prompts: data.PromptSet, tokenizer, pool: Pool) -> bool:
