@@ -76,6 +76,7 @@ def test_gpu_check_small_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHONPATH")}
     env.update(PYTHON=sys.executable, OUT_DIR=str(tmp_path), GPU_CHECK_SMALL="1")
     env["GPU_CHECK_SITE"] = str(tmp_path / "site")  # where carried wheels for this Python would go
+    env["GPU_CHECK_MOE_TIMEOUT_S"] = "600"  # toy shapes on a shared CPU: no cut here
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
         capture_output=True,
@@ -89,6 +90,7 @@ def test_gpu_check_small_on_cpu(tmp_path):
     assert result["failed"] == [] and result["mode"] == "small shapes"
     assert (tmp_path / "gpu_check.log").read_text().count("| section | quantity |") == 1
     assert "| c | power: step |" in (tmp_path / "gpu_check.txt").read_text()
+    assert (tmp_path / "gpu_check_moe.json").exists()  # the MoE section ran after the table
     rows = {(r["section"], r["quantity"]): r["value"] for r in result["rows"]}
     assert all(math.isfinite(v) for v in rows.values()), rows
 
