@@ -250,7 +250,8 @@ def _unshare_works() -> bool:
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -rm (user namespaces)")
 def test_full_disk_at_pp2(pair, tmp_path):
     """The second save of a PP2 run does not fit (a 2.5 MB tmpfs, 1.6 MB a checkpoint): one line
-    from one rank, exit 4 on both, the first checkpoint stays latest, no temporary left."""
+    from one rank, exit 4 on both, the first checkpoint stays latest, no temporary left; when both
+    ranks' writes fail, the other rank's error is kept under failures/ and the line says so."""
     save, logs = tmp_path / "small", tmp_path / "logs"
     save.mkdir()
     flags = _flags(pair, "--pipeline-model-parallel-size", "2", "--train-iters", "2",
@@ -265,10 +266,15 @@ def test_full_disk_at_pp2(pair, tmp_path):
     )
     ns = start(["unshare", "-rm", "sh", "-c", script])
     job = finish(ns, logs, 2)
-    job.assert_one_line(cli.RUN_ERROR_EXIT, f"no space left on device writing {save}/iter_0000002")
-    assert listing.read_text().split() == [
+    line = job.assert_one_line(
+        cli.RUN_ERROR_EXIT, f"no space left on device writing {save}/iter_0000002"
+    )
+    listed = listing.read_text().split()
+    assert [name for name in listed if name != "failures"] == [
         "iter_0000001", "latest_checkpointed_iteration.txt", "1",
     ]  # fmt: skip
+    # both ranks' writes may fail: the second error is kept under failures/, and the line says so
+    assert ("failures" in listed) == (f"every failing rank's error is in {save}/failures/" in line)
 
 
 @pytest.mark.slow
