@@ -238,7 +238,9 @@ def _watch() -> None:
             claim = b.claimed()
         except Exception:  # noqa: BLE001 - the store went away: nothing left to watch
             return
-        if claim is not None and claim[0] != b.rank and not _handling.is_set():
+        # the main thread may start reporting its own failure at this moment: whoever takes the
+        # report first ends the rank (a file half-written as the watcher exits would be lost)
+        if claim is not None and claim[0] != b.rank and _take_report():
             _exit_quietly(b, claim[1])
 
 
@@ -372,7 +374,10 @@ def _kept(error: BaseException, code: Optional[int]) -> bool:
     shared = code in (cli.USER_ERROR_EXIT, cli.NON_FINITE_EXIT)
     if shared and not getattr(error, "rank_local", False):
         return False
-    return not (isinstance(error, cli.JobStopped) or is_echo(error))  # they say "not me"
+    if isinstance(error, cli.JobStopped):  # "not me": torchrun stops the job
+        return False
+    # a handled error (a full disk) is this rank's own, whatever collective error it chains
+    return code is not None or not is_echo(error)
 
 
 def _keep(stamp: str, rank: int, code: int, text: str) -> Optional[Path]:
@@ -437,7 +442,7 @@ def report(error: BaseException, code: Optional[int], prog: str) -> int:
     """Settle ``error`` with the other ranks and return the exit code; at most one line (or one
     traceback) for the whole job is printed. ``code``: the handled error's exit code, None for
     anything else. Needs a :func:`board`."""
-    if not _take_report():  # the watcher reports a SIGTERM the main thread could not take
+    if not _take_report():  # the watcher ends this rank (a claim seen, or a SIGTERM it took)
         while True:
             time.sleep(1)
     b = board()

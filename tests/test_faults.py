@@ -262,7 +262,8 @@ def test_full_disk_at_pp2(pair, tmp_path):
         f"mount -t tmpfs -o size=2500k tmpfs {save} && "
         + " ".join(f"'{c}'" for c in torchrun_cmd(2, flags, logs))
         + f"; rc=$?; ls -A {save} > {listing}; "
-        f"cat {save}/latest_checkpointed_iteration.txt >> {listing}; exit $rc"
+        f"cat {save}/latest_checkpointed_iteration.txt >> {listing}; "
+        f"cp -r {save}/failures {tmp_path}/kept 2>/dev/null; exit $rc"
     )
     ns = start(["unshare", "-rm", "sh", "-c", script])
     job = finish(ns, logs, 2)
@@ -274,7 +275,9 @@ def test_full_disk_at_pp2(pair, tmp_path):
         "iter_0000001", "latest_checkpointed_iteration.txt", "1",
     ]  # fmt: skip
     # both ranks' writes may fail: the second error is kept under failures/, and the line says so
-    assert ("failures" in listed) == (f"every failing rank's error is in {save}/failures/" in line)
+    kept = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "kept").rglob("*"))
+    named = f"every failing rank's error is in {save}/failures/" in line
+    assert ("failures" in listed) == named, (kept, line, job.err)
 
 
 @pytest.mark.slow
