@@ -83,11 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout", type=int, default=None, help="held-out problems M (256; quick 8)")
     p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="every method's learning rate (3e-4)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     p.add_argument("--quick", action="store_true", help="a miniature: the 2 baselines, tiny models")
     args = p.parse_args(argv)
     for flag, value, low in (("--seeds", args.seeds, 1), ("--heldout", args.heldout, 2),
-                             ("--jobs", args.jobs, 1), ("--steps", args.steps, 1)):  # fmt: skip
+                             ("--jobs", args.jobs, 1), ("--steps", args.steps, 1),
+                             ("--lr", args.lr, 1e-12)):  # fmt: skip
         if value is not None and value < low:
             p.error(f"{flag} must be >= {low}, got {value}")
     args.seeds = args.seeds or (2 if args.quick else 8)
@@ -105,6 +107,8 @@ def config(args) -> tuple[sweep.SweepConfig, tuple[str, ...]]:
         raise SystemExit(f"compare.py: error: --methods must include {', '.join(missing)}")
     if args.steps:
         cfg.steps = args.steps
+    if args.lr:
+        cfg.lr = args.lr
     cfg.seeds = tuple(range(1, args.seeds + 1))
     cfg.methods = methods
     cfg.model_args = list(cfg.model_args)
