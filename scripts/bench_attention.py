@@ -1,5 +1,6 @@
-"""Megatron-Core's local ``DotProductAttention`` against ``megatron_opd.attention.SDPAttention`` on
-the SmolLM2 pair, in one process, on the same weights and inputs.
+"""Megatron-Core's local ``DotProductAttention`` against
+``megatron_opd.models.attention.SDPAttention`` on the SmolLM2 pair, in one process, on the same
+weights and inputs.
 
     python scripts/bench_attention.py [--workdir DIR] [--student-layers 4] [--batch 8]
         [--seq-len 232] [--cache-len 256] [--new-tokens 48] [--repeats 3]
@@ -68,7 +69,7 @@ def use_attention(model: torch.nn.Module, kind: str) -> None:
     """Put ``kind`` ("megatron" or "sdpa") as the core attention of every layer of ``model``."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megatron_opd.attention import SDPAttention
+    from megatron_opd.models.attention import SDPAttention
 
     cls = DotProductAttention if kind == "megatron" else SDPAttention
     for layer in model.decoder.layers:
@@ -114,7 +115,8 @@ def decode_setup(model, batch: int, cache_len: int, padded: bool):
     rewrites the same cache slot each call, so every call is the same step)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    from megatron_opd import compat, models
+    from megatron_opd import compat
+    from megatron_opd.models import gpt
 
     vocab = model.true_vocab_size
     g = torch.Generator().manual_seed(1)
@@ -125,11 +127,11 @@ def decode_setup(model, batch: int, cache_len: int, padded: bool):
     keys_masked = (
         torch.arange(sk)[None, :] < pads[:, None] if padded else torch.zeros(batch, sk, dtype=bool)
     )
-    prefill_mask = models.causal_mask(cache_len) | keys_masked[:, None, None, :cache_len]
+    prefill_mask = gpt.causal_mask(cache_len) | keys_masked[:, None, None, :cache_len]
     with torch.no_grad(), compat.inference.inference_mode():
         model(
             prompt,
-            models.position_ids(batch, cache_len),
+            gpt.position_ids(batch, cache_len),
             prefill_mask,
             inference_context=context,
             runtime_gather_output=True,
@@ -161,7 +163,7 @@ def attention_decode_inputs(model, batch: int, cache_len: int, padded: bool):
 
 
 def teacher_rows(directory: Path, inputs, repeats: int) -> list[tuple[str, dict]]:
-    from megatron_opd import convert
+    from megatron_opd.models import convert
 
     (teacher,), _ = convert.load_checkpoint_model(directory)
     teacher.eval()
@@ -177,7 +179,7 @@ def teacher_rows(directory: Path, inputs, repeats: int) -> list[tuple[str, dict]
 def student_rows(
     directory: Path, inputs, cache_len: int, new_tokens: int, repeats: int
 ) -> list[tuple[str, dict]]:
-    from megatron_opd import convert
+    from megatron_opd.models import convert
 
     (student,), _ = convert.load_checkpoint_model(directory)
     student.train()
@@ -214,13 +216,13 @@ def student_rows(
 
 def attention_rows(model, b: int, s: int, repeats: int) -> list[tuple[str, dict]]:
     """One attention module alone on a layer's prefill / training shapes, causal mask."""
-    from megatron_opd import models
+    from megatron_opd.models import gpt
 
     cfg = model.config
     g = torch.Generator().manual_seed(3)
     q = torch.randn(s, b, cfg.num_attention_heads, cfg.kv_channels, generator=g)
     k, v = torch.randn(2, s, b, cfg.num_query_groups, cfg.kv_channels, generator=g)
-    mask = models.causal_mask(s)
+    mask = gpt.causal_mask(s)
     attention = model.decoder.layers[HEAD_LAYER].self_attention
 
     def forward():
@@ -245,7 +247,9 @@ def generate_row(model, directory: Path, batch: int, new_tokens: int, repeats: i
     """The rollout engine (``generation.generate``, greedy, static KV cache) on ``batch`` built-in
     chat prompts of different lengths; ``diff``: 1 if any generated token differs between the two
     attentions, else 0."""
-    from megatron_opd import data, generation, tokenizer
+    from megatron_opd.models import tokenizer
+    from megatron_opd.rollout import generation
+    from megatron_opd.training import data
 
     tok = tokenizer.load_tokenizer(directory)
     prompts = [
@@ -271,14 +275,16 @@ def generate_row(model, directory: Path, batch: int, new_tokens: int, repeats: i
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from megatron_opd import compat, convert, distributed, models
+    from megatron_opd import compat
+    from megatron_opd.models import convert, gpt
+    from megatron_opd.runtime import distributed
 
     teacher_dir, student_dir = checkpoints(args.workdir, args.student_layers)
     distributed.initialize()
     b, s = args.batch, args.seq_len
     vocab = convert.read_checkpoint(teacher_dir)[0].vocab_size
     tokens = torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(0))
-    inputs = (tokens, models.position_ids(b, s), models.causal_mask(s))
+    inputs = (tokens, gpt.position_ids(b, s), gpt.causal_mask(s))
     try:
         rows = teacher_rows(teacher_dir, inputs, args.repeats)
         rows += student_rows(student_dir, inputs, args.cache_len, args.new_tokens, args.repeats)

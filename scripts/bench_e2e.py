@@ -157,7 +157,7 @@ def prepare(root: Path, layers: int) -> dict[str, Path]:
 
 def write_prompts(root: Path, spec: str, count: int, seed: int) -> Path:
     """The step's prompts as a {problem, answer} jsonl that every contender reads."""
-    from megatron_opd import data
+    from megatron_opd.training import data
 
     problems = data.load_prompt_source(spec, seed=seed)[:count]
     if len(problems) < count:
@@ -186,8 +186,9 @@ def reference(cfg: dict) -> dict:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from megatron_opd import compat, data
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd import compat
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.training import data
 
     device = compat.default_device()
     tokenizer = load_tokenizer(cfg["student"])
@@ -287,7 +288,9 @@ def bound(cfg: dict) -> dict:
     backward, each one batched pass over ``batch x sequence_len`` tokens at TP1."""
     import torch
 
-    from megatron_opd import compat, convert, distributed, models
+    from megatron_opd import compat
+    from megatron_opd.models import convert, gpt
+    from megatron_opd.runtime import distributed
 
     distributed.initialize()
     try:
@@ -303,7 +306,7 @@ def bound(cfg: dict) -> dict:
             chunks, arch = convert.load_checkpoint_model(directory)
             model = chunks[0].train(backward)
             tokens = torch.randint(0, arch.vocab_size, (b, s), generator=g).to(device)
-            inputs = (tokens, models.position_ids(b, s, device), models.causal_mask(s, device))
+            inputs = (tokens, gpt.position_ids(b, s, device), gpt.causal_mask(s, device))
             times = []
             for _ in range(4):
                 _sync()
@@ -336,7 +339,7 @@ def _part(name: str, cfg: dict, root: Path) -> dict:
 
 
 def project(paths, prompts: Path, args, nproc: int, layout: str, root: Path) -> dict:
-    from megatron_opd.testing import free_port
+    from megatron_opd.runtime.spawn import free_port
 
     metrics = root / f"project_{layout}.jsonl"
     metrics.unlink(missing_ok=True)
@@ -391,8 +394,8 @@ def main(argv=None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     paths = prepare(root, args.student_layers)
     prompts = write_prompts(root, args.prompt_data, args.batch, args.seed)
-    from megatron_opd import data
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.training import data
 
     tokenizer = load_tokenizer(paths["student"])
     prompt_ids = data.PromptSet.build(

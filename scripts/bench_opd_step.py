@@ -27,7 +27,7 @@ PHASES = ("time/rollout", "time/teacher", "time/train", "time/step")
 
 
 def build_checkpoints(root: Path, vocab: int) -> tuple[Path, Path]:
-    from megatron_opd.testing import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
+    from megatron_opd.models.tiny import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
 
     tok = root / "tokenizer"
     save_bpe_tokenizer(tok)

@@ -6,8 +6,8 @@ formulation, forward + backward time and peak extra memory.
 
 Contenders, all on the same logits (``[1024, 4, V/TP]``, Megatron's layout) and targets:
 
-* ``op``: :func:`megatron_opd.vocab_parallel.sampled_token_logprobs` forward + backward on the
-  student's shard, in-place gradient (as the loss uses it). ``op, own grad``: the same with a
+* ``op``: :func:`megatron_opd.reward.vocab_parallel.sampled_token_logprobs` forward + backward on
+  the student's shard, in-place gradient (as the loss uses it). ``op, own grad``: the same with a
   separately allocated gradient. ``OPD loss``: the whole reward computation, i.e. the op's forward
   on the teacher's shard, the op on the student's, the PowerOPD reward and the REINFORCE loss.
 * ``Megatron CE``: ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy`` (the same
@@ -15,7 +15,8 @@ Contenders, all on the same logits (``[1024, 4, V/TP]``, Megatron's layout) and 
 * ``reference``: the reference code's formulation on unsharded logits: two full fp32
   ``log_softmax`` (student with grad, teacher without), gather, PowerOPD reward, token-mean
   REINFORCE loss. TP1 only: it has no tensor parallelism.
-* ``full-vocab KL``: :func:`megatron_opd.vocab_parallel.full_vocab_reverse_kl` on both shards.
+* ``full-vocab KL``: :func:`megatron_opd.reward.vocab_parallel.full_vocab_reverse_kl` on both
+  shards.
 
 The sharded contenders run interleaved in the same processes (one per TP rank, gloo), repetition
 by repetition, so that a disturbance from elsewhere on the machine hits them alike. The reference
@@ -44,17 +45,34 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_opd import distributed  # noqa: E402
-from megatron_opd.distributed import ParallelConfig  # noqa: E402
-from megatron_opd.models import padded_vocab_size  # noqa: E402
-from megatron_opd.testing import logits_from_an_output_layer, run_distributed  # noqa: E402
-from megatron_opd.vocab_parallel import DEFAULT_CHUNK_SIZE  # noqa: E402
+from megatron_opd.models.gpt import padded_vocab_size  # noqa: E402
+from megatron_opd.reward.vocab_parallel import DEFAULT_CHUNK_SIZE  # noqa: E402
+from megatron_opd.runtime import distributed  # noqa: E402
+from megatron_opd.runtime.distributed import ParallelConfig  # noqa: E402
+from megatron_opd.runtime.spawn import run_distributed  # noqa: E402
 
 ALPHA = 1.0
 SEQ_PER_SAMPLE = 1024
 BASELINE = "Megatron CE"
 SHARDED = ["op", "op, own grad", "OPD loss", BASELINE, "full-vocab KL"]
 COLUMNS = ["op", "op, own grad", "OPD loss", BASELINE, "reference", "full-vocab KL"]
+
+
+def logits_from_an_output_layer(logits):
+    """``logits`` as if an output layer had just produced them: the same storage (no copy), not a
+    leaf, so an op's in-place gradient flows on instead of autograd cloning it into ``.grad``
+    (what the benchmarks of the reward op need to time it as training runs it)."""
+
+    class OutputLayer(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    return OutputLayer.apply(logits.detach().requires_grad_())
 
 
 def _status_kb(field: str) -> int:
@@ -89,8 +107,8 @@ def _rank(group_name: str, tp: int, dtype_name: str, tokens: int, vocab: int, re
     """One TP rank: returns {variant: (times per repetition, extra bytes per repetition)}."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_opd.rewards import power_reward
-    from megatron_opd.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
+    from megatron_opd.reward.rewards import power_reward
+    from megatron_opd.reward.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
 
     distributed.initialize(ParallelConfig(tp, 1), seed=0)
     dtype = getattr(torch, dtype_name)

@@ -40,7 +40,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_opd import distributed, engines, generation, models  # noqa: E402
+from megatron_opd.models import gpt  # noqa: E402
+from megatron_opd.rollout import engines, generation  # noqa: E402
+from megatron_opd.runtime import distributed  # noqa: E402
 
 
 def _bench_e2e():
@@ -51,8 +53,8 @@ def _bench_e2e():
     return module
 
 
-def student_arch(layers: int) -> models.ArchConfig:
-    return models.ArchConfig(
+def student_arch(layers: int) -> gpt.ArchConfig:
+    return gpt.ArchConfig(
         model_type="llama",
         vocab_size=49_152,
         hidden_size=576,
@@ -88,7 +90,7 @@ def main(argv=None) -> None:
     distributed.initialize()
     torch.manual_seed(0)
     arch = student_arch(args.layers)
-    chunks = models.build_model(arch, models.transformer_config(arch))
+    chunks = gpt.build_model(arch, gpt.transformer_config(arch))
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(60, 131, (args.batch,), generator=gen).tolist()
     prompts = [torch.randint(1, arch.vocab_size, (n,), generator=gen).tolist() for n in lengths]
@@ -121,7 +123,7 @@ def main(argv=None) -> None:
     with torch.no_grad():
         for _ in range(3):
             t0 = time.perf_counter()
-            chunks[0](tokens, models.position_ids(args.batch, seq), models.causal_mask(seq))
+            chunks[0](tokens, gpt.position_ids(args.batch, seq), gpt.causal_mask(seq))
             forward.append(time.perf_counter() - t0)
     bound = statistics.median(forward)
 

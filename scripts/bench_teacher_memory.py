@@ -5,7 +5,7 @@
 
 Builds a tiny student (2 layers, hidden 64) and a larger Qwen3 teacher (``--hidden``,
 ``--layers``, ffn 4 x hidden), then runs one OPD step at student TP1 x DP``nproc`` three times
-through the library (``megatron_opd.launch``, one process per rank): the teacher on the
+through the library (``megatron_opd.training.launch``, one process per rank): the teacher on the
 student's grid (every rank holds all of it), at TP ``nproc``, and at TP2 x PP(nproc/2). Each rank
 reports its process's peak resident set (VmHWM: the whole process from start to the end of the
 step, interpreter, libraries, checkpoint loading and both models included) and the bytes of the
@@ -32,7 +32,7 @@ def build_checkpoints(root: Path, hidden: int, layers: int, experts: int = 0) ->
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from megatron_opd.testing import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
+    from megatron_opd.models.tiny import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
 
     tok = root / "tokenizer"
     save_bpe_tokenizer(tok)
@@ -67,7 +67,7 @@ def build_checkpoints(root: Path, hidden: int, layers: int, experts: int = 0) ->
 
 def one_step(flags: list[str]) -> dict:
     """Build through the library, run one step; this rank's peak RSS and teacher bytes."""
-    from megatron_opd import arguments, launch
+    from megatron_opd.training import arguments, launch
 
     args = arguments.parse_args(flags)
     trainer = launch.build_trainer(args)
@@ -82,7 +82,7 @@ def one_step(flags: list[str]) -> dict:
 
 
 def main() -> None:
-    from megatron_opd.testing import run_distributed
+    from megatron_opd.runtime.spawn import run_distributed
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=768)

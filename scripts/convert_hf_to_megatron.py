@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from megatron_opd import cli  # noqa: E402
+from megatron_opd.runtime import cli  # noqa: E402
 
 cli.quiet()
 import torch  # noqa: E402
 
-from megatron_opd import convert  # noqa: E402
+from megatron_opd.models import convert  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -100,7 +100,7 @@ def default_nproc() -> int:
 
 def write_heldout(path: Path, n: int) -> Path:
     """``n`` built-in problems (another seed) whose text is not among the training prompts."""
-    from megatron_opd import data
+    from megatron_opd.training import data
 
     size = int(TRAIN_PROMPTS.split(":")[1])
     train = {p.problem for p in data.builtin_problems(size, seed=0, add_instruction=False)}
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
         )  # fmt: skip
     heldout = write_heldout(out / "heldout.jsonl", args.eval_problems)
 
-    from megatron_opd.plots import plot_gap, plot_run
+    from megatron_opd.evaluation.plots import plot_gap, plot_run
 
     print(settings_line(args), flush=True)
     runs = {}

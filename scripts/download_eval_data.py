@@ -3,9 +3,9 @@
     pip install datasets && python scripts/download_eval_data.py --out data/
 
 Writes ``{problem, answer}`` jsonl per benchmark (GSM8K keeps its ``{question, answer}`` form with
-the gold after ``#### ``) and DeepScaleR as a JSON list: the formats ``megatron_opd.data`` reads.
-Each file is read back through those readers before it is kept. Needs network access to the hub;
-this project's CI cannot run it.
+the gold after ``#### ``) and DeepScaleR as a JSON list: the formats ``megatron_opd.training.data``
+reads. Each file is read back through those readers before it is kept. Needs network access to the
+hub; this project's CI cannot run it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from megatron_opd.data import BOXED_INSTRUCTION, load_problems
+from megatron_opd.training.data import BOXED_INSTRUCTION, load_problems
 
 # name: (dataset, config, split, problem field, answer field)
 SOURCES = {

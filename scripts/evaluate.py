@@ -9,8 +9,8 @@
 layout. ``--hf-dir`` takes a Hugging Face directory instead (converted once, on rank 0, into
 ``<output>/megatron``). Writes ``results.json``, ``results.md`` and ``completions.jsonl``.
 
-``--teacher CKPT`` adds the distillation gap (``megatron_opd.gap``) on the same held-out prompts:
-for the student's own samples at temperature 1 (the Avg@k samples when ``--temperature 1``,
+``--teacher CKPT`` adds the distillation gap (``megatron_opd.evaluation.gap``) on the same held-out
+prompts: for the student's own samples at temperature 1 (the Avg@k samples when ``--temperature 1``,
 otherwise ``--samples`` fresh ones per problem), the exact per-token KL(pi_S || pi_T) over the full
 vocabulary, the exact total variation and the power divergence at each ``--gap-alpha`` (the Bregman
 divergence PowerOPD descends), the teacher's NLL per token, the mean sampled log-ratio, the
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from megatron_opd import cli  # noqa: E402
+from megatron_opd.runtime import cli  # noqa: E402
 
 cli.quiet()
 
@@ -89,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_teacher(args, student_ckpt: Optional[Path]) -> None:
     """One ValueError naming --teacher before any model is built."""
-    from megatron_opd import checkpointing, convert
+    from megatron_opd.models import convert
+    from megatron_opd.runtime import checkpointing
 
     if args.micro_batch_size < 1:
         raise ValueError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
@@ -108,12 +109,13 @@ def check_teacher(args, student_ckpt: Optional[Path]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from megatron_opd import checkpointing, distributed, evaluation, integrity, outputs
+    from megatron_opd.evaluation import accuracy
+    from megatron_opd.runtime import checkpointing, distributed, integrity, outputs
 
     outputs.check_output_dir("--output", args.output)
     outputs.check_output_file("--metrics-file", args.metrics_file)
     outputs.check_output_dir("--tensorboard-dir", args.tensorboard_dir)
-    from megatron_opd.evaluation import EvalConfig
+    from megatron_opd.evaluation.accuracy import EvalConfig
 
     cfg = EvalConfig(
         samples=args.samples,
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
         seed=args.seed,
     )
     cfg.validate()
-    benchmarks = evaluation.load_benchmarks(args.data, args.limit)  # bad files fail before models
+    benchmarks = accuracy.load_benchmarks(args.data, args.limit)  # bad files fail before models
     if args.load:  # a missing or damaged checkpoint fails before the process group starts
         rank, _, world = distributed.env_rank_and_world()
         integrity.verify(checkpointing.resolve_checkpoint(args.load), "--load", rank, world)
@@ -145,8 +147,8 @@ def main(argv=None) -> None:
         seed=args.seed,
     )
     try:
-        from megatron_opd import convert
-        from megatron_opd.tokenizer import load_tokenizer
+        from megatron_opd.models import convert
+        from megatron_opd.models.tokenizer import load_tokenizer
 
         if args.hf_dir:
             ckpt = Path(args.output) / "megatron"
@@ -164,13 +166,13 @@ def main(argv=None) -> None:
         for c in chunks:
             c.eval()
         tokenizer = load_tokenizer(ckpt)
-        scores, records = evaluation.evaluate(
+        scores, records = accuracy.evaluate(
             chunks, tokenizer, benchmarks, cfg, progress=not args.no_progress, keep_token_ids=True
         )
         extra = {"checkpoint": str(ckpt)}
         gap_records = None
         if args.teacher:
-            from megatron_opd import gap
+            from megatron_opd.evaluation import gap
 
             teacher_ckpt = checkpointing.resolve_checkpoint(args.teacher)
             teacher, _ = convert.load_checkpoint_model(teacher_ckpt)
@@ -189,19 +191,19 @@ def main(argv=None) -> None:
             extra.update(teacher=str(teacher_ckpt), gap=summaries)
         for r in records:
             r.pop("response_ids")
-        numbers = evaluation.metrics(scores, cfg.samples)
+        numbers = accuracy.metrics(scores, cfg.samples)
         if gap_records is not None:
             numbers.update(gap.metrics(extra["gap"]))
         _log(args, checkpointing.read_meta(ckpt).get("iteration", 0), numbers)
         if distributed.is_rank0():
-            evaluation.write_outputs(args.output, scores, records, cfg.samples, extra)
-            print(evaluation.markdown_table(scores, cfg.samples), flush=True)
+            accuracy.write_outputs(args.output, scores, records, cfg.samples, extra)
+            print(accuracy.markdown_table(scores, cfg.samples), flush=True)
             if gap_records is not None:
                 text = gap.markdown_table(extra["gap"])
                 out = Path(args.output)
-                evaluation.write_text_atomic(out / "gap.jsonl", _jsonl(gap_records))
+                accuracy.write_text_atomic(out / "gap.jsonl", _jsonl(gap_records))
                 md = out / "results.md"
-                evaluation.write_text_atomic(md, md.read_text() + "\n" + text)
+                accuracy.write_text_atomic(md, md.read_text() + "\n" + text)
                 print(text, flush=True)
     finally:
         distributed.teardown()
@@ -211,7 +213,7 @@ def _log(args, step: int, numbers: dict) -> None:
     """Tensorboard, wandb and the metrics file, at the checkpoint's training iteration."""
     if not (args.metrics_file or args.tensorboard_dir or args.wandb_project):
         return
-    from megatron_opd.metrics_logger import MetricsLogger
+    from megatron_opd.runtime.metrics_logger import MetricsLogger
 
     logger = MetricsLogger(
         tensorboard_dir=args.tensorboard_dir,

@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
-from megatron_opd.testing import marked, rank_pids, writer_pids  # noqa: E402
+from megatron_opd.runtime.procs import marked, rank_pids, writer_pids  # noqa: E402
 
 FAULT_KINDS = ("kill_rank", "kill_writer", "sigterm")
 LAYOUT_FLAGS = {
@@ -111,7 +111,7 @@ class Launch:
 def make_pair(root: Path) -> dict[str, Path]:
     """``root/student`` (2 layers) and ``root/teacher`` (4 layers): random tiny Qwen3s sharing a
     BPE tokenizer, converted by the project's converter (the test suite's pair)."""
-    from megatron_opd.testing import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
+    from megatron_opd.models.tiny import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
 
     out = {"student": root / "student", "teacher": root / "teacher"}
     if all((p / "metadata.json").exists() for p in out.values()):
@@ -140,7 +140,7 @@ def run_flags(pair: dict[str, Path], steps: int, layout: str, save: Path, metric
 
 
 def torchrun(flags: list[str], logs: Path) -> list[str]:
-    from megatron_opd.testing import free_port
+    from megatron_opd.runtime.spawn import free_port
 
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
@@ -272,7 +272,7 @@ _FAILURE = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:
 
 def expected_codes(r: Launch) -> dict[int, int] | None:
     """Every rank's exit code a faulted launch must end with (None: no fault fired)."""
-    from megatron_opd import cli
+    from megatron_opd.runtime import cli
 
     if r.fault is None or not r.outcome or r.outcome.startswith("not fired"):
         return None
@@ -366,7 +366,7 @@ def stable(row: dict) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from megatron_opd import cli
+    from megatron_opd.runtime import cli
 
     p = cli.ArgumentParser(prog="fault_soak.py", description=__doc__.split("\n")[0])
     p.add_argument("--faults", type=int, default=3, help="K faults")
@@ -394,7 +394,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_opd import outputs
+    from megatron_opd.runtime import outputs
 
     outputs.check_output_dir("--work", args.work)
     work = Path(args.work)

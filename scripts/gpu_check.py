@@ -10,7 +10,7 @@ status is 1 if any failed):
 
   env  torch / CUDA / GPU / megatron-core versions; transformer-engine, flash-attn and the dynamic
        inference engine skipped with the reason when absent.
-  (a)  numerics: a Qwen3-0.6B-shaped GPTModel on the layer spec ``models.layer_spec`` picks (the
+  (a)  numerics: a Qwen3-0.6B-shaped GPTModel on the layer spec ``gpt.layer_spec`` picks (the
        local spec with SDPA attention when transformer-engine is absent), bf16, forward and
        backward against an fp32 copy of the same weights: relative error of the logits and of
        four parameter gradients. Loss: the mean negative log-prob of random targets through
@@ -62,10 +62,12 @@ from typing import Any, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from megatron_opd import distributed, models  # noqa: E402
-from megatron_opd.testing import logits_from_an_output_layer  # noqa: E402
+from bench_reward_op import logits_from_an_output_layer  # noqa: E402
+
+from megatron_opd.models import gpt  # noqa: E402
+from megatron_opd.runtime import distributed  # noqa: E402
 
 GIB = 2**30
 DATASHEET_TBS = {"H200": 4.8, "H100": 3.35}  # HBM bandwidth by the vendors' datasheets, TB/s
@@ -76,7 +78,7 @@ PROMPT_DATA, MAX_PROMPT_LENGTH = "builtin:64", 256
 
 
 def qwen3(layers, hidden, heads, kv_heads, head_dim, intermediate, vocab=QWEN3_VOCAB):
-    return models.ArchConfig(
+    return gpt.ArchConfig(
         model_type="qwen3",
         vocab_size=vocab,
         hidden_size=hidden,
@@ -93,14 +95,14 @@ def qwen3(layers, hidden, heads, kv_heads, head_dim, intermediate, vocab=QWEN3_V
 
 @dataclass
 class Shapes:
-    numerics: models.ArchConfig
+    numerics: gpt.ArchConfig
     numerics_batch: tuple[int, int]  # (sequences, tokens each)
     op_tokens: tuple[int, int]  # (seq, batch): logits [seq, batch, vocab]
     op_vocab: int
     op_chunks: tuple[int, ...]  # tokens per chunk; the device's default is marked
     op_reps: int
-    student: models.ArchConfig
-    teacher: models.ArchConfig
+    student: gpt.ArchConfig
+    teacher: gpt.ArchConfig
     prompts: int
     new_tokens: int
     warmup_tokens: int
@@ -255,7 +257,7 @@ def section_env(ctx: Context) -> None:
             print(f"{name}: present")
         except Exception as e:  # ImportError, or a broken build raising anything else
             print(f"skip {name}: not importable ({type(e).__name__}: {str(e)[:100]})")
-    from megatron_opd import generation
+    from megatron_opd.rollout import generation
 
     reason = generation.dynamic_engine_unavailable()
     print(f"skip dynamic inference engine: {reason}" if reason else "dynamic engine: available")
@@ -273,22 +275,22 @@ def relative_errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def section_numerics(ctx: Context) -> None:
-    from megatron_opd.vocab_parallel import sampled_token_logprobs
+    from megatron_opd.reward.vocab_parallel import sampled_token_logprobs
 
     arch, (b, s) = ctx.shapes.numerics, ctx.shapes.numerics_batch
-    spec = models.layer_spec(arch).submodules.self_attention.submodules.core_attention
+    spec = gpt.layer_spec(arch).submodules.self_attention.submodules.core_attention
     print(
         f"(a) layer spec core attention: {spec.__name__}; {arch.num_hidden_layers} layers, "
         f"hidden {arch.hidden_size}, vocab {arch.vocab_size}; {b} x {s} tokens"
     )
     torch.manual_seed(0)
-    (ref,) = models.build_model(arch, models.transformer_config(arch, dtype=torch.float32))
-    (low,) = models.build_model(arch, models.transformer_config(arch, dtype=ctx.shapes.dtype))
+    (ref,) = gpt.build_model(arch, gpt.transformer_config(arch, dtype=torch.float32))
+    (low,) = gpt.build_model(arch, gpt.transformer_config(arch, dtype=ctx.shapes.dtype))
     low.load_state_dict(ref.state_dict())  # the same weights, rounded to bf16
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, arch.vocab_size, (b, s), generator=gen).to(ctx.device)
     targets = torch.randint(0, arch.vocab_size, (b, s), generator=gen).to(ctx.device)
-    inputs = (tokens, models.position_ids(b, s, ctx.device), models.causal_mask(s, ctx.device))
+    inputs = (tokens, gpt.position_ids(b, s, ctx.device), gpt.causal_mask(s, ctx.device))
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -341,7 +343,7 @@ def measure_copy(ctx: Context) -> float:
 
 
 def section_reward_op(ctx: Context) -> None:
-    from megatron_opd.vocab_parallel import (
+    from megatron_opd.reward.vocab_parallel import (
         default_chunk_size,
         full_vocab_reverse_kl,
         sampled_token_logprobs,
@@ -406,20 +408,20 @@ def section_reward_op(ctx: Context) -> None:
 # random models, the trainer's flags, tokenizer and prompts for (c) and (d)
 
 
-def random_checkpoint(ctx: Context, arch: models.ArchConfig, directory: Path) -> None:
+def random_checkpoint(ctx: Context, arch: gpt.ArchConfig, directory: Path) -> None:
     """A Megatron checkpoint of ``arch`` with Megatron's random initialization."""
-    from megatron_opd import checkpointing
+    from megatron_opd.runtime import checkpointing
 
     torch.manual_seed(3)
-    chunks = models.build_model(arch, models.transformer_config(arch, dtype=ctx.shapes.dtype))
+    chunks = gpt.build_model(arch, gpt.transformer_config(arch, dtype=ctx.shapes.dtype))
     checkpointing.save_model(chunks, directory)
     del chunks
 
 
-def random_teacher(ctx: Context, arch: models.ArchConfig) -> list[torch.nn.Module]:
+def random_teacher(ctx: Context, arch: gpt.ArchConfig) -> list[torch.nn.Module]:
     """Frozen and in eval mode, as ``launch.build_teacher`` leaves a loaded teacher."""
     torch.manual_seed(4)
-    chunks = models.build_model(arch, models.transformer_config(arch, dtype=ctx.shapes.dtype))
+    chunks = gpt.build_model(arch, gpt.transformer_config(arch, dtype=ctx.shapes.dtype))
     for c in chunks:
         c.eval()
         c.requires_grad_(False)
@@ -427,7 +429,7 @@ def random_teacher(ctx: Context, arch: models.ArchConfig) -> list[torch.nn.Modul
 
 
 def opd_args(ctx: Context, student_dir: Path, kind: str, new_tokens: int, engine: str = "auto"):
-    from megatron_opd import arguments
+    from megatron_opd.training import arguments
 
     sh = ctx.shapes
     flags = [
@@ -447,9 +449,9 @@ def opd_args(ctx: Context, student_dir: Path, kind: str, new_tokens: int, engine
 def rollout_inputs(ctx: Context):
     """The tokenizer (stop tokens ignored: every response has the full length) and prompts."""
     if ctx.prompts is None:
-        from megatron_opd import data
-        from megatron_opd.testing import save_bpe_tokenizer
-        from megatron_opd.tokenizer import load_tokenizer
+        from megatron_opd.models.tiny import save_bpe_tokenizer
+        from megatron_opd.models.tokenizer import load_tokenizer
+        from megatron_opd.training import data
 
         save_bpe_tokenizer(ctx.workdir / "tokenizer")
         tokenizer = load_tokenizer(ctx.workdir / "tokenizer")
@@ -478,13 +480,13 @@ def weight_bound(ctx: Context, rate: float, batch: int, prefix: str = "") -> Non
 
 
 def section_decode(ctx: Context) -> None:
-    from megatron_opd import engines, generation
-    from megatron_opd.engines.graph import GraphEngine
+    from megatron_opd.rollout import engines, generation
+    from megatron_opd.rollout.engines.graph import GraphEngine
 
     sh = ctx.shapes
     tokenizer, prompts = rollout_inputs(ctx)
     torch.manual_seed(6)
-    chunks = models.build_model(sh.student, models.transformer_config(sh.student, dtype=sh.dtype))
+    chunks = gpt.build_model(sh.student, gpt.transformer_config(sh.student, dtype=sh.dtype))
     ctx.weight_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     batch = prompts.token_ids[: sh.prompts]
     short, long = sh.decode_tokens
@@ -551,9 +553,10 @@ def section_decode(ctx: Context) -> None:
 
 
 def section_opd_step(ctx: Context) -> None:
-    from megatron_opd import engines, launch
-    from megatron_opd.teacher import on_student_grid
-    from megatron_opd.trainer import Trainer
+    from megatron_opd.rollout import engines
+    from megatron_opd.training import launch
+    from megatron_opd.training.teacher import on_student_grid
+    from megatron_opd.training.trainer import Trainer
 
     sh = ctx.shapes
     tokenizer, prompts = rollout_inputs(ctx)
@@ -622,7 +625,7 @@ def section_opd_step(ctx: Context) -> None:
         raise TimeoutError("; ".join(skipped) + f" of the budget (--budget {ctx.budget:.0f} s)")
 
 
-def kv_bytes(arch: models.ArchConfig, batch: int, positions: int, element: int = 2) -> int:
+def kv_bytes(arch: gpt.ArchConfig, batch: int, positions: int, element: int = 2) -> int:
     return (
         2
         * arch.num_hidden_layers

@@ -10,7 +10,7 @@ Qwen3-30B-A3B's shape: hidden 2048, 32 query heads / 4 query groups of 128, 128 
 768 with 8 per token (renormalised, ``norm_topk_prob``), vocabulary 151,936, untied embeddings;
 48 layers, of which ``--layers`` (default 2 and 4) are built, bf16, random weights (N(0, 0.02),
 norms 1; the router's rows N(0, 0.5) so tokens spread over the experts as in a trained model rather
-than all picking the same few). Megatron-Core's ``MoELayer`` as ``models.layer_spec`` picks it
+than all picking the same few). Megatron-Core's ``MoELayer`` as ``gpt.layer_spec`` picks it
 (transformer-engine's linears when TE imports; the ``allgather`` dispatcher, ``SequentialMLP``).
 
 Measured, for each depth: the teacher pass of the trainer (``opd.forward_only``: forward and the
@@ -43,14 +43,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_opd import compat, distributed, models  # noqa: E402
-from megatron_opd.opd import MicroBatch, forward_only  # noqa: E402
+from megatron_opd import compat  # noqa: E402
+from megatron_opd.models import gpt  # noqa: E402
+from megatron_opd.runtime import distributed  # noqa: E402
+from megatron_opd.training.opd import MicroBatch, forward_only  # noqa: E402
 
 GIB = 2**30
 FULL_LAYERS = 48  # Qwen3-30B-A3B
 
 
-def qwen3_moe(layers: int, small: bool) -> models.ArchConfig:
+def qwen3_moe(layers: int, small: bool) -> gpt.ArchConfig:
     if small:
         shape = dict(
             vocab_size=2048, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -61,7 +63,7 @@ def qwen3_moe(layers: int, small: bool) -> models.ArchConfig:
             vocab_size=151_936, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
             head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
         )  # fmt: skip
-    return models.ArchConfig(
+    return gpt.ArchConfig(
         model_type="qwen3_moe",
         intermediate_size=6144,
         num_hidden_layers=layers,
@@ -73,9 +75,9 @@ def qwen3_moe(layers: int, small: bool) -> models.ArchConfig:
     )
 
 
-def random_teacher(arch: models.ArchConfig, dtype: torch.dtype) -> torch.nn.Module:
-    config = models.transformer_config(arch, dtype=dtype, perform_initialization=False)
-    (model,) = models.build_model(arch, config)
+def random_teacher(arch: gpt.ArchConfig, dtype: torch.dtype) -> torch.nn.Module:
+    config = gpt.transformer_config(arch, dtype=dtype, perform_initialization=False)
+    (model,) = gpt.build_model(arch, config)
     g = torch.Generator(device=compat.default_device()).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -17,14 +17,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_opd import cli  # noqa: E402
+from megatron_opd.runtime import cli  # noqa: E402
 
 cli.quiet()
 
 import torch  # noqa: E402
 
-from megatron_opd import checkpointing, convert, distributed, integrity, models  # noqa: E402
-from megatron_opd.tokenizer import CHECKPOINT_TOKENIZER_DIR  # noqa: E402
+from megatron_opd.models import convert, gpt  # noqa: E402
+from megatron_opd.models.tokenizer import CHECKPOINT_TOKENIZER_DIR  # noqa: E402
+from megatron_opd.runtime import checkpointing, distributed, integrity  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,11 +72,11 @@ def main(argv=None) -> None:
         teacher_params = dict(teacher[0].named_parameters())
         student_arch = copy.deepcopy(arch)
         student_arch.num_hidden_layers = len(keep)
-        config = models.transformer_config(
+        config = gpt.transformer_config(
             student_arch, dtype=teacher[0].config.params_dtype, perform_initialization=False
         )
         divisor = meta.get("make_vocab_size_divisible_by", 128)
-        student = models.build_model(student_arch, config, divisor)
+        student = gpt.build_model(student_arch, config, divisor)
         with torch.no_grad():
             _copy_layers(student[0], teacher_params, keep)
         del teacher, teacher_params

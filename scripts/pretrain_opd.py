@@ -5,13 +5,13 @@
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \\
         --opd-alpha 0.5 --prompt-data data/deepscaler_math.json --save runs/opd
 
-Each step (``megatron_opd.trainer``; the stages are ``megatron_opd.opd``):
+Each step (``megatron_opd.training.trainer``; the stages are ``megatron_opd.training.opd``):
 
 1. rollout: the step's prompts come from the resumable prompt stream, and the student samples
    ``--rollout-samples-per-prompt`` responses per prompt through the engine ``--rollout-engine``
    names (``auto``: the graph engine, one captured CUDA-graph decode step, on a GPU where it
    supports the model; Megatron-Core's static engine otherwise), from one of three sources
-   (``megatron_opd.rollouts``):
+   (``megatron_opd.rollout.sources``):
    * in place, the default: the student's own training weights (no copy, no weight sync);
    * a frozen copy of the student on its own TP x PP layout on the same ranks
      (``--rollout-*-model-parallel-size``), refitted from the training weights before the rollout;
@@ -42,8 +42,9 @@ Resuming: ``--save`` holding a checkpoint resumes from it (requeued jobs pass th
 otherwise ``--load`` is a converted checkpoint (weights only) or a run to continue (add
 ``--finetune`` to take only its weights).
 
-The setup (checks, models, optimizer, teachers, rollout source) is ``megatron_opd.launch``; the
-loop is ``megatron_opd.trainer``; a rollout rank runs ``megatron_opd.remote.serve`` instead.
+The setup (checks, models, optimizer, teachers, rollout source) is
+``megatron_opd.training.launch``; the loop is ``megatron_opd.training.trainer``; a rollout rank
+runs ``megatron_opd.rollout.remote.serve`` instead.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from megatron_opd import cli  # noqa: E402
+from megatron_opd.runtime import cli  # noqa: E402
 
 cli.quiet()  # before Megatron is imported: its import-time warnings are filtered here
-from megatron_opd import arguments, distributed, failures, launch, remote  # noqa: E402
+from megatron_opd.rollout import remote  # noqa: E402
+from megatron_opd.runtime import distributed, failures  # noqa: E402
+from megatron_opd.training import arguments, launch  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,5 @@
 """Probe: can Megatron-Core's own refit (``megatron.core.resharding.swap_model_weights``) replace
-the project's hand-written one (``megatron_opd.refit``) for the colocated rollout copy?
+the project's hand-written one (``megatron_opd.rollout.refit``) for the colocated rollout copy?
 
 The student is loaded at TP2 on 2 gloo ranks (as the trainer loads it) and copied into rollout
 copies at TP1 x DP2 on the same ranks:
@@ -18,7 +18,7 @@ copies at TP1 x DP2 on the same ranks:
 Rank 0 prints the attempts, a table of max abs differences per tensor group, timings and a verdict.
 
 ``--pools`` (issue 30): the rollout ranks' case, two worlds as ``--rollout-ranks 1`` makes them
-(``megatron_opd.pools``): ranks 0-1 train (the student at TP2, their own default group and
+(``megatron_opd.runtime.pools``): ranks 0-1 train (the student at TP2, their own default group and
 Megatron groups), rank 2 is a rollout pool of its own at TP1. 0.19's ``swap_model_weights`` takes
 ``group=`` (any gloo group, even one outside the default world), rank offsets that number the two
 worlds' ranks in it, and ``None`` for the model a rank does not hold. The probe builds one gloo
@@ -235,7 +235,7 @@ def guard_centralized_planner() -> None:
 
 def fresh_copy(chunks, arch, divisor: int):
     """A new rollout copy at TP1 x DP2 (the project's own constructor), every tensor NaN."""
-    from megatron_opd import refit
+    from megatron_opd.rollout import refit
 
     model = refit.RolloutModel(chunks, arch, divisor, 1, 1, timeout_minutes=5)
     with torch.no_grad():
@@ -307,7 +307,10 @@ def main() -> None:
     import megatron.core
     from megatron.core import parallel_state as ps
 
-    from megatron_opd import convert, distributed, refit, teacher
+    from megatron_opd.models import convert
+    from megatron_opd.rollout import refit
+    from megatron_opd.runtime import distributed
+    from megatron_opd.training import teacher
 
     distributed.initialize(distributed.ParallelConfig(TRAIN_TP, 1), timeout_minutes=5)
     torch.set_num_threads(1)
@@ -448,7 +451,8 @@ def probe_pools(args) -> None:
     from megatron.core.resharding import refit as mrefit
     from megatron.core.resharding import swap_model_weights
 
-    from megatron_opd import convert, distributed, models
+    from megatron_opd.models import convert, gpt
+    from megatron_opd.runtime import distributed
 
     pool = distributed.initialize(
         distributed.ParallelConfig(TRAIN_TP, 1),
@@ -489,10 +493,10 @@ def probe_pools(args) -> None:
         reference = {n: p.detach().clone() for n, p in at_tp1.named_parameters()}
 
     def nan_copy(vocab_divisor: int):
-        config = models.transformer_config(
+        config = gpt.transformer_config(
             arch, 1, 1, dtype=convert.checkpoint_dtype(directory), perform_initialization=False
         )
-        (chunk,) = models.build_model(arch, config, vocab_divisor)
+        (chunk,) = gpt.build_model(arch, config, vocab_divisor)
         with torch.no_grad():
             for p in chunk.parameters():
                 p.fill_(float("nan"))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_opd.distributed import standalone_env
-from megatron_opd.testing import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
+from megatron_opd.models.tiny import convert_hf_checkpoint, save_bpe_tokenizer, save_hf_qwen3
+from megatron_opd.runtime.distributed import standalone_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def make_pair(
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 420, check: bool = True):
-    from megatron_opd.testing import free_port
+    from megatron_opd.runtime.spawn import free_port
 
     cmd = [
         sys.executable,
@@ -149,8 +149,8 @@ def make_teacher(
 def metadata_only_checkpoint(directory: Path, tokenizer_dir: Path, **arch) -> Path:
     """A checkpoint directory holding only ``megatron_opd.json`` and the tokenizer: enough for
     every check that runs before a model is built (no weights, no converter process)."""
-    from megatron_opd.checkpointing import META_FILE
-    from megatron_opd.models import ArchConfig
+    from megatron_opd.models.gpt import ArchConfig
+    from megatron_opd.runtime.checkpointing import META_FILE
 
     fields = dict(
         model_type="qwen3", vocab_size=323, hidden_size=64, intermediate_size=128,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_opd import arguments
+from megatron_opd.training import arguments
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import pytest
 import torch
 from opd_setup import ROOT, SHORT_RUN, make_pair, read_metrics, torchrun
 
-from megatron_opd.distributed import standalone_env
-from megatron_opd.testing import free_port
+from megatron_opd.runtime.distributed import standalone_env
+from megatron_opd.runtime.spawn import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -74,11 +74,14 @@ def test_lag0_on_rollout_ranks_equals_the_colocated_run(pair, tmp_path):
 REGENERATE = textwrap.dedent(
     """
     import sys
-    from megatron_opd import cli
+    from megatron_opd.runtime import cli
     cli.quiet()
-    from megatron_opd import checkpointing, convert, data, distributed, generation, rollouts
-    from megatron_opd.remote import global_prompts
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models import convert
+    from megatron_opd.rollout import generation, sources
+    from megatron_opd.runtime import checkpointing, distributed
+    from megatron_opd.training import data
+    from megatron_opd.rollout.remote import global_prompts
+    from megatron_opd.models.tokenizer import load_tokenizer
     import torch
 
     distributed.initialize(seed=7)
@@ -94,7 +97,7 @@ REGENERATE = textwrap.dedent(
             global_prompts(prompts, stream, 8, 1)
         batch = global_prompts(prompts, stream, 8, 1)
         gens = generation.generate(chunks, tokenizer, batch, max_new_tokens=10, temperature=1.0,
-                                   seed=rollouts.step_seed(7, step), return_logprobs=False)
+                                   seed=sources.step_seed(7, step), return_logprobs=False)
         torch.save([list(p) + list(g.tokens) for p, g in zip(batch, gens)], out)
         torch.save([len(p) for p in batch], out + ".prompts")
     distributed.teardown()

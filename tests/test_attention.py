@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_opd import distributed, models
-from megatron_opd.distributed import ParallelConfig
+from megatron_opd.models import gpt
+from megatron_opd.runtime import distributed
+from megatron_opd.runtime.distributed import ParallelConfig
 
 HN = 8
 
@@ -40,7 +41,7 @@ def _pair(heads: int, groups: int, layer_number: int = 1, **overrides):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_opd.attention import SDPAttention
+    from megatron_opd.models.attention import SDPAttention
 
     cfg = _config(heads, groups, **overrides)
     args = dict(
@@ -94,7 +95,7 @@ def test_causal_without_mask(heads, groups):
 def test_explicit_causal_mask_broadcast_over_batch(heads, groups):
     ref_mod, ours_mod = _pair(heads, groups)
     q, k, v = _inputs(9, 9, 2, heads, groups, seed=1)
-    mask = models.causal_mask(9)  # [1, 1, s, s]
+    mask = gpt.causal_mask(9)  # [1, 1, s, s]
     weight = torch.randn(9, 2, heads * HN, dtype=torch.float64)
     _assert_same(_run(ours_mod, q, k, v, mask, weight), _run(ref_mod, q, k, v, mask, weight))
 
@@ -194,9 +195,9 @@ def _model_with_either_attention():
     from megatron.core import parallel_state
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megatron_opd.attention import SDPAttention
+    from megatron_opd.models.attention import SDPAttention
 
-    arch = models.ArchConfig(
+    arch = gpt.ArchConfig(
         model_type="qwen3",
         vocab_size=128,
         hidden_size=64,
@@ -206,8 +207,8 @@ def _model_with_either_attention():
         num_key_value_heads=2,
         head_dim=16,
     )
-    cfg = models.transformer_config(arch, parallel_state.get_tensor_model_parallel_world_size())
-    (model,) = models.build_model(arch, cfg)
+    cfg = gpt.transformer_config(arch, parallel_state.get_tensor_model_parallel_world_size())
+    (model,) = gpt.build_model(arch, cfg)
     layers = model.decoder.layers
     assert all(isinstance(layer.self_attention.core_attention, SDPAttention) for layer in layers)
     b, s, pads = 3, 12, [0, 2, 5]
@@ -217,7 +218,7 @@ def _model_with_either_attention():
 
     def run():
         model.zero_grad()
-        logits = model(tokens, models.position_ids(b, s), mask)  # [b, s, vocab / tp]
+        logits = model(tokens, gpt.position_ids(b, s), mask)  # [b, s, vocab / tp]
         (logits.log_softmax(-1)[..., 0] * real).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         return logits.detach() * real[..., None], grads
@@ -258,7 +259,7 @@ def _tp2_rank():
 def test_gpt_model_at_tp2_matches_megatron_attention():
     """Heads and query groups per TP partition (2 and 1 of 4 and 2): each rank's vocab-shard
     logits and gradients with SDPAttention equal those with Megatron's module."""
-    from megatron_opd.testing import run_distributed
+    from megatron_opd.runtime.spawn import run_distributed
 
     assert run_distributed(_tp2_rank, 2) == [128, 128]
 

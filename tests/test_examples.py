@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_opd import arguments, models
+from megatron_opd.models import gpt
+from megatron_opd.training import arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -47,8 +48,8 @@ def test_one_config_per_paper_pair():
     assert {c.stem for c in CONFIGS} == set(PAIRS)
 
 
-def _arch(name: str) -> models.ArchConfig:
-    return models.ArchConfig(model_type="qwen3", vocab_size=151936, head_dim=128, **QWEN3[name])
+def _arch(name: str) -> gpt.ArchConfig:
+    return gpt.ArchConfig(model_type="qwen3", vocab_size=151936, head_dim=128, **QWEN3[name])
 
 
 def _types_match(parser: argparse.ArgumentParser, loaded: dict) -> list[str]:
@@ -99,8 +100,8 @@ def test_config_parses_with_the_paper_hyperparameters(config, tmp_path, monkeypa
     student, teacher = PAIRS[config.stem]
     assert args.load == f"ckpt/{student}" and args.opd_teacher_load == [f"ckpt/{teacher}"]
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    models.validate_layout(_arch(student), tp, pp)
-    models.validate_layout(_arch(teacher), tp, pp)
+    gpt.validate_layout(_arch(student), tp, pp)
+    gpt.validate_layout(_arch(teacher), tp, pp)
     context = args.max_prompt_length + args.rollout_max_new_tokens
     assert context <= 32768  # both models' max_position_embeddings
 
@@ -197,7 +198,7 @@ def test_demo_gives_every_method_the_same_settings(tmp_path):
 
 
 def test_demo_heldout_problems_are_not_training_prompts(tmp_path):
-    from megatron_opd import data
+    from megatron_opd.training import data
 
     demo = _demo()
     path = demo.write_heldout(tmp_path / "h.jsonl", 16)
@@ -232,7 +233,7 @@ def test_demo_summary_states_the_change_and_the_verdict(tmp_path):
     assert f"lr {args.lr:g}" in text
     assert "PowerOPD reached the target" in demo.verdict({"power": -0.25, "log_ratio": 0.1})
 
-    from megatron_opd.plots import plot_gap
+    from megatron_opd.evaluation.plots import plot_gap
 
     png = plot_gap(got, tmp_path / "plots" / "gap.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

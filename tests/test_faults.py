@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 from opd_setup import ROOT, make_pair, read_metrics
 
-from megatron_opd import cli, compat, failures
-from megatron_opd.distributed import standalone_env
-from megatron_opd.testing import free_port, rank_pids, writer_pids
+from megatron_opd import compat
+from megatron_opd.runtime import cli, failures
+from megatron_opd.runtime.distributed import standalone_env
+from megatron_opd.runtime.procs import rank_pids, writer_pids
+from megatron_opd.runtime.spawn import free_port
 
 PY = sys.executable
 LAYOUTS = {
@@ -104,10 +106,10 @@ def finish(proc: subprocess.Popen, logs: Path, nproc: int, timeout: float = 600)
 
 FAULTS = """
 import os, signal, sys, time
-from megatron_opd import cli
+from megatron_opd.runtime import cli
 cli.quiet()
 import torch.distributed as dist
-from megatron_opd import distributed, failures
+from megatron_opd.runtime import distributed, failures
 case, bad, tp, pp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 failures.keep_in(sys.argv[5])
 rank = int(os.environ["RANK"])

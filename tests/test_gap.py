@@ -1,6 +1,6 @@
-"""The distillation gap (megatron_opd/gap.py): scripts/evaluate.py --teacher and --eval-interval
-numbers equal an independent float64 recount by the Hugging Face models on the same sampled
-tokens, at TP1 (in-process) and at TP2 and PP2 (torchrun); the vocab-parallel entropy; the
+"""The distillation gap (megatron_opd/evaluation/gap.py): scripts/evaluate.py --teacher and
+--eval-interval numbers equal an independent float64 recount by the Hugging Face models on the same
+sampled tokens, at TP1 (in-process) and at TP2 and PP2 (torchrun); the vocab-parallel entropy; the
 warning."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from opd_setup import ROOT, make_pair, read_metrics, torchrun
 
-from megatron_opd import gap
+from megatron_opd.evaluation import gap
 
 GAP_ALPHAS = (0.5, 5.0)
 EVAL = ["--data", "builtin:40", "--limit", "4", "--samples", "2", "--max-new-tokens", "10",
@@ -36,10 +36,11 @@ def _evaluate_script():
 
 
 def _prompts(pair) -> list[list[int]]:
-    from megatron_opd import data, evaluation
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.evaluation import accuracy
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.training import data
 
-    (problems,) = evaluation.load_benchmarks(["builtin:40"], 4).values()
+    (problems,) = accuracy.load_benchmarks(["builtin:40"], 4).values()
     return data.PromptSet.build(problems, load_tokenizer(pair["student"]), 2048).token_ids
 
 
@@ -121,8 +122,8 @@ def test_evaluate_teacher_gap_equals_hf_float64_recount_tp1(pair, tmp_path):
 
 
 def _evaluate_torchrun(pair, out: Path, *layout: str) -> None:
-    from megatron_opd.distributed import standalone_env
-    from megatron_opd.testing import free_port
+    from megatron_opd.runtime.distributed import standalone_env
+    from megatron_opd.runtime.spawn import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
            f"--master-port={free_port()}", str(ROOT / "scripts/evaluate.py"),
@@ -206,7 +207,7 @@ def test_eval_interval_gap_equals_evaluate_script(pair, tmp_path):
 
 
 def test_vocab_parallel_entropy_matches_float64_and_ignores_padding():
-    from megatron_opd.entropy import vocab_parallel_entropy
+    from megatron_opd.reward.entropy import vocab_parallel_entropy
 
     g = torch.Generator().manual_seed(0)
     vocab = 50
@@ -222,8 +223,8 @@ def test_vocab_parallel_entropy_matches_float64_and_ignores_padding():
 def _entropy_worker(logits: torch.Tensor, vocab: int):
     from megatron.core import parallel_state as ps
 
-    from megatron_opd import distributed
-    from megatron_opd.entropy import vocab_parallel_entropy
+    from megatron_opd.reward.entropy import vocab_parallel_entropy
+    from megatron_opd.runtime import distributed
 
     distributed.initialize(distributed.ParallelConfig(2, 1))
     rank = ps.get_tensor_model_parallel_rank()
@@ -233,7 +234,7 @@ def _entropy_worker(logits: torch.Tensor, vocab: int):
 
 @pytest.mark.slow
 def test_vocab_parallel_entropy_tp2():
-    from megatron_opd.testing import run_distributed
+    from megatron_opd.runtime.spawn import run_distributed
 
     g = torch.Generator().manual_seed(1)
     vocab = 40  # the second shard holds 8 true columns and 24 padded ones
@@ -258,7 +259,7 @@ DIV_ALPHAS = (1e-4, 0.5, 1.0, 5.0, 50.0)
 
 
 def test_divergences_match_float64_and_ignore_padding():
-    from megatron_opd.divergences import vocab_parallel_divergences
+    from megatron_opd.reward.divergences import vocab_parallel_divergences
 
     g = torch.Generator().manual_seed(4)
     vocab = 50
@@ -284,8 +285,8 @@ def test_divergences_match_float64_and_ignore_padding():
 def _divergences_worker(student: torch.Tensor, teacher: torch.Tensor, vocab: int, tp: int):
     from megatron.core import parallel_state as ps
 
-    from megatron_opd import distributed
-    from megatron_opd.divergences import vocab_parallel_divergences
+    from megatron_opd.reward.divergences import vocab_parallel_divergences
+    from megatron_opd.runtime import distributed
 
     distributed.initialize(distributed.ParallelConfig(tp, 1))
     rank = ps.get_tensor_model_parallel_rank()
@@ -300,7 +301,7 @@ def _divergences_worker(student: torch.Tensor, teacher: torch.Tensor, vocab: int
 @pytest.mark.parametrize("tp", [2, 4])
 def test_vocab_parallel_divergences_tp(tp):
     """Real gloo groups: at TP4 with vocab 40 of 64 columns the last shard holds only padding."""
-    from megatron_opd.testing import run_distributed
+    from megatron_opd.runtime.spawn import run_distributed
 
     g = torch.Generator().manual_seed(2)
     vocab = 40
@@ -336,8 +337,8 @@ def test_gap_watch_windows_and_noise():
 def test_training_report_has_the_students_entropy_on_the_loss_tokens():
     """opd_loss_func's report: student_entropy = mean entropy over the masked tokens (float64
     reference), for a sampled-token reward and for full-vocab KL."""
-    from megatron_opd.loss import opd_loss_func, reduce_reports
-    from megatron_opd.rewards import RewardConfig
+    from megatron_opd.reward.loss import opd_loss_func, reduce_reports
+    from megatron_opd.reward.rewards import RewardConfig
 
     g = torch.Generator().manual_seed(3)
     vocab, b, s = 40, 2, 6

@@ -1,4 +1,5 @@
-"""The graph engine (``megatron_opd.engines.graph``), run eagerly on CPU as a GPU captures it:
+"""The graph engine (``megatron_opd.rollout.engines.graph``), run eagerly on CPU as a GPU captures
+it:
 
 * its logits at every decode position equal a full forward of the same model without a cache;
 * its greedy tokens (and log-probs) equal Megatron-Core's static engine's, with left padding,
@@ -24,11 +25,12 @@ import torch
 from opd_setup import SHORT_RUN, make_pair, read_metrics, torchrun
 from test_convert import NEW_TOKENS, TINY, TINY_PROMPTS, load_megatron, megatron_logits, tiny  # noqa: F401,I001
 
-from megatron_opd import arguments, engines, generation
-from megatron_opd.engines import graph
-from megatron_opd.engines.base import Sampling
-from megatron_opd.testing import run_distributed
-from megatron_opd.tokenizer import load_tokenizer
+from megatron_opd.models.tokenizer import load_tokenizer
+from megatron_opd.rollout import engines, generation
+from megatron_opd.rollout.engines import graph
+from megatron_opd.rollout.engines.base import Sampling
+from megatron_opd.runtime.spawn import run_distributed
+from megatron_opd.training import arguments
 
 NAMES = list(TINY)
 
@@ -59,13 +61,13 @@ class RecordingEngine(graph.GraphEngine):
 def _full_forward(model, tokens: list[int], pad: int) -> torch.Tensor:
     """Logits ``[s, padded vocab]`` of one row by a plain forward (no cache) at the positions the
     engine used: ``pad`` left-padding tokens first, masked as keys."""
-    from megatron_opd import models
+    from megatron_opd.models import gpt
 
     s = len(tokens)
-    mask = models.causal_mask(s) | (torch.arange(s) < pad)[None, None, None, :]
+    mask = gpt.causal_mask(s) | (torch.arange(s) < pad)[None, None, None, :]
     model.eval()
     with torch.no_grad():
-        logits = model(torch.tensor([tokens]), models.position_ids(1, s), mask,
+        logits = model(torch.tensor([tokens]), gpt.position_ids(1, s), mask,
                        runtime_gather_output=True)  # fmt: skip
     return logits[0]
 
@@ -318,7 +320,9 @@ def test_auto_is_static_on_cpu(tiny):  # noqa: F811
 def _tp2_worker(cases: list[dict]) -> dict:
     from megatron.core import parallel_state as ps
 
-    from megatron_opd import convert, distributed, refit
+    from megatron_opd.models import convert
+    from megatron_opd.rollout import refit
+    from megatron_opd.runtime import distributed
 
     results = {}
     for layout in ((2, 1), (1, 2)):

@@ -18,9 +18,12 @@ from pathlib import Path
 import pytest
 from opd_setup import ROOT, make_pair, read_metrics
 
-from megatron_opd import arguments, cli, compat, integrity, metrics_logger, resume
-from megatron_opd.distributed import standalone_env
-from megatron_opd.testing import children, cmdline, free_port, marked
+from megatron_opd import compat
+from megatron_opd.runtime import cli, integrity, metrics_logger
+from megatron_opd.runtime.distributed import standalone_env
+from megatron_opd.runtime.procs import children, cmdline, marked
+from megatron_opd.runtime.spawn import free_port
+from megatron_opd.training import arguments, resume
 
 PY = sys.executable
 
@@ -168,7 +171,7 @@ def test_metrics_rows_past_the_resume_point_are_dropped(tmp_path):
 def test_non_finite_weights_are_never_saved():
     import torch
 
-    from megatron_opd import checkpointing
+    from megatron_opd.runtime import checkpointing
 
     layer = torch.nn.Linear(3, 3)
     assert checkpointing.weights_are_finite([layer])
@@ -351,7 +354,7 @@ def test_output_paths_are_refused_before_any_model(pair, tmp_path, monkeypatch, 
     def built(*a, **k):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr("megatron_opd.distributed.initialize", built)
+    monkeypatch.setattr("megatron_opd.runtime.distributed.initialize", built)
     base = ["--load", str(pair["student"]), "--data", "builtin:4", "--output", str(tmp_path / "o")]
     for extra, message in [
         (["--output", str(afile)], f"--output {afile} is not a directory"),
@@ -371,7 +374,7 @@ def test_output_paths_are_refused_before_any_model(pair, tmp_path, monkeypatch, 
 
 UNWRITABLE = """
 import sys
-from megatron_opd import cli, outputs
+from megatron_opd.runtime import cli, outputs
 ro = sys.argv[1]
 for check, flag, path in [
     (outputs.check_output_file, "--metrics-file", f"{ro}/m.jsonl"),
@@ -476,10 +479,10 @@ def test_kill9_during_a_save_leaves_nothing_behind(pair, tmp_path):
 
 WRITER = """
 import sys
-from megatron_opd import cli
+from megatron_opd.runtime import cli
 cli.quiet()
 import torch
-from megatron_opd import checkpointing, distributed
+from megatron_opd.runtime import checkpointing, distributed
 from megatron.core.dist_checkpointing import ShardedTensor
 distributed.initialize()
 state = {"w": ShardedTensor.from_rank_offsets("w", torch.randn(64, 1 << 20))}  # 256 MiB

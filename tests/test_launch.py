@@ -1,5 +1,5 @@
-"""The library API alone (``megatron_opd.launch``, no script import) builds a working Trainer:
-its student and teacher are the checkpoints' models (checked against transformers) and one
+"""The library API alone (``megatron_opd.training.launch``, no script import) builds a working
+Trainer: its student and teacher are the checkpoints' models (checked against transformers) and one
 step's logged loss equals the PowerOPD formula recomputed from the dumped tokens."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 from opd_setup import make_pair, read_metrics
 
-from megatron_opd.testing import run_distributed
+from megatron_opd.runtime.spawn import run_distributed
 
 
 def _library_run(flags: list[str]) -> dict:
-    from megatron_opd import arguments, launch
+    from megatron_opd.training import arguments, launch
 
     args = arguments.parse_args(flags)
     trainer = launch.build_trainer(args)  # checks, initializes, builds, loads

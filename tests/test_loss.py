@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_opd import distributed, models
-from megatron_opd.distributed import ParallelConfig
-from megatron_opd.loss import (
+from megatron_opd.models import gpt
+from megatron_opd.reward.loss import (
     build_loss_mask,
     opd_loss_func,
     reduce_reports,
@@ -17,9 +16,11 @@ from megatron_opd.loss import (
     shift_targets,
     step_log_ratio_moments,
 )
-from megatron_opd.rewards import RewardConfig
-from megatron_opd.testing import run_distributed
-from megatron_opd.vocab_parallel import sampled_token_logprobs
+from megatron_opd.reward.rewards import RewardConfig
+from megatron_opd.reward.vocab_parallel import sampled_token_logprobs
+from megatron_opd.runtime import distributed
+from megatron_opd.runtime.distributed import ParallelConfig
+from megatron_opd.runtime.spawn import run_distributed
 
 VOCAB, PADDED = 250, 256
 SEQ, ROWS = 16, 8
@@ -31,8 +32,8 @@ REWARD_CFGS = {
 }
 
 
-def _arch() -> models.ArchConfig:
-    return models.ArchConfig(
+def _arch() -> gpt.ArchConfig:
+    return gpt.ArchConfig(
         model_type="qwen3",
         vocab_size=VOCAB,
         hidden_size=32,
@@ -74,8 +75,8 @@ def _build():
     )
 
     arch = _arch()
-    cfg = models.transformer_config(arch, 1, 1, calculate_per_token_loss=True)
-    (model,) = models.build_model(arch, cfg)
+    cfg = gpt.transformer_config(arch, 1, 1, calculate_per_token_loss=True)
+    (model,) = gpt.build_model(arch, cfg)
     g = torch.Generator().manual_seed(1234)  # the same weights in every process
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
@@ -90,7 +91,7 @@ def _build():
 
 def _logits(model, batch) -> torch.Tensor:
     ids = batch["input_ids"]
-    return model(ids, models.position_ids(*ids.shape), models.causal_mask(ids.shape[1]))
+    return model(ids, gpt.position_ids(*ids.shape), gpt.causal_mask(ids.shape[1]))
 
 
 def _flat_grads(chunks) -> torch.Tensor:

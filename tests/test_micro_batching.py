@@ -12,9 +12,9 @@ import pytest
 import torch
 from opd_setup import ROOT, make_pair, read_metrics, torchrun
 
-from megatron_opd import opd
-from megatron_opd.batching import token_budget_groups
-from megatron_opd.testing import run_distributed
+from megatron_opd.runtime.spawn import run_distributed
+from megatron_opd.training import opd
+from megatron_opd.training.batching import token_budget_groups
 
 COMMON = [
     "--global-batch-size", "8",
@@ -175,7 +175,8 @@ def test_token_budget_step_equals_padded_step_on_2_processes(pair, tmp_path, lay
 
 
 def test_flag_errors(tmp_path):
-    from megatron_opd import arguments, compat
+    from megatron_opd import compat
+    from megatron_opd.training import arguments
 
     def error(*extra: str) -> str:
         flags = ["--load", str(tmp_path), "--opd-teacher-load", str(tmp_path), *extra]

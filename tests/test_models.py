@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_opd import checkpointing, distributed, models
-from megatron_opd.distributed import ParallelConfig
-from megatron_opd.testing import run_distributed
+from megatron_opd.models import gpt
+from megatron_opd.runtime import checkpointing, distributed
+from megatron_opd.runtime.distributed import ParallelConfig
+from megatron_opd.runtime.spawn import run_distributed
 
 VOCAB = 250  # pads to 256: the padded columns exist in every layout below
 SEQ, BATCH = 12, 2
 
 
-def tiny_arch(model_type: str = "qwen3", tied: bool = False, layers: int = 4) -> models.ArchConfig:
-    return models.ArchConfig(
+def tiny_arch(model_type: str = "qwen3", tied: bool = False, layers: int = 4) -> gpt.ArchConfig:
+    return gpt.ArchConfig(
         model_type=model_type,
         vocab_size=VOCAB,
         hidden_size=64,
@@ -35,8 +36,8 @@ def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _build(arch, tp, pp, vpp=None, **overrides):
-    cfg = models.transformer_config(arch, tp, pp, vpp, **overrides)
-    return cfg, models.build_model(arch, cfg)
+    cfg = gpt.transformer_config(arch, tp, pp, vpp, **overrides)
+    return cfg, gpt.build_model(arch, cfg)
 
 
 def _full_logits(chunks, cfg, tokens) -> torch.Tensor | None:
@@ -46,7 +47,7 @@ def _full_logits(chunks, cfg, tokens) -> torch.Tensor | None:
 
     def forward_step(data_iterator, model):
         tok = next(data_iterator)
-        out = model(tok, models.position_ids(*tok.shape), models.causal_mask(tok.shape[1]))
+        out = model(tok, gpt.position_ids(*tok.shape), gpt.causal_mask(tok.shape[1]))
         return out, None
 
     outputs = get_forward_backward_func()(
@@ -145,7 +146,7 @@ def _train_step(path, arch, tp, pp, vpp=None):
     def forward_step(data_iterator, model):
         tok, lab = next(data_iterator)
         per_token = model(
-            tok, models.position_ids(*tok.shape), models.causal_mask(tok.shape[1]), labels=lab
+            tok, gpt.position_ids(*tok.shape), gpt.causal_mask(tok.shape[1]), labels=lab
         )
 
         def loss_func(loss):
@@ -209,11 +210,11 @@ def test_tp_must_divide_heads():
     with pytest.raises(
         ValueError, match="--tensor-model-parallel-size 8 does not divide num_attention_heads 4"
     ):
-        models.validate_layout(arch, 8, 1)
+        gpt.validate_layout(arch, 8, 1)
 
 
 def test_tp_must_divide_query_groups():
-    arch = models.ArchConfig(
+    arch = gpt.ArchConfig(
         model_type="qwen3",
         vocab_size=10,
         hidden_size=64,
@@ -223,13 +224,13 @@ def test_tp_must_divide_query_groups():
         num_key_value_heads=1,
     )
     with pytest.raises(ValueError, match="does not divide num_key_value_heads"):
-        models.validate_layout(arch, 2, 1)
+        gpt.validate_layout(arch, 2, 1)
 
 
 def test_tp_must_divide_intermediate_size():
     """Else Megatron fails while building: '160 is not divisible by 3 when instantiating
     ColumnParallelLinear', naming no flag."""
-    arch = models.ArchConfig(
+    arch = gpt.ArchConfig(
         model_type="qwen3",
         vocab_size=10,
         hidden_size=48,
@@ -238,17 +239,17 @@ def test_tp_must_divide_intermediate_size():
         num_attention_heads=6,
         num_key_value_heads=6,
     )
-    models.validate_layout(arch, 2, 1)  # 160 / 2: fine
+    gpt.validate_layout(arch, 2, 1)  # 160 / 2: fine
     with pytest.raises(
         ValueError,
         match=r"--tensor-model-parallel-size 3 does not divide intermediate_size .* 160",
     ):
-        models.validate_layout(arch, 3, 1)
+        gpt.validate_layout(arch, 3, 1)
 
 
 def test_pp_larger_than_layers():
     with pytest.raises(ValueError, match="--pipeline-model-parallel-size 8 is larger than"):
-        models.validate_layout(tiny_arch(layers=4), 1, 8)
+        gpt.validate_layout(tiny_arch(layers=4), 1, 8)
 
 
 def test_unknown_architecture(tmp_path):
@@ -256,7 +257,7 @@ def test_unknown_architecture(tmp_path):
     with pytest.raises(
         ValueError, match="unsupported architecture 'gpt2'; supported: qwen3, llama"
     ):
-        models.ArchConfig.from_file(tmp_path)
+        gpt.ArchConfig.from_file(tmp_path)
 
 
 def test_missing_field(tmp_path):
@@ -265,7 +266,7 @@ def test_missing_field(tmp_path):
         "num_attention_heads: 2\n"
     )
     with pytest.raises(ValueError, match="missing required field 'num_hidden_layers'"):
-        models.ArchConfig.from_file(tmp_path / "arch.yaml")
+        gpt.ArchConfig.from_file(tmp_path / "arch.yaml")
 
 
 def test_yaml_and_hf_config_agree(tmp_path):
@@ -277,17 +278,17 @@ def test_yaml_and_hf_config_agree(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     (tmp_path / "arch.yaml").write_text(yaml.safe_dump(raw))
     a, b = (
-        models.ArchConfig.from_file(tmp_path),
-        models.ArchConfig.from_file(tmp_path / "arch.yaml"),
+        gpt.ArchConfig.from_file(tmp_path),
+        gpt.ArchConfig.from_file(tmp_path / "arch.yaml"),
     )
     assert a == b == tiny_arch()
 
 
 def test_padded_vocab_size():
-    assert models.padded_vocab_size(151_936, 128, 1) == 151_936
-    assert models.padded_vocab_size(151_936, 128, 8) == 152_576
-    assert models.padded_vocab_size(49_152, 128, 3) == 49_152
-    assert models.padded_vocab_size(250, 128, 2) == 256
+    assert gpt.padded_vocab_size(151_936, 128, 1) == 151_936
+    assert gpt.padded_vocab_size(151_936, 128, 8) == 152_576
+    assert gpt.padded_vocab_size(49_152, 128, 3) == 49_152
+    assert gpt.padded_vocab_size(250, 128, 2) == 256
 
 
 def test_checkpoint_built_models_keep_tensor_parallel_attributes():
@@ -318,11 +319,11 @@ def test_rope_theta_conflict_is_refused(tmp_path):
     raw = tiny_arch().to_hf_dict()
     raw["rope_parameters"] = {"rope_type": "default", "rope_theta": raw["rope_theta"]}
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    assert models.ArchConfig.from_file(tmp_path) == tiny_arch()  # agreeing: fine
+    assert gpt.ArchConfig.from_file(tmp_path) == tiny_arch()  # agreeing: fine
     raw["rope_parameters"]["rope_theta"] = 10_000.0
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError) as excinfo:
-        models.ArchConfig.from_file(tmp_path)
+        gpt.ArchConfig.from_file(tmp_path)
     message = str(excinfo.value)
     assert message.startswith(f"{tmp_path / 'config.json'}: rope_theta 1000000.0 and ")
     assert "rope_parameters.rope_theta 10000.0 disagree" in message and "\n" not in message
@@ -331,7 +332,7 @@ def test_rope_theta_conflict_is_refused(tmp_path):
 def test_invalid_architecture_files_are_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "qwen3", ')
     with pytest.raises(ValueError, match=r"config.json is not valid JSON: "):
-        models.ArchConfig.from_file(tmp_path)
+        gpt.ArchConfig.from_file(tmp_path)
     (tmp_path / "arch.yaml").write_text("model_type: [qwen3\n")
     with pytest.raises(ValueError, match=r"arch.yaml is not valid YAML: "):
-        models.ArchConfig.from_file(tmp_path / "arch.yaml")
+        gpt.ArchConfig.from_file(tmp_path / "arch.yaml")

@@ -16,8 +16,9 @@ import pytest
 import torch
 from opd_setup import SHORT_RUN, read_metrics, torchrun
 
-from megatron_opd import convert, models
-from megatron_opd.testing import run_distributed, save_bpe_tokenizer, save_hf_qwen3
+from megatron_opd.models import convert, gpt
+from megatron_opd.models.tiny import save_bpe_tokenizer, save_hf_qwen3
+from megatron_opd.runtime.spawn import run_distributed
 
 MOE = dict(
     hidden_size=64,
@@ -94,15 +95,15 @@ def moe(tmp_path_factory) -> SimpleNamespace:
 
 
 def test_the_architecture_maps_to_megatrons_moe():
-    arch = models.ArchConfig(model_type="qwen3_moe", vocab_size=100, **MOE)
+    arch = gpt.ArchConfig(model_type="qwen3_moe", vocab_size=100, **MOE)
     assert arch.sparse_layers() == [True, False, True, True]
-    config = models.transformer_config(arch)
+    config = gpt.transformer_config(arch)
     assert config.num_moe_experts == 8 and config.moe_router_topk == 2
     assert config.moe_layer_freq == [1, 0, 1, 1] and config.moe_ffn_hidden_size == 32
     assert config.moe_expert_capacity_factor is None  # dropless
     assert config.moe_router_pre_softmax is False  # norm_topk_prob: softmax over the top k
     assert config.moe_token_dispatcher_type == "allgather"
-    stepped = models.ArchConfig(
+    stepped = gpt.ArchConfig(
         model_type="qwen3_moe",
         vocab_size=100,
         **{**MOE, "mlp_only_layers": [], "decoder_sparse_step": 2},
@@ -110,7 +111,7 @@ def test_the_architecture_maps_to_megatrons_moe():
     assert stepped.sparse_layers() == [False, True, False, True]  # HF: (i + 1) % step == 0
     raw = {**arch.to_hf_dict(), "num_local_experts": 8}
     del raw["num_experts"]  # transformers 5 writes num_local_experts
-    assert models.ArchConfig.from_dict(raw).num_experts == 8
+    assert gpt.ArchConfig.from_dict(raw).num_experts == 8
 
 
 def test_logits_match_hf_and_export_round_trips_exactly(moe, tmp_path):
@@ -118,7 +119,7 @@ def test_logits_match_hf_and_export_round_trips_exactly(moe, tmp_path):
     routings (norm_topk_prob true and false); the export gives back every tensor bit for bit."""
     from test_convert import megatron_logits, read_safetensors
 
-    from megatron_opd import distributed
+    from megatron_opd.runtime import distributed
 
     distributed.initialize()
     chunks, arch = convert.load_checkpoint_model(moe.teacher)
@@ -165,7 +166,7 @@ def test_the_alltoall_dispatcher_runs_on_cpu(moe):
     CUDA, and gives the allgather dispatcher's logits (TP1 / EP1)."""
     from test_convert import megatron_logits
 
-    from megatron_opd import distributed
+    from megatron_opd.runtime import distributed
 
     distributed.initialize()
     logits = {}
@@ -181,8 +182,9 @@ def test_greedy_generation_matches_hf(moe):
     token's routing at a time) decodes what transformers decodes greedily."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_opd import distributed, generation
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.rollout import generation
+    from megatron_opd.runtime import distributed
 
     distributed.initialize()
     chunks, _ = convert.load_checkpoint_model(moe.teacher)
@@ -206,8 +208,9 @@ def _layouts_worker(
 ) -> dict:
     import torch.distributed as dist
 
-    from megatron_opd import checkpointing, distributed, teacher
-    from megatron_opd.opd import MicroBatch, forward_only
+    from megatron_opd.runtime import checkpointing, distributed
+    from megatron_opd.training import teacher
+    from megatron_opd.training.opd import MicroBatch, forward_only
 
     distributed.initialize(distributed.ParallelConfig(1, 1))  # the student at DP4
     rank = dist.get_rank()
@@ -344,8 +347,8 @@ def _evaluate(nproc: int, flags: list[str]) -> None:
     import subprocess
     import sys
 
-    from megatron_opd.distributed import standalone_env
-    from megatron_opd.testing import free_port
+    from megatron_opd.runtime.distributed import standalone_env
+    from megatron_opd.runtime.spawn import free_port
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
@@ -397,15 +400,15 @@ def _one_line(excinfo) -> str:
 def test_unsupported_routing_is_refused_in_one_line(change, words):
     raw = {"model_type": "qwen3_moe", "vocab_size": 100, **MOE, **change}
     with pytest.raises(ValueError) as e:
-        models.ArchConfig.from_dict(raw, source="config.json")
+        gpt.ArchConfig.from_dict(raw, source="config.json")
     assert words in _one_line(e)
 
 
 def test_layouts_that_cannot_hold_the_experts_are_refused_in_one_line():
-    from megatron_opd import teacher
+    from megatron_opd.training import teacher
 
-    arch = models.ArchConfig(model_type="qwen3_moe", vocab_size=100, **MOE)
-    dense = models.ArchConfig(
+    arch = gpt.ArchConfig(model_type="qwen3_moe", vocab_size=100, **MOE)
+    dense = gpt.ArchConfig(
         model_type="qwen3", vocab_size=100, hidden_size=64, intermediate_size=96,
         num_hidden_layers=2, num_attention_heads=4,
     )  # fmt: skip
@@ -421,7 +424,7 @@ def test_layouts_that_cannot_hold_the_experts_are_refused_in_one_line():
         message = _one_line(e)
         assert words in message and EP_FLAG in message, message
     with pytest.raises(ValueError) as e:
-        models.validate_layout(arch, 1, 1, expert_parallel_size=3)
+        gpt.validate_layout(arch, 1, 1, expert_parallel_size=3)
     assert "does not divide num_experts 8" in _one_line(e)
 
 
@@ -429,7 +432,7 @@ def test_the_teacher_flags_resolve_and_refuse_in_one_line(moe):
     """--opd-teacher-expert-model-parallel-size through the launcher's checks: resolved per
     teacher; refused for a dense teacher, and an MoE student at TP > 1 (Megatron's MoE layer
     raises mid-step when it trains at TP > 1 without sequence parallelism)."""
-    from megatron_opd import arguments, launch
+    from megatron_opd.training import arguments, launch
 
     def check(student: Path, teachers: list[Path], world: int, *extra: str):
         flags = ["--load", str(student), "--opd-teacher-load", *map(str, teachers), *SHORT_RUN]
@@ -455,7 +458,7 @@ def test_gpu_check_moe_runs_at_toy_shapes(tmp_path):
     import subprocess
     import sys
 
-    from megatron_opd.distributed import standalone_env
+    from megatron_opd.runtime.distributed import standalone_env
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check_moe.py"
     proc = subprocess.run(
@@ -471,7 +474,8 @@ def test_gpu_check_moe_runs_at_toy_shapes(tmp_path):
 
 
 def _shares_worker(teacher_dir: str, seqs: torch.Tensor, vocab: int) -> dict:
-    from megatron_opd import distributed, teacher
+    from megatron_opd.runtime import distributed
+    from megatron_opd.training import teacher
 
     distributed.initialize(distributed.ParallelConfig(1, 2))  # the student at PP2: one DP rank
     teachers = teacher.build_teachers([Path(teacher_dir)], [(1, 1, 2)])  # TP1 x DP2 = EP2

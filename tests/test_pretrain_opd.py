@@ -15,7 +15,7 @@ import pytest
 import torch
 from opd_setup import ROOT, make_pair, read_metrics, torchrun
 
-from megatron_opd.testing import run_distributed
+from megatron_opd.runtime.spawn import run_distributed
 
 COMMON = [
     "--global-batch-size", "4",
@@ -292,14 +292,13 @@ def test_bad_input_messages(pair, tmp_path, monkeypatch, capsys):
 
 
 def _megatron_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from megatron_opd import convert, distributed, models
+    from megatron_opd.models import convert, gpt
+    from megatron_opd.runtime import distributed
 
     distributed.initialize()
     chunks, arch = convert.load_checkpoint_model(ckpt)
     with torch.no_grad():
-        out = chunks[0](
-            tokens, models.position_ids(*tokens.shape), models.causal_mask(tokens.shape[1])
-        )
+        out = chunks[0](tokens, gpt.position_ids(*tokens.shape), gpt.causal_mask(tokens.shape[1]))
     return out[..., : arch.vocab_size]
 
 
@@ -339,7 +338,7 @@ def test_exit_signal_saves_and_stops(pair, tmp_path):
     import subprocess
     import time
 
-    from megatron_opd.testing import free_port
+    from megatron_opd.runtime.spawn import free_port
 
     metrics, save = tmp_path / "m.jsonl", tmp_path / "ckpt"
     cmd = [
@@ -373,7 +372,7 @@ def test_exit_signal_saves_and_stops(pair, tmp_path):
 def test_evaluate_script_numbers_equal_a_recount(pair, tmp_path):
     import subprocess
 
-    from megatron_opd import evaluation
+    from megatron_opd.evaluation import accuracy
 
     data = ROOT.parent / "shared" / "data" / "eval" / "gsm8k.jsonl"
     spec = str(data) if data.exists() else "builtin:50"
@@ -391,7 +390,7 @@ def test_evaluate_script_numbers_equal_a_recount(pair, tmp_path):
         (i, j) for i in range(5) for j in range(3)
     }
     (name,) = result["benchmarks"]
-    recount = evaluation.scores_from_records(records, k=3)[0].as_dict()
+    recount = accuracy.scores_from_records(records, k=3)[0].as_dict()
     for key in ("avg_at_k", "pass_at_k", "mean_response_tokens", "truncation_rate", "problems"):
         assert result["benchmarks"][name][key] == pytest.approx(recount[key]), key
     assert all(r["response_tokens"] <= 8 for r in records)

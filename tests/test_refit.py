@@ -1,4 +1,4 @@
-"""Rollouts on their own layout (``megatron_opd.refit``): the refitted copy against the
+"""Rollouts on their own layout (``megatron_opd.rollout.refit``): the refitted copy against the
 checkpoint loaded directly at the rollout layout, and its greedy rollouts against transformers.
 
 Two processes, every pair of training and rollout layouts among TP2, PP2 and TP1 x DP2, on the
@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_convert import NEW_TOKENS, TINY_PROMPTS, tiny  # noqa: F401  (tiny: the fixture)
 
-from megatron_opd.testing import run_distributed
+from megatron_opd.runtime.spawn import run_distributed
 
 LAYOUTS = [  # (training TP, PP) -> (rollout TP, PP)
     ((2, 1), (1, 1)),
@@ -24,8 +24,12 @@ LAYOUTS = [  # (training TP, PP) -> (rollout TP, PP)
 def _refit_worker(cases: list[dict]) -> dict:
     from megatron.core import parallel_state as ps
 
-    from megatron_opd import convert, distributed, evaluation, refit, teacher
-    from megatron_opd.tokenizer import load_tokenizer
+    from megatron_opd.evaluation import accuracy
+    from megatron_opd.models import convert
+    from megatron_opd.models.tokenizer import load_tokenizer
+    from megatron_opd.rollout import refit
+    from megatron_opd.runtime import distributed
+    from megatron_opd.training import teacher
 
     results = {}
     for train, roll in LAYOUTS:
@@ -53,8 +57,8 @@ def _refit_worker(cases: list[dict]) -> dict:
             # evaluation's batches through the copy, uneven across data-parallel ranks (DP rank
             # 0: 3 jobs in 2 batches, DP rank 1: 1 job), each rank's jobs its own greedy tokens
             jobs = [(0, 0), (1, 0), (2, 0)] if dp_rank == 0 else [(2, 0)]
-            cfg = evaluation.EvalConfig(samples=1, max_new_tokens=NEW_TOKENS, batch_size=2)
-            evals = evaluation.sample_jobs(
+            cfg = accuracy.EvalConfig(samples=1, max_new_tokens=NEW_TOKENS, batch_size=2)
+            evals = accuracy.sample_jobs(
                 model, load_tokenizer(directory), TINY_PROMPTS, jobs, cfg, seed=0, greedy=True,
                 stop_token_ids=[],
             )  # fmt: skip

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from megatron_opd import rewards
-from megatron_opd.rewards import RewardConfig, compute_reward
+from megatron_opd.reward import rewards
+from megatron_opd.reward.rewards import RewardConfig, compute_reward
 
 ALPHAS = (0.1, 0.5, 1.0, 5.0, 50.0, 500.0)
 
@@ -294,7 +294,7 @@ def test_sign_convention_every_kind(kind, teacher_prefers):
     step down the real loss (opd_loss_func, float64 reference gradient) raises its probability;
     the opposite token gets a negative reward and loses probability. (A third-party PowerOPD port
     had the sign flipped: its loss would fail this test.)"""
-    from megatron_opd.loss import opd_loss_func
+    from megatron_opd.reward.loss import opd_loss_func
 
     vocab, target = 8, 3
     g = torch.Generator().manual_seed(11)
@@ -342,7 +342,7 @@ def test_sign_convention_every_kind(kind, teacher_prefers):
     after = torch.log_softmax(stepped, -1)[..., target]
     assert (after > lp_s).item() == teacher_prefers, (kind, after, lp_s)
     # its statistics are logged like every other kind's
-    from megatron_opd.loss import reduce_reports
+    from megatron_opd.reward.loss import reduce_reports
 
     report = reduce_reports([stats])
     assert report["num_tokens"] == 1
@@ -371,7 +371,7 @@ def test_reward_kinds_are_declared_in_one_registry():
     import re
     from pathlib import Path
 
-    from megatron_opd.rewards import REWARD_KINDS, REWARDS, RewardConfig
+    from megatron_opd.reward.rewards import REWARD_KINDS, REWARDS, RewardConfig
 
     assert REWARD_KINDS == tuple(REWARDS)
     needs_logits = {k for k, v in REWARDS.items() if v.needs_teacher_logits}

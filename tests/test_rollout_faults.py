@@ -22,8 +22,9 @@ import pytest
 from opd_setup import make_pair
 from test_faults import _FAILURE, _flags, finish, job_env, torchrun_cmd
 
-from megatron_opd import cli
-from megatron_opd.testing import free_port, rank_pids
+from megatron_opd.runtime import cli
+from megatron_opd.runtime.procs import rank_pids
+from megatron_opd.runtime.spawn import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import torch
 from opd_setup import SHORT_RUN as COMMON
 from opd_setup import make_pair, make_teacher, read_metrics, torchrun
 
-from megatron_opd.testing import run_distributed
+from megatron_opd.runtime.spawn import run_distributed
 
 TP_FLAG = "--opd-teacher-tensor-model-parallel-size"
 PP_FLAG = "--opd-teacher-pipeline-model-parallel-size"
@@ -76,7 +76,8 @@ def test_teacher_with_more_replicas_than_the_student_splits_its_rows(models, tmp
 
 
 def _split_worker(teacher_dir: str, vocab: int) -> dict:
-    from megatron_opd import distributed, teacher
+    from megatron_opd.runtime import distributed
+    from megatron_opd.training import teacher
 
     distributed.initialize(distributed.ParallelConfig(1, 2))  # the student at PP2: one DP rank
     teachers = teacher.build_teachers([Path(teacher_dir)], [(1, 1)])  # TP1 x DP2
@@ -119,7 +120,7 @@ def _hf_logprobs(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _prompt_file(path: Path, routes: list[int]) -> Path:
-    from megatron_opd.data import builtin_problems
+    from megatron_opd.training.data import builtin_problems
 
     problems = builtin_problems(len(routes), seed=3, add_instruction=False)
     rows = [
@@ -206,7 +207,7 @@ def metadata_only(tmp_path_factory):
     """Student (2 layers) and teachers as metadata + tokenizer only: the checks need no weights."""
     from opd_setup import metadata_only_checkpoint
 
-    from megatron_opd.testing import save_bpe_tokenizer
+    from megatron_opd.models.tiny import save_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("meta")
     save_bpe_tokenizer(root / "tok")
@@ -228,7 +229,7 @@ def metadata_only(tmp_path_factory):
 
 
 def _check(models, world: int, *extra: str, teachers=None):
-    from megatron_opd import arguments, launch
+    from megatron_opd.training import arguments, launch
 
     args = arguments.parse_args(_flags(models, teachers or [models["wide"]], *extra))
     return launch.check_inputs(args, world)
@@ -258,7 +259,7 @@ def test_teacher_flag_errors(metadata_only, tmp_path):
         3, PP_FLAG, "3", "--global-batch-size", "6"
     )
     assert f"{TP_FLAG} must be >= 1, got 0" in err(4, TP_FLAG, "0")
-    # the rollout copy's layout (megatron_opd.refit) is checked against the student
+    # the rollout copy's layout (megatron_opd.rollout.refit) is checked against the student
     r_tp, r_pp = "--rollout-tensor-model-parallel-size", "--rollout-pipeline-model-parallel-size"
     assert f"{r_tp} 3 x {r_pp} 1 does not divide the world size 4 (student)" in err(4, r_tp, "3")
     assert f"{r_pp} 4 is larger than the student's 2 layers" in err(4, r_pp, "4")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_opd.tokenizer import (
+from megatron_opd.models.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,

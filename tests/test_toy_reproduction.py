@@ -29,7 +29,7 @@ import run as toy  # noqa: E402
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    from megatron_opd.distributed import standalone_env
+    from megatron_opd.runtime.distributed import standalone_env
 
     out = tmp_path_factory.mktemp("toy")
     env = dict(standalone_env(), PYTHONWARNINGS="ignore")
@@ -132,7 +132,7 @@ def test_quick_sweep_numbers_recount(sweep):
 @pytest.mark.slow
 def test_quick_sweep_models_are_megatron_checkpoints(sweep):
     out, results, _ = sweep
-    from megatron_opd import convert
+    from megatron_opd.models import convert
 
     start = results["start"]
     t_arch, t_meta = convert.read_checkpoint(out / "models" / "teacher")
@@ -211,7 +211,7 @@ def test_claims_follow_the_numbers():
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
-    from megatron_opd.distributed import standalone_env
+    from megatron_opd.runtime.distributed import standalone_env
 
     out = tmp_path_factory.mktemp("compare")
     env = dict(standalone_env(), PYTHONWARNINGS="ignore")

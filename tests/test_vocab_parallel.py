@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron_opd.models import padded_vocab_size
-from megatron_opd.rewards import RewardConfig, compute_reward, power_reward
-from megatron_opd.testing import run_distributed
-from megatron_opd.vocab_parallel import (
+from megatron_opd.models.gpt import padded_vocab_size
+from megatron_opd.reward.rewards import RewardConfig, compute_reward, power_reward
+from megatron_opd.reward.vocab_parallel import (
     full_vocab_reverse_kl,
     opd_token_terms,
     sampled_token_logprobs,
 )
+from megatron_opd.runtime.spawn import run_distributed
 
 VOCAB = 250  # Megatron pads it to 256 at TP1/TP2 and to 512 at TP4 (two ranks hold only padding)
 SEQ, BATCH = 7, 3  # 21 tokens: chunk sizes 4 and 5 leave a ragged last chunk
@@ -396,7 +396,7 @@ def test_the_chunk_follows_the_device():
     """16 tokens a chunk on CPU (cache-sized scratch), 1024 on CUDA (16 was launch-bound there:
     116.6 ms against 24.2 ms for 8,192 x 151,936 forward + backward on an H200); ``None`` picks
     the device's, and the result does not depend on the chunk."""
-    from megatron_opd.vocab_parallel import default_chunk_size, sampled_token_logprobs
+    from megatron_opd.reward.vocab_parallel import default_chunk_size, sampled_token_logprobs
 
     assert default_chunk_size(torch.device("cpu")) == 16
     assert default_chunk_size(torch.device("cuda", 0)) == 1024

@@ -52,7 +52,7 @@ import multiplicity  # noqa: E402
 import run as sweep  # noqa: E402
 import stats  # noqa: E402
 
-from megatron_opd.checkpointing import write_json_atomic, write_text_atomic  # noqa: E402
+from megatron_opd.runtime.checkpointing import write_json_atomic, write_text_atomic  # noqa: E402
 
 METHODS = {
     **sweep.METHODS,
@@ -437,7 +437,7 @@ def plot(
     note: str = "95% interval over seeds and problems",
     name: str = "compare.png",
 ) -> Path:
-    from megatron_opd.plots import pyplot, save_figure
+    from megatron_opd.evaluation.plots import pyplot, save_figure
 
     plt = pyplot()
     methods = [m for m in table if "accuracy" in table[m]]

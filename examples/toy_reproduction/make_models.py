@@ -30,8 +30,11 @@ import task  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from megatron_opd import checkpointing, convert, data, distributed, evaluation, models  # noqa: E402
-from megatron_opd.tokenizer import load_tokenizer  # noqa: E402
+from megatron_opd.evaluation import accuracy  # noqa: E402
+from megatron_opd.models import convert, gpt  # noqa: E402
+from megatron_opd.models.tokenizer import load_tokenizer  # noqa: E402
+from megatron_opd.runtime import checkpointing, distributed  # noqa: E402
+from megatron_opd.training import data  # noqa: E402
 
 
 @dataclass
@@ -45,8 +48,8 @@ class ModelRecipe:
     lr: float
     batch_size: int = 64
 
-    def arch(self, vocab_size: int) -> models.ArchConfig:
-        return models.ArchConfig(
+    def arch(self, vocab_size: int) -> gpt.ArchConfig:
+        return gpt.ArchConfig(
             model_type="qwen3",
             vocab_size=vocab_size,
             hidden_size=self.hidden,
@@ -120,11 +123,11 @@ def sft_batch(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
 
 
-def train(recipe: ModelRecipe, arch: models.ArchConfig, examples, pad_id: int, seed: int):
+def train(recipe: ModelRecipe, arch: gpt.ArchConfig, examples, pad_id: int, seed: int):
     """Next-token SFT with AdamW, linear warmup then cosine decay; returns the model chunks."""
     torch.manual_seed(seed)
-    config = models.transformer_config(arch)
-    chunks = models.build_model(arch, config)
+    config = gpt.transformer_config(arch)
+    chunks = gpt.build_model(arch, config)
     model = chunks[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     warmup = max(1, recipe.steps // 20)
@@ -141,7 +144,7 @@ def train(recipe: ModelRecipe, arch: models.ArchConfig, examples, pad_id: int, s
     for step in range(recipe.steps):
         tokens, targets, mask = sft_batch(rng.sample(examples, recipe.batch_size), pad_id)
         b, s = tokens.shape
-        logits = model(tokens, models.position_ids(b, s), models.causal_mask(s))
+        logits = model(tokens, gpt.position_ids(b, s), gpt.causal_mask(s))
         logits = logits[..., : arch.vocab_size].float()
         loss = F.cross_entropy(logits[mask], targets[mask])
         optimizer.zero_grad(set_to_none=True)
@@ -161,15 +164,15 @@ def train(recipe: ModelRecipe, arch: models.ArchConfig, examples, pad_id: int, s
 
 def heldout_scores(chunks, tokenizer, heldout: Path, samples: int) -> dict[str, float]:
     cfg = eval_config(samples)
-    scores, _ = evaluation.evaluate(
-        chunks, tokenizer, evaluation.load_benchmarks([str(heldout)], None), cfg, progress=False
+    scores, _ = accuracy.evaluate(
+        chunks, tokenizer, accuracy.load_benchmarks([str(heldout)], None), cfg, progress=False
     )
-    return evaluation.summary(scores)
+    return accuracy.summary(scores)
 
 
-def eval_config(samples: int = 8) -> evaluation.EvalConfig:
+def eval_config(samples: int = 8) -> accuracy.EvalConfig:
     """The evaluation every number of the reproduction uses (held-out set, Avg@k / Pass@k)."""
-    return evaluation.EvalConfig(
+    return accuracy.EvalConfig(
         samples=samples, temperature=0.6, max_new_tokens=96, max_prompt_length=128, seed=1234
     )
 

@@ -205,7 +205,7 @@ def _spearman(xs, ys) -> float:
 
 
 def make_plots(results: list[dict], start: dict, cfg, out: Path) -> list[Path]:
-    from megatron_opd.plots import pyplot, save_figure
+    from megatron_opd.evaluation.plots import pyplot, save_figure
 
     plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)

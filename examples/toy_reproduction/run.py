@@ -36,7 +36,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 import report  # noqa: E402
 
-from megatron_opd.checkpointing import write_json_atomic, write_text_atomic  # noqa: E402
+from megatron_opd.runtime.checkpointing import write_json_atomic, write_text_atomic  # noqa: E402
 
 ALPHAS = (0.1, 0.5, 1.0, 5.0, 50.0)
 BASELINES = {
@@ -163,7 +163,7 @@ def sweep_config(args) -> SweepConfig:
 
 
 def _env(threads: int) -> dict[str, str]:
-    from megatron_opd.distributed import standalone_env
+    from megatron_opd.runtime.distributed import standalone_env
 
     return dict(
         standalone_env(),
@@ -236,8 +236,8 @@ def reward_by_position(run_dir: Path, flags: list[str], width: int) -> dict[str,
     no sampled-token reward, the log-ratio."""
     import torch
 
-    from megatron_opd import arguments
-    from megatron_opd.rewards import compute_reward, masked_moments, response_positions
+    from megatron_opd.reward.rewards import compute_reward, masked_moments, response_positions
+    from megatron_opd.training import arguments
 
     cfg = arguments.reward_config(arguments.parse_args(flags))  # the formula the run trained with
     total = torch.zeros(width, dtype=torch.float64)

@@ -22,8 +22,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_opd.checkpointing import write_text_atomic
-from megatron_opd.data import BOXED_INSTRUCTION
+from megatron_opd.runtime.checkpointing import write_text_atomic
+from megatron_opd.training.data import BOXED_INSTRUCTION
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def write_problems(path: Path, items: list[list[int]]) -> Path:
 
 def save_tokenizer(directory: Path) -> None:
     """Byte-level BPE over this task's prompts and solutions; digits always split."""
-    from megatron_opd.testing import save_bpe_tokenizer
+    from megatron_opd.models.tiny import save_bpe_tokenizer
 
     corpus = [BOXED_INSTRUCTION]
     corpus += [problem_text(t) + "\n" + worked_solution(t) for t in problems(500, seed=99)]

@@ -12,9 +12,9 @@ module of the project tests a version or ``torch.cuda``; they ask here.
 * :mod:`~megatron_opd.compat.writers`: dist-checkpoint writers that cannot hang or outlive a rank.
 * :mod:`~megatron_opd.compat.moe`: mixture-of-experts layers without transformer-engine or CUDA.
 
-``apply()`` is idempotent and is called by :func:`megatron_opd.distributed.initialize` (and by
-anything that builds Megatron objects before that). With CUDA present it changes only the inference
-path (rotary keys cached rotated) and the log / checkpoint-writer patches.
+``apply()`` is idempotent and is called by :func:`megatron_opd.runtime.distributed.initialize` (and
+by anything that builds Megatron objects before that). With CUDA present it changes only the
+inference path (rotary keys cached rotated) and the log / checkpoint-writer patches.
 """
 
 from __future__ import annotations

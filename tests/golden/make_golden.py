@@ -58,7 +58,9 @@ def greedy_tokens(student: Path) -> list[list[int]]:
     code = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
-from megatron_opd import convert, distributed, generation, tokenizer as tk
+from megatron_opd.models import convert, tokenizer as tk
+from megatron_opd.rollout import generation
+from megatron_opd.runtime import distributed
 distributed.initialize()
 chunks, arch = convert.load_checkpoint_model({str(student)!r})
 tok = tk.load_tokenizer({str(student / "tokenizer")!r})
@@ -67,7 +69,7 @@ out = generation.generate(chunks, tok, prompts, max_new_tokens=12, greedy=True, 
 print("GREEDY", json.dumps([g.tokens for g in out]))
 distributed.teardown()
 """
-    from megatron_opd.distributed import standalone_env
+    from megatron_opd.runtime.distributed import standalone_env
 
     env = dict(standalone_env(), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.run(

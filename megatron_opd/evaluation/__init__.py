@@ -1,0 +1,1 @@
+"""Evaluation: accuracy on math sets, the held-out gap to the teacher, grading, plots."""

@@ -1,0 +1,1 @@
+"""Models: Megatron-Core GPT builds, Hugging Face conversion, tokenizers, attention."""
