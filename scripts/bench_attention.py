@@ -162,10 +162,10 @@ def attention_decode_inputs(model, batch: int, cache_len: int, padded: bool):
     return q, k, v, mask if padded else None
 
 
-def teacher_rows(directory: Path, inputs, repeats: int) -> list[tuple[str, dict]]:
+def teacher_rows(directory: Path, grid, inputs, repeats: int) -> list[tuple[str, dict]]:
     from megatron_opd.models import convert
 
-    (teacher,), _ = convert.load_checkpoint_model(directory)
+    (teacher,), _ = convert.load_checkpoint_model(directory, grid)
     teacher.eval()
 
     def forward():
@@ -177,11 +177,11 @@ def teacher_rows(directory: Path, inputs, repeats: int) -> list[tuple[str, dict]
 
 
 def student_rows(
-    directory: Path, inputs, cache_len: int, new_tokens: int, repeats: int
+    directory: Path, grid, inputs, cache_len: int, new_tokens: int, repeats: int
 ) -> list[tuple[str, dict]]:
     from megatron_opd.models import convert
 
-    (student,), _ = convert.load_checkpoint_model(directory)
+    (student,), _ = convert.load_checkpoint_model(directory, grid)
     student.train()
     b, s = inputs[0].shape
 
@@ -280,14 +280,16 @@ def main(argv=None) -> None:
     from megatron_opd.runtime import distributed
 
     teacher_dir, student_dir = checkpoints(args.workdir, args.student_layers)
-    distributed.initialize()
+    grid = distributed.initialize().grid
     b, s = args.batch, args.seq_len
     vocab = convert.read_checkpoint(teacher_dir)[0].vocab_size
     tokens = torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(0))
     inputs = (tokens, gpt.position_ids(b, s), gpt.causal_mask(s))
     try:
-        rows = teacher_rows(teacher_dir, inputs, args.repeats)
-        rows += student_rows(student_dir, inputs, args.cache_len, args.new_tokens, args.repeats)
+        rows = teacher_rows(teacher_dir, grid, inputs, args.repeats)
+        rows += student_rows(
+            student_dir, grid, inputs, args.cache_len, args.new_tokens, args.repeats
+        )
     finally:
         distributed.teardown()
     print(

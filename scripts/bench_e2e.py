@@ -292,7 +292,7 @@ def bound(cfg: dict) -> dict:
     from megatron_opd.models import convert, gpt
     from megatron_opd.runtime import distributed
 
-    distributed.initialize()
+    grid = distributed.initialize().grid
     try:
         device = compat.default_device()
         b, s = cfg["batch"], int(round(cfg["sequence_len"]))
@@ -303,7 +303,7 @@ def bound(cfg: dict) -> dict:
             ("teacher_forward", cfg["teacher"], False),
             ("train_pass", cfg["student"], True),
         ):
-            chunks, arch = convert.load_checkpoint_model(directory)
+            chunks, arch = convert.load_checkpoint_model(directory, grid)
             model = chunks[0].train(backward)
             tokens = torch.randint(0, arch.vocab_size, (b, s), generator=g).to(device)
             inputs = (tokens, gpt.position_ids(b, s, device), gpt.causal_mask(s, device))

@@ -87,10 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     stats = _bench_e2e()
-    distributed.initialize()
+    grid = distributed.initialize().grid
     torch.manual_seed(0)
     arch = student_arch(args.layers)
-    chunks = gpt.build_model(arch, gpt.transformer_config(arch))
+    chunks = gpt.build_model(arch, gpt.transformer_config(arch), grid)
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(60, 131, (args.batch,), generator=gen).tolist()
     prompts = [torch.randint(1, arch.vocab_size, (n,), generator=gen).tolist() for n in lengths]

@@ -27,9 +27,7 @@ from megatron_opd.models import convert  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(
-        prog="convert_hf_to_megatron.py", description=__doc__.splitlines()[0]
-    )
+    parser = cli.ArgumentParser(prog="convert_hf_to_megatron.py", description=__doc__)
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory")
     parser.add_argument("--save", required=True, help="output Megatron checkpoint directory")
     parser.add_argument("--dtype", choices=sorted(convert.DTYPES), default="bf16")

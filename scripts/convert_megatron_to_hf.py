@@ -27,9 +27,7 @@ from megatron_opd.runtime import checkpointing, integrity  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(
-        prog="convert_megatron_to_hf.py", description=__doc__.splitlines()[0]
-    )
+    parser = cli.ArgumentParser(prog="convert_megatron_to_hf.py", description=__doc__)
     parser.add_argument("--load", required=True, help="Megatron checkpoint directory")
     parser.add_argument("--save", required=True, help="output Hugging Face directory")
     parser.add_argument(

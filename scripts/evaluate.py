@@ -34,7 +34,7 @@ cli.quiet()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="evaluate.py", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", type=str, help="Megatron checkpoint directory")
     src.add_argument("--hf-dir", type=str, help="Hugging Face model directory")
@@ -140,12 +140,12 @@ def main(argv=None) -> None:
         except (ValueError, OSError) as e:
             cli.exit_with(e, "evaluate.py")
 
-    distributed.initialize(
+    grid = distributed.initialize(
         distributed.ParallelConfig(
             args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         ),
         seed=args.seed,
-    )
+    ).grid
     try:
         from megatron_opd.models import convert
         from megatron_opd.models.tokenizer import load_tokenizer
@@ -162,20 +162,21 @@ def main(argv=None) -> None:
             dist.barrier()
         else:
             ckpt = checkpointing.resolve_checkpoint(args.load)
-        chunks, _ = convert.load_checkpoint_model(ckpt)
+        chunks, _ = convert.load_checkpoint_model(ckpt, grid)
         for c in chunks:
             c.eval()
         tokenizer = load_tokenizer(ckpt)
         scores, records = accuracy.evaluate(
-            chunks, tokenizer, benchmarks, cfg, progress=not args.no_progress, keep_token_ids=True
-        )
+            chunks, tokenizer, benchmarks, cfg, grid, progress=not args.no_progress,
+            keep_token_ids=True,
+        )  # fmt: skip
         extra = {"checkpoint": str(ckpt)}
         gap_records = None
         if args.teacher:
             from megatron_opd.evaluation import gap
 
             teacher_ckpt = checkpointing.resolve_checkpoint(args.teacher)
-            teacher, _ = convert.load_checkpoint_model(teacher_ckpt)
+            teacher, _ = convert.load_checkpoint_model(teacher_ckpt, grid)
             reusable = gap.samples_are_reusable(cfg.temperature, cfg.top_p)
             summaries, gap_records = gap.evaluate_gap(
                 chunks,
@@ -184,6 +185,7 @@ def main(argv=None) -> None:
                 benchmarks,
                 cfg,
                 convert.read_checkpoint(ckpt)[0].vocab_size,
+                grid,
                 records=records if reusable else None,
                 micro_batch_size=args.micro_batch_size,
                 power_alphas=tuple(args.gap_alpha),

@@ -272,16 +272,16 @@ _FAILURE = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:
 
 def expected_codes(r: Launch) -> dict[int, int] | None:
     """Every rank's exit code a faulted launch must end with (None: no fault fired)."""
-    from megatron_opd.runtime import cli
+    from megatron_opd.runtime import errors
 
     if r.fault is None or not r.outcome or r.outcome.startswith("not fired"):
         return None
     if r.fault.kind == "sigterm":  # --exit-signal-handler: saved, and a clean exit
         return {0: 0, 1: 0}
     if "kill -9 writer" in r.outcome:  # the dead writer's rank fails its save, the other echoes
-        return {0: cli.RUN_ERROR_EXIT, 1: cli.RUN_ERROR_EXIT}
+        return {0: errors.RUN_ERROR_EXIT, 1: errors.RUN_ERROR_EXIT}
     # a rank killed: the survivor (torchrun's SIGTERM, or the lost peer) is one line and exit 4
-    return {r.fault.rank: -signal.SIGKILL, 1 - r.fault.rank: cli.RUN_ERROR_EXIT}
+    return {r.fault.rank: -signal.SIGKILL, 1 - r.fault.rank: errors.RUN_ERROR_EXIT}
 
 
 def fire(fault: Fault, proc: subprocess.Popen, save: Path, writer_misses: int, saving: bool):
@@ -366,9 +366,9 @@ def stable(row: dict) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from megatron_opd.runtime import cli
+    from megatron_opd.runtime import cli, errors
 
-    p = cli.ArgumentParser(prog="fault_soak.py", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="fault_soak.py", description=__doc__)
     p.add_argument("--faults", type=int, default=3, help="K faults")
     p.add_argument("--steps", type=int, default=8, help="N training steps")
     p.add_argument("--layout", choices=sorted(LAYOUT_FLAGS), default="PP2")
@@ -385,7 +385,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         {"--faults": cli.at_least(0), "--steps": cli.at_least(1), "--hang-after": cli.above(0)},
     )
     if args.steps < 2 * args.faults + 2:  # see main(): each fault needs two steps
-        raise cli.UserError(
+        raise errors.UserError(
             f"--steps {args.steps} is too few for --faults {args.faults}: a fault may fire up to "
             f"2 steps into a launch; give --steps >= {2 * args.faults + 2}"
         )

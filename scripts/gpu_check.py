@@ -163,6 +163,7 @@ class Context:
     shapes: Shapes
     device: torch.device
     workdir: Path
+    grid: Any  # the world of one's ModelGrid (distributed.initialize)
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -284,8 +285,8 @@ def section_numerics(ctx: Context) -> None:
         f"hidden {arch.hidden_size}, vocab {arch.vocab_size}; {b} x {s} tokens"
     )
     torch.manual_seed(0)
-    (ref,) = gpt.build_model(arch, gpt.transformer_config(arch, dtype=torch.float32))
-    (low,) = gpt.build_model(arch, gpt.transformer_config(arch, dtype=ctx.shapes.dtype))
+    (ref,) = gpt.build_model(arch, gpt.transformer_config(arch, dtype=torch.float32), ctx.grid)
+    (low,) = gpt.build_model(arch, gpt.transformer_config(arch, dtype=ctx.shapes.dtype), ctx.grid)
     low.load_state_dict(ref.state_dict())  # the same weights, rounded to bf16
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, arch.vocab_size, (b, s), generator=gen).to(ctx.device)
@@ -413,7 +414,7 @@ def random_checkpoint(ctx: Context, arch: gpt.ArchConfig, directory: Path) -> No
     from megatron_opd.runtime import checkpointing
 
     torch.manual_seed(3)
-    chunks = gpt.build_model(arch, gpt.transformer_config(arch, dtype=ctx.shapes.dtype))
+    chunks = gpt.build_model(arch, gpt.transformer_config(arch, dtype=ctx.shapes.dtype), ctx.grid)
     checkpointing.save_model(chunks, directory)
     del chunks
 
@@ -421,7 +422,7 @@ def random_checkpoint(ctx: Context, arch: gpt.ArchConfig, directory: Path) -> No
 def random_teacher(ctx: Context, arch: gpt.ArchConfig) -> list[torch.nn.Module]:
     """Frozen and in eval mode, as ``launch.build_teacher`` leaves a loaded teacher."""
     torch.manual_seed(4)
-    chunks = gpt.build_model(arch, gpt.transformer_config(arch, dtype=ctx.shapes.dtype))
+    chunks = gpt.build_model(arch, gpt.transformer_config(arch, dtype=ctx.shapes.dtype), ctx.grid)
     for c in chunks:
         c.eval()
         c.requires_grad_(False)
@@ -486,7 +487,8 @@ def section_decode(ctx: Context) -> None:
     sh = ctx.shapes
     tokenizer, prompts = rollout_inputs(ctx)
     torch.manual_seed(6)
-    chunks = gpt.build_model(sh.student, gpt.transformer_config(sh.student, dtype=sh.dtype))
+    config = gpt.transformer_config(sh.student, dtype=sh.dtype)
+    chunks = gpt.build_model(sh.student, config, ctx.grid)
     ctx.weight_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     batch = prompts.token_ids[: sh.prompts]
     short, long = sh.decode_tokens
@@ -554,7 +556,7 @@ def section_decode(ctx: Context) -> None:
 
 def section_opd_step(ctx: Context) -> None:
     from megatron_opd.rollout import engines
-    from megatron_opd.training import launch
+    from megatron_opd.training import arguments, launch
     from megatron_opd.training.teacher import on_student_grid
     from megatron_opd.training.trainer import Trainer
 
@@ -576,10 +578,10 @@ def section_opd_step(ctx: Context) -> None:
         prompts=prompts,
     )
     args = opd_args(ctx, student_dir, "power", sh.new_tokens)
-    student, optimizer, scheduler = launch.build_student(args, inputs)
+    student, optimizer, scheduler = launch.build_student(args, inputs, ctx.grid)
     params = sum(p.numel() for c in student for p in c.parameters()) / 1e9
     t_params = sum(p.numel() for c in teacher for p in c.parameters()) / 1e9
-    teachers = on_student_grid(teacher)
+    teachers = on_student_grid(teacher, ctx.grid)
     print(
         f"(c) student {params:.3f} B parameters, teacher {t_params:.3f} B; built in "
         f"{time.perf_counter() - t0:.1f} s; {sh.prompts} prompts x {sh.new_tokens} new tokens, "
@@ -600,7 +602,8 @@ def section_opd_step(ctx: Context) -> None:
         t_kind = time.perf_counter()
         for new_tokens in (sh.warmup_tokens, sh.new_tokens):  # warm-up, then the timed step
             args = opd_args(ctx, student_dir, kind, new_tokens, engine)
-            trainer = Trainer(args, inputs, student, optimizer, scheduler, teachers)
+            config = arguments.trainer_config(args)
+            trainer = Trainer(config, inputs, ctx.grid, student, optimizer, scheduler, teachers)
             m = trainer.train_one_step()
         estimate = 1.2 * (time.perf_counter() - t_kind)
         label = kind if engine == auto else f"{kind} ({engine} engine)"
@@ -743,9 +746,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     small = args.small or os.environ.get("GPU_CHECK_SMALL") == "1" or not cuda
     mode = "small shapes" if small else "Qwen3 shapes"
     workdir = Path(tempfile.mkdtemp(prefix="gpu_check_work_"))
-    distributed.initialize()  # a world of one: NCCL on the GPU, gloo on the CPU
+    grid = distributed.initialize().grid  # a world of one: NCCL on the GPU, gloo on the CPU
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    ctx = Context(small_shapes() if small else full_shapes(), device, workdir)
+    ctx = Context(small_shapes() if small else full_shapes(), device, workdir, grid)
     t0 = time.perf_counter()
     ctx.budget, ctx.deadline = args.budget, t0 + args.budget
     try:

@@ -75,9 +75,9 @@ def qwen3_moe(layers: int, small: bool) -> gpt.ArchConfig:
     )
 
 
-def random_teacher(arch: gpt.ArchConfig, dtype: torch.dtype) -> torch.nn.Module:
+def random_teacher(arch: gpt.ArchConfig, dtype: torch.dtype, grid) -> torch.nn.Module:
     config = gpt.transformer_config(arch, dtype=dtype, perform_initialization=False)
-    (model,) = gpt.build_model(arch, config)
+    (model,) = gpt.build_model(arch, config, grid)
     g = torch.Generator(device=compat.default_device()).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -91,10 +91,10 @@ def random_teacher(arch: gpt.ArchConfig, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def measure(arch, args, device, dtype) -> dict:
+def measure(arch, args, device, dtype, grid) -> dict:
     """One depth: weights, the teacher pass's time per token and peak memory, expert load."""
     compat.reset_peak_memory()
-    model = random_teacher(arch, dtype)
+    model = random_teacher(arch, dtype, grid)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, arch.vocab_size, (args.rows, args.tokens + 1), generator=g)
@@ -114,7 +114,7 @@ def measure(arch, args, device, dtype) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = forward_only([model], items, arch.vocab_size)
+        out = forward_only([model], items, arch.vocab_size, grid)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:
@@ -158,14 +158,14 @@ def main(argv=None) -> int:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if cuda else torch.float32
-    distributed.initialize()  # a world of one
+    grid = distributed.initialize().grid  # a world of one
     device = compat.default_device()
     t_start = time.perf_counter()
     rows, failed = [], []
     for layers in args.layers:
         arch = qwen3_moe(layers, small)
         try:
-            r = measure(arch, args, device, dtype)
+            r = measure(arch, args, device, dtype, grid)
             rows.append(r)
             print(json.dumps(r), flush=True)
             if not r["finite"]:

@@ -29,7 +29,7 @@ from megatron_opd.runtime import checkpointing, distributed, integrity  # noqa: 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="make_student.py", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="make_student.py", description=__doc__)
     p.add_argument("--load", required=True, help="source (teacher) Megatron checkpoint")
     p.add_argument("--save", required=True)
     group = p.add_mutually_exclusive_group(required=True)
@@ -66,9 +66,9 @@ def main(argv=None) -> None:
     arch, meta = convert.read_checkpoint(source)
     keep = chosen_layers(args, arch.num_hidden_layers)
 
-    distributed.initialize(distributed.ParallelConfig())
+    grid = distributed.initialize(distributed.ParallelConfig()).grid
     try:
-        teacher, _ = convert.load_checkpoint_model(source)
+        teacher, _ = convert.load_checkpoint_model(source, grid)
         teacher_params = dict(teacher[0].named_parameters())
         student_arch = copy.deepcopy(arch)
         student_arch.num_hidden_layers = len(keep)
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
             student_arch, dtype=teacher[0].config.params_dtype, perform_initialization=False
         )
         divisor = meta.get("make_vocab_size_divisible_by", 128)
-        student = gpt.build_model(student_arch, config, divisor)
+        student = gpt.build_model(student_arch, config, grid, divisor)
         with torch.no_grad():
             _copy_layers(student[0], teacher_params, keep)
         del teacher, teacher_params

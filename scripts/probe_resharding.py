@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from megatron_opd.compat.cpu import CpuStream  # noqa: E402
+
 TRAIN_TP = 2
 _PLAN_FAILED = "__probe_plan_failed__"
 GROUPS = (
@@ -155,28 +157,6 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" + (f"  [at {where}]" if where else "")
 
 
-class _StreamStandIn:
-    """A CUDA stream on the CPU: every op has already finished."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, *args, **kwargs):
-        pass
-
-    def wait_event(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-    def record_event(self, event=None):
-        return event
-
-
 @contextlib.contextmanager
 def cpu_stream_standin():
     """torch.cuda.Stream / stream() / current_stream() as no-ops and ``pin_memory=True`` dropped
@@ -188,9 +168,9 @@ def cpu_stream_standin():
         kwargs.pop("pin_memory", None)
         return real_empty(*args, **kwargs)
 
-    torch.cuda.Stream = _StreamStandIn
+    torch.cuda.Stream = CpuStream
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    torch.cuda.current_stream = lambda *a, **k: _StreamStandIn()
+    torch.cuda.current_stream = lambda *a, **k: CpuStream()
     torch.empty = empty
     try:
         yield
@@ -233,11 +213,12 @@ def guard_centralized_planner() -> None:
     mrefit.build_centralized_reshard_plan = guarded
 
 
-def fresh_copy(chunks, arch, divisor: int):
-    """A new rollout copy at TP1 x DP2 (the project's own constructor), every tensor NaN."""
+def fresh_copy(chunks, grid, arch, divisor: int):
+    """A new rollout copy at TP1 x DP2 (the project's own constructor) of the student's
+    ``chunks`` on ``grid``, every tensor NaN."""
     from megatron_opd.rollout import refit
 
-    model = refit.RolloutModel(chunks, arch, divisor, 1, 1, timeout_minutes=5)
+    model = refit.RolloutModel(chunks, grid, arch, divisor, 1, 1, timeout_minutes=5)
     with torch.no_grad():
         for p in model.chunk.parameters():
             p.fill_(float("nan"))
@@ -305,28 +286,27 @@ def main() -> None:
         return
 
     import megatron.core
-    from megatron.core import parallel_state as ps
 
     from megatron_opd.models import convert
     from megatron_opd.rollout import refit
     from megatron_opd.runtime import distributed
     from megatron_opd.training import teacher
 
-    distributed.initialize(distributed.ParallelConfig(TRAIN_TP, 1), timeout_minutes=5)
+    grid = distributed.initialize(distributed.ParallelConfig(TRAIN_TP, 1), timeout_minutes=5).grid
     torch.set_num_threads(1)
     directory = args.pair / "student"
-    chunks, arch = convert.load_checkpoint_model(directory)  # TP2, as the trainer loads it
+    chunks, arch = convert.load_checkpoint_model(directory, grid)  # TP2, as the trainer loads it
     _, meta = convert.read_checkpoint(directory)
     divisor = meta.get("make_vocab_size_divisible_by", 128)
     student = chunks[0]
     vocab = arch.vocab_size
     say(f"megatron-core {megatron.core.__version__}, torch {torch.__version__}, world "
-        f"{dist.get_world_size()}: student TP{ps.get_tensor_model_parallel_world_size()} -> "
+        f"{dist.get_world_size()}: student TP{grid.tp_size} -> "
         f"copy TP1 x DP2; vocab {vocab}, divisor {divisor}")  # fmt: skip
     full = gather_full(student)
 
     # 1. the project's refit
-    project_model = refit.RolloutModel(chunks, arch, divisor, 1, 1, timeout_minutes=5)
+    project_model = refit.RolloutModel(chunks, grid, arch, divisor, 1, 1, timeout_minutes=5)
     project_model.refit(chunks)
     project = {n: p.detach().clone() for n, p in project_model.chunk.named_parameters()}
     project_vs_full = diffs(project, full, vocab)
@@ -353,16 +333,16 @@ def main() -> None:
     guard_centralized_planner()
     say("swap_model_weights(student, copy, 'gloo') attempts:")
     results: dict[str, dict | str] = {}
-    copy_a = fresh_copy(chunks, arch, divisor)
+    copy_a = fresh_copy(chunks, grid, arch, divisor)
     err = try_swap("A as is", chunks, copy_a)
     results["A"] = err or by_group(diffs(dict(copy_a.named_parameters()), project, vocab))
-    copy_b = fresh_copy(chunks, arch, divisor)
+    copy_b = fresh_copy(chunks, grid, arch, divisor)
     with cpu_stream_standin():
         err = try_swap("B + CPU stream/pin_memory stand-in", chunks, copy_b)
     results["B"] = err or by_group(diffs(dict(copy_b.named_parameters()), project, vocab))
 
     # C: the copy padded like the training model (vocab rows 2 x 256 = 512 at TP1)
-    copy_c = fresh_copy(chunks, arch, divisor * TRAIN_TP)
+    copy_c = fresh_copy(chunks, grid, arch, divisor * TRAIN_TP)
     with cpu_stream_standin():
         err = try_swap(f"C + B, copy padded to the training width (divisor {divisor * TRAIN_TP})",
                        chunks, copy_c)  # fmt: skip
@@ -379,7 +359,7 @@ def main() -> None:
         results["C"] = err
 
     # D: C with the gated fc1 marked partition_stride=2 on both sides
-    copy_d = fresh_copy(chunks, arch, divisor * TRAIN_TP)
+    copy_d = fresh_copy(chunks, grid, arch, divisor * TRAIN_TP)
     saved = {}
     for model in (student, copy_d):
         for n, p in model.named_parameters():
@@ -487,16 +467,16 @@ def probe_pools(args) -> None:
 
     student = reference = None
     if not pool.is_rollout:
-        student, _ = convert.load_checkpoint_model(directory)  # this rank's TP2 chunks
+        student, _ = convert.load_checkpoint_model(directory, pool.grid)  # this rank's TP2 chunks
     else:
-        (at_tp1,), _ = convert.load_checkpoint_model(directory)
+        (at_tp1,), _ = convert.load_checkpoint_model(directory, pool.grid)
         reference = {n: p.detach().clone() for n, p in at_tp1.named_parameters()}
 
     def nan_copy(vocab_divisor: int):
         config = gpt.transformer_config(
             arch, 1, 1, dtype=convert.checkpoint_dtype(directory), perform_initialization=False
         )
-        (chunk,) = gpt.build_model(arch, config, vocab_divisor)
+        (chunk,) = gpt.build_model(arch, config, pool.grid, vocab_divisor)
         with torch.no_grad():
             for p in chunk.parameters():
                 p.fill_(float("nan"))

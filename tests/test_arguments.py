@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_opd.training import arguments
+from megatron_opd.training import arguments, config
 
 
 @pytest.fixture
@@ -91,3 +91,40 @@ def test_unknown_reward_kind_is_one_line(capsys):
 
 def test_valid_arguments_pass(ckpts):
     arguments.validate_args(arguments.parse_args(ckpts + ["--global-batch-size", "8"]), 2)
+
+
+def test_trainer_config_carries_every_flag_the_loop_reads():
+    a = arguments.parse_args([
+        "--train-iters", "7", "--seed", "11", "--prompt-data", "builtin:9",
+        "--global-batch-size", "12", "--rollout-samples-per-prompt", "3",
+        "--micro-batch-size", "2", "--max-tokens-per-micro-batch", "512",
+        "--no-opd-mask-terminal-stop", "--rollout-top-p", "1", "--rollout-top-k", "4",
+        "--opd-reward", "tanh", "--opd-alpha", "0.3",
+        "--load", "l", "--save", "s", "--save-interval", "5", "--bf16",
+        "--log-interval", "4", "--metrics-file", "m.jsonl", "--tensorboard-dir", "tb",
+        "--opd-dump-tokens", "d", "--eval-interval", "6", "--eval-data", "builtin:4",
+        "--eval-at-start", "--no-eval-gap", "--eval-teacher", "t", "--eval-samples", "2",
+        "--eval-temperature", "0.7", "--eval-limit", "3", "--max-prompt-length", "99",
+        "--exit-signal-handler", "--exit-signal", "SIGUSR1", "--exit-interval", "8",
+        "--opd-max-consecutive-skips", "5",
+    ])  # fmt: skip
+    c = arguments.trainer_config(a)
+    assert (c.train_iters, c.seed, c.prompt_data) == (7, 11, "builtin:9")
+    assert c.batch == config.BatchConfig(12, 3, 2, 512, mask_terminal_stop=False)
+    assert (c.rollout.top_p, c.rollout.top_k) == (0.0, 4)  # top-p 1: no filter
+    assert (c.reward.kind, c.reward.alpha) == ("tanh", 0.3)
+    assert c.checkpoint == config.CheckpointConfig("s", 5, "l", params_dtype="bfloat16")
+    log = c.log
+    assert (log.interval, log.metrics_file, log.tensorboard_dir, log.dump_tokens) == (
+        4, "m.jsonl", "tb", "d"
+    )  # fmt: skip
+    assert log.flags == vars(a)  # every flag, recorded as the wandb run's config
+    e = c.eval
+    assert (e.interval, e.data, e.at_start, e.gap) == (6, ["builtin:4"], True, False)
+    assert e.gap_teacher == "t"
+    s = e.sampling
+    assert (s.samples, s.temperature, s.limit, s.max_prompt_length, s.seed) == (2, 0.7, 3, 99, 11)
+    assert c.stop == config.StopConfig("SIGUSR1", 8, 5)
+    # without --exit-signal-handler no signal is caught, whatever --exit-signal says
+    quiet = arguments.trainer_config(arguments.parse_args(["--exit-signal", "SIGUSR1"]))
+    assert quiet.stop.exit_signal is None

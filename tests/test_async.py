@@ -84,11 +84,11 @@ REGENERATE = textwrap.dedent(
     from megatron_opd.models.tokenizer import load_tokenizer
     import torch
 
-    distributed.initialize(seed=7)
+    grid = distributed.initialize(seed=7).grid
     for job in sys.argv[1:]:  # checkpoint@step@output: step's batch from that checkpoint
         ckpt, step, out = job.split("@")
         step = int(step)
-        chunks, _ = convert.load_checkpoint_model(ckpt)
+        chunks, _ = convert.load_checkpoint_model(ckpt, grid)
         tokenizer = load_tokenizer(ckpt)
         problems = data.load_prompt_source("builtin:64", seed=7)
         prompts = data.PromptSet.build(problems, tokenizer, 160, None)

@@ -208,7 +208,7 @@ def _model_with_either_attention():
         head_dim=16,
     )
     cfg = gpt.transformer_config(arch, parallel_state.get_tensor_model_parallel_world_size())
-    (model,) = gpt.build_model(arch, cfg)
+    (model,) = gpt.build_model(arch, cfg, distributed.student_grid())
     layers = model.decoder.layers
     assert all(isinstance(layer.self_attention.core_attention, SDPAttention) for layer in layers)
     b, s, pads = 3, 12, [0, 2, 5]

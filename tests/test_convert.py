@@ -187,8 +187,8 @@ def tiny(tmp_path_factory) -> dict[str, SimpleNamespace]:
 def load_megatron(directory: Path):
     from megatron_opd.runtime import distributed
 
-    distributed.initialize()
-    chunks, _ = convert.load_checkpoint_model(directory)
+    grid = distributed.initialize().grid
+    chunks, _ = convert.load_checkpoint_model(directory, grid)
     return chunks
 
 
@@ -581,9 +581,9 @@ def _layouts_worker(cases: list[dict], resave_dir: str) -> dict:
     for tp, pp in ((2, 1), (1, 2)):
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        distributed.initialize(distributed.ParallelConfig(tp, pp))
+        grid = distributed.initialize(distributed.ParallelConfig(tp, pp)).grid
         for case in cases:
-            chunks, _ = convert.load_checkpoint_model(case["megatron_dir"])
+            chunks, _ = convert.load_checkpoint_model(case["megatron_dir"], grid)
             logits = megatron_logits(chunks[0], case["tokens"])
             diff = None
             if logits is not None:

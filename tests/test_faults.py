@@ -22,7 +22,7 @@ import pytest
 from opd_setup import ROOT, make_pair, read_metrics
 
 from megatron_opd import compat
-from megatron_opd.runtime import cli, failures
+from megatron_opd.runtime import errors, failures
 from megatron_opd.runtime.distributed import standalone_env
 from megatron_opd.runtime.procs import rank_pids, writer_pids
 from megatron_opd.runtime.spawn import free_port
@@ -106,7 +106,7 @@ def finish(proc: subprocess.Popen, logs: Path, nproc: int, timeout: float = 600)
 
 FAULTS = """
 import os, signal, sys, time
-from megatron_opd.runtime import cli
+from megatron_opd.runtime import cli, errors
 cli.quiet()
 import torch.distributed as dist
 from megatron_opd.runtime import distributed, failures
@@ -116,14 +116,14 @@ rank = int(os.environ["RANK"])
 
 def main():
     if case == "early" and rank == bad:  # before the process groups exist, on one rank
-        raise cli.UserError(f"--load x: damaged (seen by rank {rank})", rank_local=True)
+        raise errors.UserError(f"--load x: damaged (seen by rank {rank})", rank_local=True)
     distributed.initialize(distributed.ParallelConfig(tp, pp))
     dist.barrier()
     if rank == bad:
         if case == "user":
-            raise cli.UserError(f"--opd-teacher-load t: damaged (rank {rank})", rank_local=True)
+            raise errors.UserError(f"--opd-teacher-load t: damaged (rank {rank})", rank_local=True)
         if case == "disk":
-            raise cli.RunError(f"no space left on device writing x (rank {rank})")
+            raise errors.RunError(f"no space left on device writing x (rank {rank})")
         if case == "bug":
             raise KeyError(f"a bug on rank {rank}")
         if case == "kill":
@@ -132,9 +132,9 @@ def main():
         if rank == bad:
             raise KeyError(f"a bug on rank {rank}")
         time.sleep(1)
-        raise cli.RunError(f"no space left on device writing x (rank {rank})")
+        raise errors.RunError(f"no space left on device writing x (rank {rank})")
     if case == "stop":  # every rank decides to stop
-        raise cli.RunStopped(f"stopped (rank {rank})")
+        raise errors.RunStopped(f"stopped (rank {rank})")
     dist.barrier()  # the other ranks wait here for the failed one
     distributed.teardown()
 
@@ -143,13 +143,14 @@ cli.run(main, "faults")
 
 # (case, failing rank, TP, PP, every rank's exit code, the line)
 PROTOCOL_CASES = [
-    ("early", 1, 1, 2, cli.USER_ERROR_EXIT, "faults: error: --load x: damaged (seen by rank 1)"),
-    ("user", 0, 2, 1, cli.USER_ERROR_EXIT, "faults: error: --opd-teacher-load t: damaged (rank 0)"),
-    ("disk", 1, 1, 1, cli.RUN_ERROR_EXIT, "faults: error: no space left on device writing x"),
-    ("stop", 0, 1, 2, cli.NON_FINITE_EXIT, "faults: error: stopped (rank"),
+    ("early", 1, 1, 2, errors.USER_ERROR_EXIT, "faults: error: --load x: damaged (seen by rank 1)"),
+    ("user", 0, 2, 1, errors.USER_ERROR_EXIT,
+     "faults: error: --opd-teacher-load t: damaged (rank 0)"),  # fmt: skip
+    ("disk", 1, 1, 1, errors.RUN_ERROR_EXIT, "faults: error: no space left on device writing x"),
+    ("stop", 0, 1, 2, errors.NON_FINITE_EXIT, "faults: error: stopped (rank"),
     ("bug", 1, 2, 1, 1, None),
     ("kill", 0, 1, 1, None, "faults: error: another rank of the job failed or was killed"),
-    ("two", 0, 1, 1, cli.RUN_ERROR_EXIT, "faults: error: no space left on device writing x"),
+    ("two", 0, 1, 1, errors.RUN_ERROR_EXIT, "faults: error: no space left on device writing x"),
 ]  # fmt: skip
 
 
@@ -175,16 +176,16 @@ def test_one_report_per_job(tmp_path):
             assert job.err[bad] == "", job.err
             said = job.lines()
             assert len(said) == 1 and said[0].startswith(line), (said, job.console[-3000:])
-            assert job.codes[1 - bad] == cli.RUN_ERROR_EXIT, (job.codes, job.console[-3000:])
+            assert job.codes[1 - bad] == errors.RUN_ERROR_EXIT, (job.codes, job.console[-3000:])
             assert "Traceback" not in job.err[1 - bad], job.err
         elif case == "two":  # the disk's line, and where both ranks' errors are kept
             said = job.assert_one_line(code, line)
             assert len(kept) == 1, kept
             assert f"(rank {bad} failed too; every failing rank's error is in {kept[0]}/)" in said
-            errors = failures.kept_errors(kept[0])
-            assert sorted(errors) == [0, 1], errors
-            assert "KeyError: 'a bug on rank 0'" in errors[bad], errors[bad]
-            assert "no space left on device writing x (rank 1)" in errors[1 - bad], errors
+            ranks = failures.kept_errors(kept[0])
+            assert sorted(ranks) == [0, 1], ranks
+            assert "KeyError: 'a bug on rank 0'" in ranks[bad], ranks[bad]
+            assert "no space left on device writing x (rank 1)" in ranks[1 - bad], ranks
             assert not list(kept[0].glob(".*.tmp")), list(kept[0].iterdir())
         else:
             job.assert_one_line(code, line)
@@ -203,6 +204,7 @@ BAD_FLAG_REPEATS = 2
 
 
 @pytest.mark.slow
+@pytest.mark.one_stack  # argparse and the job's store: the flags fail before Megatron is imported
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_a_bad_flag_is_one_line_under_torchrun(tmp_path, nproc):
     """Each of argparse's three kinds of error, twice at ``nproc`` ranks: one line from the whole
@@ -218,7 +220,7 @@ def test_a_bad_flag_is_one_line_under_torchrun(tmp_path, nproc):
             started.append((start(torchrun_cmd(nproc, argv, tmp_path / f"logs{i}")), i))
         for proc, i in started:
             job = finish(proc, tmp_path / f"logs{i}", nproc, timeout=120)
-            said = job.assert_one_line(cli.USER_ERROR_EXIT, runs[i][1])
+            said = job.assert_one_line(errors.USER_ERROR_EXIT, runs[i][1])
             assert said.startswith("pretrain_opd.py: error: "), said
 
 
@@ -270,7 +272,7 @@ def test_full_disk_at_pp2(pair, tmp_path):
     ns = start(["unshare", "-rm", "sh", "-c", script])
     job = finish(ns, logs, 2)
     line = job.assert_one_line(
-        cli.RUN_ERROR_EXIT, f"no space left on device writing {save}/iter_0000002"
+        errors.RUN_ERROR_EXIT, f"no space left on device writing {save}/iter_0000002"
     )
     listed = listing.read_text().split()
     assert [name for name in listed if name != "failures"] == [
@@ -294,7 +296,7 @@ def test_damaged_teacher_at_pp2(pair, tmp_path):
     flags = _flags(pair, "--pipeline-model-parallel-size", "2", "--opd-teacher-load", str(bad),
                    "--train-iters", "1")  # fmt: skip
     job = finish(start(torchrun_cmd(2, flags, tmp_path / "logs")), tmp_path / "logs", 2)
-    line = job.assert_one_line(cli.USER_ERROR_EXIT, f"{bad}: the checkpoint is damaged")
+    line = job.assert_one_line(errors.USER_ERROR_EXIT, f"{bad}: the checkpoint is damaged")
     assert f"{shard.name} is truncated" in line
 
 
@@ -308,7 +310,7 @@ def test_non_finite_stop_at_dp2(pair, tmp_path):
     flags = _flags(pair, "--opd-teacher-load", str(tmp_path / "nan_teacher"), "--train-iters",
                    "5", "--opd-max-consecutive-skips", "2")  # fmt: skip
     job = finish(start(torchrun_cmd(2, flags, tmp_path / "logs")), tmp_path / "logs", 2)
-    job.assert_one_line(cli.NON_FINITE_EXIT, "2 steps in a row had non-finite")
+    job.assert_one_line(errors.NON_FINITE_EXIT, "2 steps in a row had non-finite")
 
 
 # Megatron-Core 0.17+ writes a checkpoint from threads of the rank itself (no writer process): a
@@ -349,7 +351,7 @@ def test_dead_writer_at_tp2(pair, tmp_path):
         assert job.returncode == 0, job.console[-3000:]  # missed: the run went on unharmed
     else:
         pytest.fail(f"no checkpoint writer process seen in {WRITER_ATTEMPTS} launches of 8 saves")
-    line = job.assert_one_line(cli.RUN_ERROR_EXIT, "a checkpoint writer process")
+    line = job.assert_one_line(errors.RUN_ERROR_EXIT, "a checkpoint writer process")
     assert f"(pid {killed}) died" in line, line
     assert not list(save.glob("*.tmp")) and not list(save.glob("*.old"))
     latest = save / "latest_checkpointed_iteration.txt"

@@ -328,10 +328,10 @@ def _tp2_worker(cases: list[dict]) -> dict:
     for layout in ((2, 1), (1, 2)):
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        distributed.initialize(distributed.ParallelConfig(*layout))
+        grid = distributed.initialize(distributed.ParallelConfig(*layout)).grid
         for case in cases:
             directory = case["megatron_dir"]
-            chunks, _ = convert.load_checkpoint_model(directory)
+            chunks, _ = convert.load_checkpoint_model(directory, grid)
             tokenizer = load_tokenizer(directory)
 
             def run(model, engine, tokenizer=tokenizer, stops=case["stops"]):
@@ -351,8 +351,8 @@ def _tp2_worker(cases: list[dict]) -> dict:
             except ValueError as e:
                 results[("pp2", case["name"])] = str(e)
             arch, meta = convert.read_checkpoint(directory)
-            copy = refit.RolloutModel(chunks, arch, meta.get("make_vocab_size_divisible_by", 128),
-                                      1, 1)  # fmt: skip
+            divisor = meta.get("make_vocab_size_divisible_by", 128)
+            copy = refit.RolloutModel(chunks, grid, arch, divisor, 1, 1)
             copy.refit(chunks)
             gens = copy.generate(
                 tokenizer, TINY_PROMPTS, seed=0, max_new_tokens=NEW_TOKENS, greedy=True,

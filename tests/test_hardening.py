@@ -19,7 +19,7 @@ import pytest
 from opd_setup import ROOT, make_pair, read_metrics
 
 from megatron_opd import compat
-from megatron_opd.runtime import cli, integrity, metrics_logger
+from megatron_opd.runtime import cli, errors, integrity, metrics_logger
 from megatron_opd.runtime.distributed import standalone_env
 from megatron_opd.runtime.procs import children, cmdline, marked
 from megatron_opd.runtime.spawn import free_port
@@ -79,12 +79,12 @@ def test_yaml_is_typed_like_the_command_line(tmp_path):
 def test_yaml_errors_name_the_file_and_key(tmp_path, text, message):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(text)
-    with pytest.raises(cli.UserError, match=f"--config {cfg}: .*{message}".replace("[", r"\[")):
+    with pytest.raises(errors.UserError, match=f"--config {cfg}: .*{message}".replace("[", r"\[")):
         arguments.parse_args(["--config", str(cfg)])
 
 
 def test_missing_yaml_file(tmp_path):
-    with pytest.raises(cli.UserError, match=f"--config {tmp_path}/none.yaml does not exist"):
+    with pytest.raises(errors.UserError, match=f"--config {tmp_path}/none.yaml does not exist"):
         arguments.parse_args(["--config", str(tmp_path / "none.yaml")])
 
 
@@ -114,7 +114,7 @@ def test_missing_yaml_file(tmp_path):
 def test_numeric_flags_are_checked(tmp_path, extra, message):
     (tmp_path / "s").mkdir()
     flags = ["--load", str(tmp_path / "s"), "--opd-teacher-load", str(tmp_path / "s")]
-    with pytest.raises(cli.UserError, match=message):
+    with pytest.raises(errors.UserError, match=message):
         arguments.validate_args(arguments.parse_args(flags + extra), 1)
 
 
@@ -374,7 +374,7 @@ def test_output_paths_are_refused_before_any_model(pair, tmp_path, monkeypatch, 
 
 UNWRITABLE = """
 import sys
-from megatron_opd.runtime import cli, outputs
+from megatron_opd.runtime import errors, outputs
 ro = sys.argv[1]
 for check, flag, path in [
     (outputs.check_output_file, "--metrics-file", f"{ro}/m.jsonl"),
@@ -386,7 +386,7 @@ for check, flag, path in [
     try:
         check(flag, path)
         print("accepted", flag, path)
-    except cli.UserError as e:
+    except errors.UserError as e:
         print(e)
 """
 
@@ -479,7 +479,7 @@ def test_kill9_during_a_save_leaves_nothing_behind(pair, tmp_path):
 
 WRITER = """
 import sys
-from megatron_opd.runtime import cli
+from megatron_opd.runtime import cli, errors
 cli.quiet()
 import torch
 from megatron_opd.runtime import checkpointing, distributed
@@ -490,7 +490,7 @@ def main():
     try:
         checkpointing.atomic_save(state, sys.argv[1])
     finally:
-        if not cli.failed_alone():
+        if not errors.failed_alone():
             distributed.teardown()
 cli.run(main, "writer")
 """
@@ -529,7 +529,7 @@ def test_a_killed_writer_process_is_an_error_not_a_hang(tmp_path):
         proc.kill()
     elapsed = time.time() - killed
     result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
-    line = _one_line_error(result, cli.RUN_ERROR_EXIT)
+    line = _one_line_error(result, errors.RUN_ERROR_EXIT)
     assert "checkpoint writer process" in line and "died" in line and str(target) in line, line
     assert elapsed < 30, elapsed
     assert not target.exists() and not target.with_name("ckpt.tmp").exists()
@@ -579,7 +579,7 @@ def test_full_disk_is_one_line_and_no_temporary(pair, tmp_path):
          *_flags(pair, "--train-iters", "1", "--save", str(save)), "--global-batch-size", "2"],
         capture_output=True, text=True, env=_env(), timeout=600,
     )  # fmt: skip
-    line = _one_line_error(proc, cli.RUN_ERROR_EXIT)
+    line = _one_line_error(proc, errors.RUN_ERROR_EXIT)
     assert f"no space left on device writing {save}/iter_0000001" in line, line
     assert proc.stdout.count("iter ") == 1  # the step ran, the save failed
 
@@ -597,5 +597,5 @@ def test_non_finite_stop_is_one_line(pair, tmp_path):
                  "--opd-max-consecutive-skips", "2")],
         capture_output=True, text=True, env=_env(), timeout=600,
     )  # fmt: skip
-    line = _one_line_error(proc, cli.NON_FINITE_EXIT)
+    line = _one_line_error(proc, errors.NON_FINITE_EXIT)
     assert "2 steps in a row had non-finite" in line and "No --save" in line, line

@@ -76,7 +76,7 @@ def _build():
 
     arch = _arch()
     cfg = gpt.transformer_config(arch, 1, 1, calculate_per_token_loss=True)
-    (model,) = gpt.build_model(arch, cfg)
+    (model,) = gpt.build_model(arch, cfg, distributed.student_grid())
     g = torch.Generator().manual_seed(1234)  # the same weights in every process
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):

@@ -37,7 +37,7 @@ def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _build(arch, tp, pp, vpp=None, **overrides):
     cfg = gpt.transformer_config(arch, tp, pp, vpp, **overrides)
-    return cfg, gpt.build_model(arch, cfg)
+    return cfg, gpt.build_model(arch, cfg, distributed.student_grid())
 
 
 def _full_logits(chunks, cfg, tokens) -> torch.Tensor | None:

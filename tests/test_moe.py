@@ -121,8 +121,8 @@ def test_logits_match_hf_and_export_round_trips_exactly(moe, tmp_path):
 
     from megatron_opd.runtime import distributed
 
-    distributed.initialize()
-    chunks, arch = convert.load_checkpoint_model(moe.teacher)
+    grid = distributed.initialize().grid
+    chunks, arch = convert.load_checkpoint_model(moe.teacher, grid)
     logits = megatron_logits(chunks[0], moe.seqs[0])
     assert (logits[..., : moe.vocab].double() - moe.logits).abs().max() < 1e-5
     assert type(chunks[0].decoder.layers[0].mlp).__name__ == "MoELayer"
@@ -151,7 +151,7 @@ def test_logits_match_hf_and_export_round_trips_exactly(moe, tmp_path):
     for f in moe.tok.iterdir():
         (unnormed / f.name).write_bytes(f.read_bytes())
     ckpt = convert.import_hf(unnormed, tmp_path / "unnormed", dtype=torch.float32)
-    chunks, _ = convert.load_checkpoint_model(ckpt)
+    chunks, _ = convert.load_checkpoint_model(ckpt, grid)
     hf = AutoModelForCausalLM.from_pretrained(
         str(unnormed), dtype=torch.float64, experts_implementation="eager"
     ).eval()
@@ -168,10 +168,10 @@ def test_the_alltoall_dispatcher_runs_on_cpu(moe):
 
     from megatron_opd.runtime import distributed
 
-    distributed.initialize()
+    grid = distributed.initialize().grid
     logits = {}
     for kind in ("allgather", "alltoall"):
-        chunks, _ = convert.load_checkpoint_model(moe.teacher, moe_token_dispatcher_type=kind)
+        chunks, _ = convert.load_checkpoint_model(moe.teacher, grid, moe_token_dispatcher_type=kind)
         assert chunks[0].decoder.layers[0].mlp.config.moe_token_dispatcher_type == kind
         logits[kind] = megatron_logits(chunks[0], moe.seqs[0])
     torch.testing.assert_close(logits["alltoall"], logits["allgather"], rtol=0, atol=1e-6)
@@ -186,8 +186,8 @@ def test_greedy_generation_matches_hf(moe):
     from megatron_opd.rollout import generation
     from megatron_opd.runtime import distributed
 
-    distributed.initialize()
-    chunks, _ = convert.load_checkpoint_model(moe.teacher)
+    grid = distributed.initialize().grid
+    chunks, _ = convert.load_checkpoint_model(moe.teacher, grid)
     prompts = [moe.seqs[0, 0, :6].tolist(), moe.seqs[1, 1, :9].tolist()]
     out = generation.generate(
         chunks, load_tokenizer(moe.teacher), prompts, 8, greedy=True, stop_token_ids=[]
@@ -212,7 +212,7 @@ def _layouts_worker(
     from megatron_opd.training import teacher
     from megatron_opd.training.opd import MicroBatch, forward_only
 
-    distributed.initialize(distributed.ParallelConfig(1, 1))  # the student at DP4
+    student = distributed.initialize(distributed.ParallelConfig(1, 1)).grid  # the student at DP4
     rank = dist.get_rank()
     out = {}
     for layout in LAYOUTS:
@@ -221,7 +221,7 @@ def _layouts_worker(
         chunks = teacher.load_on_grid(Path(teacher_dir), grid)
         # full logits of the same rows on every rank (an EP group's replicas run together)
         item = MicroBatch(seqs[0], seqs[0], torch.ones(0), first=0)
-        (shard,) = forward_only(chunks, [item], vocab, keep_logits=True, grid=grid)
+        (shard,) = forward_only(chunks, [item], vocab, grid, keep_logits=True)
         logits = None
         if shard is not None:
             parts = [torch.empty_like(shard) for _ in range(tp)]
@@ -238,7 +238,9 @@ def _layouts_worker(
             checkpointing.atomic_save(sharded, directory, meta=meta)
     # a dense and an MoE teacher, each prompt routed to one of them; rank 0 routes no row to the
     # MoE teacher, whose EP2 group pairs it with rank 1 (routing both): rank 0 still runs along
-    teachers = teacher.build_teachers([Path(dense_dir), Path(teacher_dir)], [(1, 1), (1, 1, 2)])
+    teachers = teacher.build_teachers(
+        [Path(dense_dir), Path(teacher_dir)], [(1, 1), (1, 1, 2)], student
+    )
     routes = torch.tensor([[0, 0], [1, 1], [0, 1], [1, 0]][rank])
     parts = []
     for k in range(2):
@@ -477,8 +479,8 @@ def _shares_worker(teacher_dir: str, seqs: torch.Tensor, vocab: int) -> dict:
     from megatron_opd.runtime import distributed
     from megatron_opd.training import teacher
 
-    distributed.initialize(distributed.ParallelConfig(1, 2))  # the student at PP2: one DP rank
-    teachers = teacher.build_teachers([Path(teacher_dir)], [(1, 1, 2)])  # TP1 x DP2 = EP2
+    student = distributed.initialize(distributed.ParallelConfig(1, 2)).grid  # PP2: one DP rank
+    teachers = teacher.build_teachers([Path(teacher_dir)], [(1, 1, 2)], student)  # EP2 = DP2
     (chunks,), (grid,), (shares,) = teachers.chunks, teachers.grids, teachers.shares
     split = teacher.score_on_grid(chunks, grid, seqs, vocab, 0, 2, shares=shares)
     whole = teacher.score_on_grid(chunks, grid, seqs, vocab, 0, 2)

@@ -295,8 +295,8 @@ def _megatron_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
     from megatron_opd.models import convert, gpt
     from megatron_opd.runtime import distributed
 
-    distributed.initialize()
-    chunks, arch = convert.load_checkpoint_model(ckpt)
+    grid = distributed.initialize().grid
+    chunks, arch = convert.load_checkpoint_model(ckpt, grid)
     with torch.no_grad():
         out = chunks[0](tokens, gpt.position_ids(*tokens.shape), gpt.causal_mask(tokens.shape[1]))
     return out[..., : arch.vocab_size]

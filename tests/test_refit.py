@@ -35,16 +35,16 @@ def _refit_worker(cases: list[dict]) -> dict:
     for train, roll in LAYOUTS:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        distributed.initialize(distributed.ParallelConfig(*train))
+        grid = distributed.initialize(distributed.ParallelConfig(*train)).grid
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         bounds = [len(TINY_PROMPTS) * r // dp for r in range(dp + 1)]
         mine = list(range(bounds[dp_rank], bounds[dp_rank + 1]))  # this DP rank's prompts
         for case in cases:
             directory = case["megatron_dir"]
-            chunks, _ = convert.load_checkpoint_model(directory)
+            chunks, _ = convert.load_checkpoint_model(directory, grid)
             arch, meta = convert.read_checkpoint(directory)
             divisor = meta.get("make_vocab_size_divisible_by", 128)
-            model = refit.RolloutModel(chunks, arch, divisor, *roll)
+            model = refit.RolloutModel(chunks, grid, arch, divisor, *roll)
             (reference,) = teacher.load_on_grid(directory, model.grid)
             reference = dict(reference.named_parameters())
 
@@ -59,7 +59,7 @@ def _refit_worker(cases: list[dict]) -> dict:
             jobs = [(0, 0), (1, 0), (2, 0)] if dp_rank == 0 else [(2, 0)]
             cfg = accuracy.EvalConfig(samples=1, max_new_tokens=NEW_TOKENS, batch_size=2)
             evals = accuracy.sample_jobs(
-                model, load_tokenizer(directory), TINY_PROMPTS, jobs, cfg, seed=0, greedy=True,
+                model, load_tokenizer(directory), TINY_PROMPTS, jobs, cfg, 0, grid, greedy=True,
                 stop_token_ids=[],
             )  # fmt: skip
             evals = ([i for i, _ in jobs], [g.tokens for g in evals])

@@ -22,7 +22,7 @@ import pytest
 from opd_setup import make_pair
 from test_faults import _FAILURE, _flags, finish, job_env, torchrun_cmd
 
-from megatron_opd.runtime import cli
+from megatron_opd.runtime import errors
 from megatron_opd.runtime.procs import rank_pids
 from megatron_opd.runtime.spawn import free_port
 
@@ -61,7 +61,7 @@ def test_kill9_of_a_rollout_rank(pair, tmp_path, lag):
         time.sleep(0.05)
     os.kill(rank_pids(proc.pid)[2], signal.SIGKILL)
     job = finish(proc, logs, 3, timeout=120)
-    want = {0: cli.RUN_ERROR_EXIT, 1: cli.RUN_ERROR_EXIT, 2: -signal.SIGKILL}
+    want = {0: errors.RUN_ERROR_EXIT, 1: errors.RUN_ERROR_EXIT, 2: -signal.SIGKILL}
     assert job.codes == want, job.console[-3000:]
     said = job.lines()
     assert len(said) == 1, (said, job.console[-3000:])
@@ -98,4 +98,4 @@ def test_bad_input_on_the_rollout_rank(pair, tmp_path, lag):
     for job in jobs:
         assert "Traceback" not in "".join(job.err.values()), job.err
     codes = {int(r): int(c) for job in jobs for r, c in _FAILURE.findall(job.console)}
-    assert codes == {0: cli.USER_ERROR_EXIT, 1: cli.USER_ERROR_EXIT}, jobs[0].console[-3000:]
+    assert codes == {0: errors.USER_ERROR_EXIT, 1: errors.USER_ERROR_EXIT}, jobs[0].console[-3000:]

@@ -81,6 +81,7 @@ def _iterations(log: str) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.one_stack  # the sbatch scripts; the PP2 run and the resume are tested on both stacks
 def test_torchrun_sbatch_pp2_across_two_nodes(cluster, pair, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "opd-teacher-load": str(pair["teacher"])}))
@@ -124,6 +125,7 @@ def test_torchrun_sbatch_pp2_across_two_nodes(cluster, pair, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.one_stack  # the sbatch scripts' requeue; resumes are tested on both stacks
 def test_srun_sbatch_requeues_on_usr1_and_resumes(cluster, pair, tmp_path):
     save = tmp_path / "ckpt"
     train_iters = 6

@@ -79,8 +79,8 @@ def _split_worker(teacher_dir: str, vocab: int) -> dict:
     from megatron_opd.runtime import distributed
     from megatron_opd.training import teacher
 
-    distributed.initialize(distributed.ParallelConfig(1, 2))  # the student at PP2: one DP rank
-    teachers = teacher.build_teachers([Path(teacher_dir)], [(1, 1)])  # TP1 x DP2
+    student = distributed.initialize(distributed.ParallelConfig(1, 2)).grid  # PP2: one DP rank
+    teachers = teacher.build_teachers([Path(teacher_dir)], [(1, 1)], student)  # TP1 x DP2
     (chunk,) = teachers.chunks[0]
     seen = []
     chunk.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))  # rows scored

@@ -26,6 +26,10 @@ sys.path.insert(0, str(HERE))
 import report  # noqa: E402
 import run as toy  # noqa: E402
 
+# the example's own pipeline and statistics; pretrain_opd.py and evaluate.py, which it drives, are
+# tested on both stacks elsewhere
+pytestmark = pytest.mark.one_stack
+
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):

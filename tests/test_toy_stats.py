@@ -248,3 +248,49 @@ def test_committed_multiplicity_tables_follow_the_committed_results():
     assert got["mean"] == pytest.approx(want)
     change = m["power_1"]["accuracy"]["change"]["mean"] - m["clip"]["accuracy"]["change"]["mean"]
     assert got["mean"] == pytest.approx(change, abs=1e-9)
+
+
+LOWER_RATES = sorted((COMPARE18.parent).glob("lr*/runs.json.gz"))
+
+
+@pytest.mark.parametrize("runs_file", LOWER_RATES, ids=lambda p: p.parent.name)
+def test_the_lower_rate_comparison_recounts_from_its_committed_runs(runs_file):
+    """docs/reproduction/lr*/ (issue 30 item 5): every interval of results.json, the head-to-head
+    pairs and the Holm tables recomputed from the committed per-run, per-problem numbers alone;
+    and the rows the page quotes, rebuilt from the recount."""
+    import json
+
+    import compare
+    import multiplicity
+
+    out = runs_file.parent
+    results = json.loads((out / "results.json").read_text())
+    got = json.loads(json.dumps(compare.recount(runs_file)))
+    assert got["methods"] == results["methods"]
+    assert got["head_to_head"] == results["head_to_head"]
+    families = multiplicity.conclusions({**results, **got})
+    assert json.loads(json.dumps(families)) == json.loads(json.dumps(results["multiplicity"]))
+    kept = compare.load_runs(runs_file)
+    assert all(r["returncode"] == 0 for r in kept["runs"])  # no run failed, none dropped
+    lr = f"{results['config']['lr']:g}"
+    assert all(f"--lr {lr}" in " ".join(r["flags"]) for r in kept["runs"])
+    doc = (COMPARE18.parents[1] / "reproduction.md").read_text()
+    for row in lower_rate_rows(results):
+        assert row in doc, row
+
+
+def lower_rate_rows(results: dict) -> list[str]:
+    """The rows of docs/reproduction.md's lower-rate table, from a results.json."""
+    import compare
+
+    lr = f"{results['config']['lr']:g}"
+    rows = []
+    for method, entry in results["methods"].items():
+        acc = entry["accuracy"]
+        cells = [str(acc["change"]["seeds"]), compare._fmt(acc["change"], 1)]
+        cells += [compare._fmt(acc[k], 1) if k in acc else "—" for k in BASELINE_KEYS]
+        rows.append(f"| {lr} | {method} | " + " | ".join(cells) + " |")
+    return rows
+
+
+BASELINE_KEYS = ("vs_vanilla", "vs_full_vocab_kl")

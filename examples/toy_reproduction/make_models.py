@@ -123,11 +123,12 @@ def sft_batch(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
 
 
-def train(recipe: ModelRecipe, arch: gpt.ArchConfig, examples, pad_id: int, seed: int):
-    """Next-token SFT with AdamW, linear warmup then cosine decay; returns the model chunks."""
+def train(recipe: ModelRecipe, arch: gpt.ArchConfig, grid, examples, pad_id: int, seed: int):
+    """Next-token SFT with AdamW, linear warmup then cosine decay; returns the model chunks (on
+    ``grid``, the world of one's)."""
     torch.manual_seed(seed)
     config = gpt.transformer_config(arch)
-    chunks = gpt.build_model(arch, config)
+    chunks = gpt.build_model(arch, config, grid)
     model = chunks[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     warmup = max(1, recipe.steps // 20)
@@ -162,11 +163,10 @@ def train(recipe: ModelRecipe, arch: gpt.ArchConfig, examples, pad_id: int, seed
     return chunks
 
 
-def heldout_scores(chunks, tokenizer, heldout: Path, samples: int) -> dict[str, float]:
+def heldout_scores(chunks, grid, tokenizer, heldout: Path, samples: int) -> dict[str, float]:
     cfg = eval_config(samples)
-    scores, _ = accuracy.evaluate(
-        chunks, tokenizer, accuracy.load_benchmarks([str(heldout)], None), cfg, progress=False
-    )
+    benchmarks = accuracy.load_benchmarks([str(heldout)], None)
+    scores, _ = accuracy.evaluate(chunks, tokenizer, benchmarks, cfg, grid, progress=False)
     return accuracy.summary(scores)
 
 
@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
     train_terms = write_data(out, args.train_problems, args.heldout_problems, args.seed)
     examples = sft_examples(train_terms, tokenizer)
 
-    distributed.initialize(distributed.ParallelConfig(), seed=args.seed)
+    grid = distributed.initialize(distributed.ParallelConfig(), seed=args.seed).grid
     report = {}
     try:
         for name, recipe, steps in (
@@ -197,9 +197,10 @@ def main(argv=None) -> dict:
             arch = recipe.arch(tokenizer.vocab_size)
             print(f"{name}: {recipe}", flush=True)
             t0 = time.perf_counter()
-            chunks = train(recipe, arch, examples, tokenizer.pad_id, args.seed)
+            chunks = train(recipe, arch, grid, examples, tokenizer.pad_id, args.seed)
             seconds = time.perf_counter() - t0
-            scores = heldout_scores(chunks, tokenizer, out / "heldout.jsonl", args.eval_samples)
+            heldout = out / "heldout.jsonl"
+            scores = heldout_scores(chunks, grid, tokenizer, heldout, args.eval_samples)
             params = sum(p.numel() for p in chunks[0].parameters())
             convert.write_model_checkpoint(
                 chunks, arch, tokenizer, out / name, source=f"examples/toy_reproduction {recipe}"

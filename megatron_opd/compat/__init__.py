@@ -19,7 +19,7 @@ inference path (rotary keys cached rotated) and the log / checkpoint-writer patc
 
 from __future__ import annotations
 
-from megatron_opd.compat import inference, moe, versions, writers
+from megatron_opd.compat import cpu, inference, moe, versions, writers
 from megatron_opd.compat.cpu import install_cpu_rng_tracker
 from megatron_opd.compat.platform import (
     default_device,
@@ -65,8 +65,6 @@ def apply() -> None:
         return
     check_megatron_core_version()
     if not has_cuda():
-        from megatron_opd.compat import cpu
-
         cpu.apply()
     inference.apply()
     writers.apply()

@@ -102,7 +102,7 @@ class _CpuEvent:
         return (end._time - self._time) * 1000.0
 
 
-class _CpuStream:
+class CpuStream:
     """Stand-in for ``torch.cuda.Stream`` / ``current_stream()``: on the CPU every op has finished
     when it returns, so there is nothing to wait for."""
 
@@ -175,7 +175,7 @@ def apply() -> None:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.Event = _CpuEvent
     torch.cuda.set_device = lambda *a, **k: None
-    torch.cuda.current_stream = lambda *a, **k: _CpuStream()  # 0.19's grad sync
+    torch.cuda.current_stream = lambda *a, **k: CpuStream()  # 0.19's grad sync
 
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as tf_utils

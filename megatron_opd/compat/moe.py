@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
+from megatron_opd.compat.cpu import CpuStream
+
 
 def _bridge_missing_te_gemm() -> None:
     from megatron.core.transformer.moe import moe_utils
@@ -34,11 +38,7 @@ def _bridge_missing_te_gemm() -> None:
 
 
 def _bridge_cuda_streams() -> None:
-    import torch
-
-    from megatron_opd.compat.cpu import _CpuStream
-
-    torch.cuda.Stream = _CpuStream
+    torch.cuda.Stream = CpuStream
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
 
 

@@ -21,7 +21,7 @@ from megatron_opd import compat
 from megatron_opd.evaluation import grading
 from megatron_opd.rollout.generation import generate
 from megatron_opd.runtime.checkpointing import write_text_atomic
-from megatron_opd.runtime.distributed import is_rank0
+from megatron_opd.runtime.distributed import ModelGrid, is_rank0
 from megatron_opd.training import data
 
 
@@ -61,33 +61,34 @@ def load_benchmarks(specs: Sequence[str], limit: Optional[int], seed: int = 0) -
     return out
 
 
-def _dp_info():
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        return 0, 1, None
-    return (
-        parallel_state.get_data_parallel_rank(),
-        parallel_state.get_data_parallel_world_size(),
-        parallel_state.get_data_parallel_group(),
-    )
-
-
-def rank_jobs(problems, tokenizer, cfg, dp_rank: int, dp_size: int):
-    """The benchmark's prompts and this DP rank's share of its ``(problem, sample)`` jobs."""
+def rank_jobs(problems, tokenizer, cfg, grid: ModelGrid):
+    """The benchmark's prompts and this DP rank's share (on ``grid``) of its
+    ``(problem, sample)`` jobs."""
     prompts = data.PromptSet.build(problems, tokenizer, cfg.max_prompt_length, cfg.system_prompt)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(cfg.samples)]
-    return prompts, jobs[dp_rank::dp_size]
+    return prompts, jobs[grid.dp_rank :: grid.dp_size]
+
+
+def gather_records(local: list[dict[str, Any]], grid: ModelGrid) -> list[dict[str, Any]]:
+    """Every data-parallel rank's records of one benchmark, on every rank, in
+    ``(problem, sample)`` order."""
+    if grid.dp_size > 1:
+        gathered: list = [None] * grid.dp_size
+        dist.all_gather_object(gathered, local, group=grid.dp)
+        local = [r for part in gathered for r in part]
+    local.sort(key=lambda r: (r["index"], r["sample"]))
+    return local
 
 
 def sample_jobs(
-    sampler, tokenizer, token_ids, jobs, cfg, seed: int, progress=None, **sampling
-) -> list:
+    sampler, tokenizer, token_ids, jobs, cfg, seed: int, grid: ModelGrid, progress=None,
+    **sampling,
+) -> list:  # fmt: skip
     """One generation per ``(prompt index, sample)`` job of this rank, ``cfg.batch_size`` at a
-    time. ``sampler``: the model chunks, or the student's rollout copy
+    time. ``sampler``: the model chunks on ``grid``, or the student's rollout copy
     (:class:`megatron_opd.rollout.refit.RolloutModel`), whose ``generate`` is collective over the
     world: then every rank runs as many batches as the rank with the most (empty ones included)."""
-    dp_rank = _dp_info()[0]
+    dp_rank = grid.dp_rank
     shared = hasattr(sampler, "generate")
     starts = list(range(0, len(jobs), cfg.batch_size))
     if shared:
@@ -110,18 +111,19 @@ def evaluate(
     tokenizer,
     benchmarks: dict[str, list[data.Problem]],
     cfg: EvalConfig,
+    grid: ModelGrid,
     progress: bool = True,
     keep_token_ids: bool = False,
 ) -> tuple[list[grading.BenchmarkScore], list[dict[str, Any]]]:
     """Scores per benchmark (in the given order) and one record per completion (with
-    ``keep_token_ids`` its ``response_ids``, for ``gap.evaluate_gap`` to reuse)."""
+    ``keep_token_ids`` its ``response_ids``, for ``gap.evaluate_gap`` to reuse); the problems
+    split over ``grid``'s data-parallel ranks (the student's: ``model_chunks``' grid)."""
     cfg.validate()
-    dp_rank, dp_size, dp_group = _dp_info()
     records: list[dict[str, Any]] = []
     for name, problems in benchmarks.items():
-        prompts, mine = rank_jobs(problems, tokenizer, cfg, dp_rank, dp_size)
+        prompts, mine = rank_jobs(problems, tokenizer, cfg, grid)
         generations = sample_jobs(
-            model_chunks, tokenizer, prompts.token_ids, mine, cfg, cfg.seed,
+            model_chunks, tokenizer, prompts.token_ids, mine, cfg, cfg.seed, grid,
             temperature=cfg.temperature or 1.0, top_p=cfg.top_p, greedy=cfg.temperature == 0,
             progress=functools.partial(_progress, enabled=progress, name=name, cfg=cfg),
         )  # fmt: skip
@@ -142,12 +144,7 @@ def evaluate(
                     **({"response_ids": gen.tokens} if keep_token_ids else {}),
                 }
             )
-        if dp_size > 1:
-            gathered: list = [None] * dp_size
-            dist.all_gather_object(gathered, local, group=dp_group)
-            local = [r for part in gathered for r in part]
-        local.sort(key=lambda r: (r["index"], r["sample"]))
-        records += local
+        records += gather_records(local, grid)
     return scores_from_records(records, cfg.samples, list(benchmarks)), records
 
 

@@ -17,7 +17,8 @@ mean response length. Which yardstick a reward should be judged on depends on th
 log-ratio descends the KL in expectation, PowerOPD the power divergence at its alpha, the sign
 reward the total variation; accuracy, where the task can be scored, judges them all.
 
-The teacher and the student sit on the same TP x PP grid; the per-position numbers come from the
+The teacher and the student sit on the same TP x PP grid (the student's, passed in as ``grid``);
+the per-position numbers come from the
 project's vocab-parallel ops on the last pipeline stage (no rank holds more than its logits shard)
 and every rank of a data-parallel group gets them.
 
@@ -35,12 +36,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import compat
-from megatron_opd.evaluation.accuracy import _dp_info, rank_jobs, sample_jobs
+from megatron_opd.evaluation.accuracy import gather_records, rank_jobs, sample_jobs
 from megatron_opd.models import convert
 from megatron_opd.reward.divergences import vocab_parallel_divergences
 from megatron_opd.reward.entropy import vocab_parallel_entropy
 from megatron_opd.reward.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
 from megatron_opd.runtime import checkpointing
+from megatron_opd.runtime.distributed import ModelGrid
 from megatron_opd.training import opd
 
 # per-response sums, in this order, in every record (``tokens`` is the count they are over),
@@ -57,25 +59,15 @@ def sum_keys(power_alphas: Sequence[float] = ()) -> tuple[str, ...]:
     return SUM_KEYS + tuple(power_key(a) + "_sum" for a in power_alphas)
 
 
-def _is_last_stage() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.is_pipeline_last_stage()
-
-
-def _to_every_stage(sums: Optional[torch.Tensor], rows: int, width: int) -> torch.Tensor:
-    """The last pipeline stage's ``[rows, width]`` float64 sums, on every stage."""
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() == 1:
+def _to_every_stage(
+    sums: Optional[torch.Tensor], rows: int, width: int, grid: ModelGrid
+) -> torch.Tensor:
+    """The last pipeline stage's ``[rows, width]`` float64 sums, on every stage of ``grid``."""
+    if grid.pp_size == 1:
         return sums
     out = sums if sums is not None else torch.zeros(rows, width, dtype=torch.float64)
     out = out.to(compat.default_device()).contiguous()
-    dist.broadcast(
-        out,
-        src=ps.get_pipeline_model_parallel_last_rank(),
-        group=ps.get_pipeline_model_parallel_group(),
-    )
+    dist.broadcast(out, src=grid.last_stage_rank, group=grid.pp)
     return out
 
 
@@ -86,21 +78,19 @@ def score_responses(
     responses: Sequence[Sequence[int]],
     vocab_size: int,
     pad_id: int,
+    grid: ModelGrid,
     micro_batch_size: int = 4,
     power_alphas: Sequence[float] = (),
 ) -> list[dict[str, float]]:
     """Per response: ``tokens`` and the sums of ``sum_keys(power_alphas)`` over its tokens
-    (float64).
+    (float64), the student and the teacher both on ``grid``.
 
     Every rank of a model-parallel group must pass the same rows; each rank gets all of them.
     Rows go through the teacher and then the student one micro-batch at a time (rows of similar
     length together), so the last stage never holds more than one micro-batch of logits per model.
     """
-    from megatron.core import parallel_state
-
     if len(prompts) != len(responses):
         raise ValueError("one response per prompt")
-    tp_group = parallel_state.get_tensor_model_parallel_group()
     keys = sum_keys(power_alphas)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     out: list[Optional[dict[str, float]]] = [None] * len(prompts)
@@ -109,9 +99,9 @@ def score_responses(
     for start in range(0, len(order), micro_batch_size):
         rows = order[start : start + micro_batch_size]
         item = _micro_batch([prompts[i] for i in rows], [responses[i] for i in rows], pad_id)
-        (teacher_logits,) = opd.forward_only(teacher, [item], vocab_size, keep_logits=True)
-        sums = _student_pass(student, item, teacher_logits, vocab_size, tp_group, power_alphas)
-        sums = _to_every_stage(sums, len(rows), 1 + len(keys))
+        (teacher_logits,) = opd.forward_only(teacher, [item], vocab_size, grid, keep_logits=True)
+        sums = _student_pass(student, item, teacher_logits, vocab_size, grid, power_alphas)
+        sums = _to_every_stage(sums, len(rows), 1 + len(keys), grid)
         for row, values in zip(rows, sums.tolist(), strict=False):
             out[row] = {"tokens": int(values[0]), **dict(zip(keys, values[1:], strict=True))}
     return out
@@ -133,7 +123,10 @@ def _micro_batch(prompts, responses, pad_id: int) -> opd.MicroBatch:
 
 
 @torch.no_grad()
-def _student_pass(student, item, teacher_logits, vocab_size: int, tp_group, power_alphas=()):
+def _student_pass(student, item, teacher_logits, vocab_size: int, grid: ModelGrid,
+                  power_alphas=()):  # fmt: skip
+    tp_group = grid.tp
+
     def step(data_iterator, model):
         mb = next(data_iterator)
         logits = opd._run_forward(model, mb.tokens, mb.first)
@@ -162,8 +155,8 @@ def _student_pass(student, item, teacher_logits, vocab_size: int, tp_group, powe
 
         return logits, collect
 
-    outputs = opd._schedule(student, step, [item], forward_only=True)
-    return outputs[0]["sums"].cpu() if _is_last_stage() else None
+    outputs = opd._schedule(student, step, [item], forward_only=True, grid=grid)
+    return outputs[0]["sums"].cpu() if grid.is_last_stage else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,12 +295,14 @@ def evaluate_gap(
     benchmarks: dict,
     cfg,
     vocab_size: int,
+    grid: ModelGrid,
     records: Optional[Sequence[dict[str, Any]]] = None,
     micro_batch_size: int = 4,
     sampler=None,
     power_alphas: Sequence[float] = (),
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """The gap on ``cfg.samples`` student samples per held-out problem, and one record per sample.
+    """The gap on ``cfg.samples`` student samples per held-out problem, and one record per sample;
+    the student and the teacher on ``grid``.
 
     ``cfg`` is the :class:`~megatron_opd.evaluation.accuracy.EvalConfig` of the Avg@k evaluation
     (prompts, k, limits, seed). ``records``: that evaluation's records with ``response_ids`` (see
@@ -316,19 +311,18 @@ def evaluate_gap(
     (from ``sampler``, the student's rollout copy, when given). ``power_alphas``: the alphas of
     the power divergences to report.
     """
-    dp_rank, dp_size, dp_group = _dp_info()
     reuse = None
     if records is not None:
         reuse = {(r["benchmark"], r["index"], r["sample"]): r["response_ids"] for r in records}
     out: list[dict[str, Any]] = []
     for name, problems in benchmarks.items():
-        prompts, mine = rank_jobs(problems, tokenizer, cfg, dp_rank, dp_size)
+        prompts, mine = rank_jobs(problems, tokenizer, cfg, grid)
         if reuse is not None:
             responses = [reuse[(name, i, j)] for i, j in mine]
         else:  # seeds apart from the Avg@k draws
             gens = sample_jobs(
                 sampler or student, tokenizer, prompts.token_ids, mine, cfg, cfg.seed + 104_729,
-                temperature=1.0,
+                grid, temperature=1.0,
             )  # fmt: skip
             responses = [g.tokens for g in gens]
         local = []
@@ -340,17 +334,13 @@ def evaluate_gap(
                 responses,
                 vocab_size,
                 tokenizer.pad_id,
+                grid,
                 micro_batch_size,
                 power_alphas,
             )
             for (i, j), ids, s in zip(mine, responses, sums, strict=True):
                 local.append({"benchmark": name, "index": i, "sample": j, **s, "response_ids": ids})
-        if dp_size > 1:
-            gathered: list = [None] * dp_size
-            dist.all_gather_object(gathered, local, group=dp_group)
-            local = [r for part in gathered for r in part]
-        local.sort(key=lambda r: (r["index"], r["sample"]))
-        out += local
+        out += gather_records(local, grid)
     return summaries_by_benchmark(out, list(benchmarks)), out
 
 
@@ -370,20 +360,13 @@ class TrainingGapWatch:
         if eval_teacher is not None:
             self.teacher = eval_teacher
         last = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+        both = dict(patience=3, hint=HINT, enabled=last)
         # evaluations reuse one sampling seed, so they are far less noisy than single steps
-        self.held_out = GapWatch(
-            "the held-out KL(pi_S || pi_T) per token",
-            patience=3,
-            min_growth=0.02,
-            hint=HINT,
-            enabled=last,
-        )
+        self.held_out = GapWatch("the held-out KL(pi_S || pi_T) per token", min_growth=0.02, **both)
         self.sampled = GapWatch(
             "the sampled gap (mean log pi_S - log pi_T over each step's tokens, means of 5 steps)",
-            patience=3,
             window=5,
-            hint=HINT,
-            enabled=last,
+            **both,
         )
 
     def step(self, iteration: int, metrics: dict[str, float]) -> None:
@@ -392,11 +375,12 @@ class TrainingGapWatch:
             self.sampled.update(-log_ratio, iteration)
 
     def evaluate(
-        self, student, sampler, tokenizer, benchmarks, cfg, vocab_size: int, iteration: int,
-        records: Sequence[dict[str, Any]],
+        self, student, grid: ModelGrid, sampler, tokenizer, benchmarks, cfg, vocab_size: int,
+        iteration: int, records: Sequence[dict[str, Any]],
     ) -> dict[str, float]:  # fmt: skip
-        """The held-out gap after ``iteration`` steps of ``student``, on what ``sampler``
-        sampled for the scores (``records``, reused when the sampling settings allow)."""
+        """The held-out gap after ``iteration`` steps of ``student`` (on its ``grid``), on what
+        ``sampler`` sampled for the scores (``records``, reused when the sampling settings
+        allow)."""
         reusable = samples_are_reusable(cfg.temperature, cfg.top_p)
         summaries, _ = evaluate_gap(
             student,
@@ -405,6 +389,7 @@ class TrainingGapWatch:
             benchmarks,
             cfg,
             vocab_size,
+            grid,
             records=records if reusable else None,
             micro_batch_size=self.micro_batch_size,
             sampler=sampler,
@@ -414,10 +399,11 @@ class TrainingGapWatch:
         return metrics(summaries)
 
 
-def load_eval_teacher(path: str, student_path: str) -> list[torch.nn.Module]:
+def load_eval_teacher(path: str, student_path: str, grid: ModelGrid) -> list[torch.nn.Module]:
+    """``--eval-teacher``'s chunks on the student's ``grid``."""
     directory = checkpointing.resolve_checkpoint(path)
     student_arch, _ = convert.read_checkpoint(checkpointing.resolve_checkpoint(student_path))
-    chunks, arch = convert.load_checkpoint_model(directory)
+    chunks, arch = convert.load_checkpoint_model(directory, grid)
     if arch.vocab_size != student_arch.vocab_size:
         raise ValueError(
             f"--eval-teacher: its vocabulary ({arch.vocab_size} tokens) differs from the "

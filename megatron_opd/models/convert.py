@@ -38,6 +38,7 @@ import torch
 
 from megatron_opd.models import gpt
 from megatron_opd.models.tokenizer import CHECKPOINT_TOKENIZER_DIR, load_tokenizer
+from megatron_opd.runtime import checkpointing, distributed
 
 META_FORMAT = "megatron_opd.checkpoint/1"
 DEFAULT_VOCAB_DIVISOR = 128
@@ -377,20 +378,16 @@ def load_gguf_model(directory: str | Path, gguf_file: str, dtype: torch.dtype = 
 # ------------------------------------------------------------------------------------------------
 
 
-def _single_process_megatron() -> None:
-    """Megatron at TP1/PP1 in this process (initialized here unless it already is)."""
-    from megatron.core import parallel_state
-
-    from megatron_opd.runtime import distributed
-
-    if not parallel_state.model_parallel_is_initialized():
-        distributed.initialize(distributed.ParallelConfig())
-    layout = (
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
-    )
-    if layout != (1, 1):
+def _single_process_megatron() -> distributed.ModelGrid:
+    """The grid of Megatron at TP1/PP1 in this process (initialized here unless it already is)."""
+    if distributed.is_initialized():
+        grid = distributed.student_grid()
+    else:
+        grid = distributed.initialize(distributed.ParallelConfig()).grid
+    if (grid.tp_size, grid.pp_size) != (1, 1):
+        layout = (grid.tp_size, grid.pp_size)
         raise RuntimeError(f"conversion runs at TP1/PP1, but Megatron is initialized at {layout}")
+    return grid
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -409,6 +406,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _check_hf_config(raw: dict[str, Any], source: str) -> None:
     if raw.get("use_sliding_window"):
         raise ValueError(f"{source}: use_sliding_window=true is not supported")
+
+
+@dataclass
+class _HfModel:
+    """A Hugging Face model to import: its architecture, ``config.json``, generation config and
+    weights, and ``source``, where they came from (for messages and the metadata)."""
+
+    arch: gpt.ArchConfig
+    config: dict[str, Any]
+    generation_config: Optional[dict[str, Any]]
+    weights: Any  # SafetensorsWeights or StateDictWeights
+    source: str
+
+    def check(self) -> None:
+        _check_hf_config(self.config, self.source)
+        check_hf_weights(self.weights, self.arch, self.source)
 
 
 def import_hf(
@@ -440,21 +453,10 @@ def import_hf(
     arch = gpt.ArchConfig.from_dict(hf_config, source=str(hf_dir / "config.json"))
     gen_file = hf_dir / "generation_config.json"
     generation_config = _read_json(gen_file) if gen_file.exists() else None
-    weights = SafetensorsWeights(hf_dir)
-    _check_hf_config(hf_config, str(hf_dir))
-    check_hf_weights(weights, arch, str(hf_dir))
+    hf = _HfModel(arch, hf_config, generation_config, SafetensorsWeights(hf_dir), str(hf_dir))
+    hf.check()
     tokenizer = load_tokenizer(tokenizer_path or hf_dir)
-    return _import(
-        arch,
-        hf_config,
-        generation_config,
-        weights,
-        tokenizer,
-        save_dir,
-        dtype,
-        make_vocab_size_divisible_by,
-        str(hf_dir),
-    )
+    return _import(hf, tokenizer, save_dir, dtype, make_vocab_size_divisible_by)
 
 
 def import_transformers_model(
@@ -472,35 +474,22 @@ def import_transformers_model(
     hf_config = json.loads(model.config.to_json_string(use_diff=True))  # what config.json holds
     generation_config = model.generation_config.to_diff_dict() if model.generation_config else None
     weights = StateDictWeights(dict(model.state_dict()))
-    _check_hf_config(hf_config, source)
-    check_hf_weights(weights, arch, source)
-    return _import(
-        arch,
-        hf_config,
-        generation_config,
-        weights,
-        tokenizer,
-        save_dir,
-        dtype,
-        make_vocab_size_divisible_by,
-        source,
-    )
+    hf = _HfModel(arch, hf_config, generation_config, weights, source)
+    hf.check()
+    return _import(hf, tokenizer, save_dir, dtype, make_vocab_size_divisible_by)
 
 
 def _import(
-    arch: gpt.ArchConfig,
-    hf_config: dict[str, Any],
-    generation_config: Optional[dict[str, Any]],
-    weights,
+    hf: _HfModel,
     tokenizer,
     save_dir: str | Path,
     dtype: torch.dtype,
     make_vocab_size_divisible_by: int,
-    source: str,
 ) -> Path:
-    _single_process_megatron()
+    arch, weights = hf.arch, hf.weights
+    grid = _single_process_megatron()
     config = gpt.transformer_config(arch, dtype=dtype, perform_initialization=False)
-    chunks = gpt.build_model(arch, config, make_vocab_size_divisible_by)
+    chunks = gpt.build_model(arch, config, grid, make_vocab_size_divisible_by)
     padded = gpt.padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, 1)
     mapping = rules(arch)
     filled = set()
@@ -517,9 +506,9 @@ def _import(
         tokenizer,
         save_dir,
         make_vocab_size_divisible_by,
-        source,
-        hf_config=hf_config,
-        generation_config=generation_config,
+        hf.source,
+        hf_config=hf.config,
+        generation_config=hf.generation_config,
     )
 
 
@@ -535,8 +524,6 @@ def write_model_checkpoint(
 ) -> Path:
     """A weights-only checkpoint that ``--load`` / ``--opd-teacher-load`` read: the model chunks
     (dist checkpoint, any layout on load), the tokenizer, and the metadata file, written last."""
-    from megatron_opd.runtime import checkpointing
-
     save_dir = Path(save_dir)
     dtype = chunks[0].config.params_dtype
     checkpointing.save_model(chunks, save_dir)
@@ -564,8 +551,6 @@ def write_model_checkpoint(
 
 def read_checkpoint(directory: str | Path) -> tuple[gpt.ArchConfig, dict[str, Any]]:
     """The architecture and metadata of a checkpoint written by this project."""
-    from megatron_opd.runtime import checkpointing
-
     meta_file = Path(directory) / checkpointing.META_FILE
     try:
         meta = checkpointing.read_meta(directory)
@@ -587,30 +572,27 @@ def checkpoint_dtype(directory: str | Path) -> torch.dtype:
 
 
 def load_checkpoint_model(
-    directory: str | Path, dtype: Optional[torch.dtype] = None, **config_overrides: Any
+    directory: str | Path,
+    grid: distributed.ModelGrid,
+    dtype: Optional[torch.dtype] = None,
+    **config_overrides: Any,
 ) -> tuple[list[torch.nn.Module], gpt.ArchConfig]:
-    """This rank's model chunks at the current TP/PP layout, loaded from ``directory``."""
-    from megatron.core import parallel_state
+    """This rank's model chunks on ``grid`` (its TP / PP / EP layout), loaded from
+    ``directory``."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron_opd.runtime import checkpointing
-
-    if not parallel_state.model_parallel_is_initialized():
-        raise RuntimeError(
-            "call megatron_opd.runtime.distributed.initialize() before loading a model"
-        )
     arch, meta = read_checkpoint(directory)
     config = gpt.transformer_config(
         arch,
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
+        grid.tp_size,
+        grid.pp_size,
         dtype=dtype or checkpoint_dtype(directory),
         perform_initialization=False,
-        expert_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_parallel_size=grid.ep_size,
         **config_overrides,
     )
     divisor = vocab_divisor(meta)
-    chunks = gpt.build_model(arch, config, divisor)
+    chunks = gpt.build_model(arch, config, grid, divisor)
     try:
         checkpointing.load_model(chunks, directory, strict=False)
     except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
@@ -730,8 +712,7 @@ def export_hf(
         raise FileNotFoundError(f"{load_dir} records no tokenizer; pass --tokenizer")
     tokenizer = load_tokenizer(tokenizer_src)
 
-    _single_process_megatron()
-    chunks, _ = load_checkpoint_model(load_dir)
+    chunks, _ = load_checkpoint_model(load_dir, _single_process_megatron())
     out_dtype = dtype or checkpoint_dtype(load_dir)
     tmp = _export_tmp_dir(save_dir)
     if tmp.exists():  # left by an export that crashed

@@ -397,9 +397,12 @@ def layer_spec(
     (:class:`megatron_opd.models.attention.SDPAttention`).
 
     A mixture of experts gets Megatron's block spec of this pipeline stage's layers (``config``,
-    ``vp_stage``, ``pp_rank``: the stage, by default ``parallel_state``'s), dense or MoE per
-    layer from ``config.moe_layer_freq``."""
+    ``vp_stage``, ``pp_rank``: the stage), dense or MoE per layer from ``config.moe_layer_freq``."""
     from megatron.core.models.gpt import gpt_layer_specs
+
+    # attention.py imports Megatron-Core at module level: the package imports it only once a
+    # model is built (scripts filter its import-time warnings first; a bad flag fails fast)
+    from megatron_opd.models.attention import SDPAttention
 
     if arch.is_moe:
         te = compat.transformer_engine_available()
@@ -408,8 +411,6 @@ def layer_spec(
             vp_stage=vp_stage, pp_rank=pp_rank,
         )  # fmt: skip
         if not te:
-            from megatron_opd.models.attention import SDPAttention
-
             for spec in block.layer_specs:
                 spec.submodules.self_attention.submodules.core_attention = SDPAttention
         return block
@@ -417,8 +418,6 @@ def layer_spec(
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=arch.qk_layernorm
         )
-    from megatron_opd.models.attention import SDPAttention
-
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
     )
@@ -429,15 +428,13 @@ def layer_spec(
 def build_model(
     arch: ArchConfig,
     config,
+    grid,
     make_vocab_size_divisible_by: int = 128,
     max_sequence_length: Optional[int] = None,
-    pg_collection: Any = None,
 ) -> list[torch.nn.Module]:
-    """The GPTModel chunks of this pipeline stage (one per virtual stage), on the default device.
-
-    ``pg_collection``: the model's own process groups (a teacher on its own grid); by default
-    Megatron's global ones (``parallel_state``)."""
-    from megatron.core import parallel_state
+    """The GPTModel chunks of this pipeline stage of ``grid`` (a
+    :class:`megatron_opd.runtime.distributed.ModelGrid`; one chunk per virtual stage), on the
+    default device."""
     from megatron.core.models.gpt import GPTModel
 
     vocab = padded_vocab_size(
@@ -449,23 +446,17 @@ def build_model(
         stage = vp_stage if vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(
-                arch, config, stage, None if pg_collection is None else pg_collection.pp.rank()
-            ),
+            transformer_layer_spec=layer_spec(arch, config, stage, grid.pp_rank),
             vocab_size=vocab,
             max_sequence_length=max_sequence_length or arch.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
-            if pg_collection is None
-            else pg_collection.pp.rank() == 0,
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-            if pg_collection is None
-            else pg_collection.pp.rank() == pg_collection.pp.size() - 1,
+            pre_process=grid.is_first_stage and vp_stage == 0,
+            post_process=grid.is_last_stage and vp_stage == (vpp or 1) - 1,
             share_embeddings_and_output_weights=arch.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=float(arch.rope_theta),  # not int(): 10000.5 is a valid base
             rotary_percent=1.0,
             vp_stage=stage,
-            pg_collection=pg_collection,
+            pg_collection=grid.model_groups(),
         )
         compat.ensure_tensor_parallel_attributes(model)
         if config.bf16 or config.fp16:

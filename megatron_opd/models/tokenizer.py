@@ -70,7 +70,6 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
-    @abstractmethod
     def apply_chat_template(
         self,
         messages: list[Message],
@@ -78,6 +77,12 @@ class Tokenizer(ABC):
         tokenize: bool = True,
     ) -> list[int] | str:
         """The chat prompt of ``messages`` (Qwen3: non-thinking mode), as ids or as text."""
+        text = self.chat_text(messages, add_generation_prompt)
+        return self.encode(text) if tokenize else text
+
+    @abstractmethod
+    def chat_text(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        """The chat template rendered for ``messages``."""
 
     @abstractmethod
     def save(self, directory: str | Path) -> None:
@@ -130,22 +135,16 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(
-        self,
-        messages: list[Message],
-        add_generation_prompt: bool = True,
-        tokenize: bool = True,
-    ) -> list[int] | str:
+    def chat_text(self, messages: list[Message], add_generation_prompt: bool) -> str:
         template = self.hf.chat_template
         if not template:
             raise ValueError(f"the tokenizer in {self.directory} has no chat template")
         extra = {}
         if "enable_thinking" in str(template):
             extra["enable_thinking"] = False  # Qwen3's non-thinking mode
-        text = self.hf.apply_chat_template(
+        return self.hf.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=False, **extra
         )
-        return self.encode(text) if tokenize else text
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -190,12 +189,7 @@ class SentencePieceTokenizer(Tokenizer):
             ids = [i for i in ids if i not in self.stop_token_ids and i != self.bos_id]
         return self.sp.decode(ids)
 
-    def apply_chat_template(
-        self,
-        messages: list[Message],
-        add_generation_prompt: bool = True,
-        tokenize: bool = True,
-    ) -> list[int] | str:
+    def chat_text(self, messages: list[Message], add_generation_prompt: bool) -> str:
         if not self.chat_template:
             raise ValueError(
                 f"{self.model_file} has no chat template: put a {CHAT_TEMPLATE_FILE} next to it"
@@ -203,14 +197,13 @@ class SentencePieceTokenizer(Tokenizer):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(self.chat_template).render(
+        return env.from_string(self.chat_template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=False,
             bos_token=self.sp.id_to_piece(self.bos_id) if self.bos_id is not None else "",
             eos_token=self.sp.id_to_piece(self.eos_id) if self.eos_id is not None else "",
         )
-        return self.encode(text) if tokenize else text
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

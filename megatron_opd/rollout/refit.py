@@ -178,12 +178,14 @@ def copy_targets(chunk: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return targets
 
 
-def build_copy(arch: gpt.ArchConfig, tp: int, pp: int, dtype: torch.dtype,
-               vocab_divisor: int, pg_collection=None) -> torch.nn.Module:  # fmt: skip
-    """A frozen, uninitialised copy of the student at TP ``tp`` x PP ``pp`` (this stage's
-    chunk), for a refit to fill: the colocated copy's and the rollout ranks' one builder."""
-    config = gpt.transformer_config(arch, tp, pp, dtype=dtype, perform_initialization=False)
-    (chunk,) = gpt.build_model(arch, config, vocab_divisor, pg_collection=pg_collection)
+def build_copy(arch: gpt.ArchConfig, grid: ModelGrid, dtype: torch.dtype,
+               vocab_divisor: int) -> torch.nn.Module:  # fmt: skip
+    """A frozen, uninitialised copy of the student on ``grid`` (this stage's chunk), for a refit
+    to fill: the colocated copy's and the rollout ranks' one builder."""
+    config = gpt.transformer_config(
+        arch, grid.tp_size, grid.pp_size, dtype=dtype, perform_initialization=False
+    )
+    (chunk,) = gpt.build_model(arch, config, grid, vocab_divisor)
     chunk.eval()
     chunk.requires_grad_(False)
     return chunk
@@ -192,16 +194,17 @@ def build_copy(arch: gpt.ArchConfig, tp: int, pp: int, dtype: torch.dtype,
 class RolloutModel:
     """The student's rollout copy on its own TP x PP grid (see the module docstring)."""
 
-    def __init__(self, student: Sequence[torch.nn.Module], arch: gpt.ArchConfig,
-                 vocab_divisor: int, tp: int, pp: int, timeout_minutes: int = 30):  # fmt: skip
-        from megatron.core import parallel_state as ps
-
+    def __init__(self, student: Sequence[torch.nn.Module], student_grid: ModelGrid,
+                 arch: gpt.ArchConfig, vocab_divisor: int, tp: int, pp: int,
+                 timeout_minutes: int = 30):  # fmt: skip
+        """A copy at TP ``tp`` x PP ``pp`` of the ``student`` (its chunks on
+        ``student_grid``)."""
         self.grid: ModelGrid = build_model_grid(tp, pp, timeout_minutes=timeout_minutes)
         dtype = unwrap(student[0]).config.params_dtype
-        self.chunk = build_copy(arch, tp, pp, dtype, vocab_divisor, self.grid.pg_collection())
+        self.chunk = build_copy(arch, self.grid, dtype, vocab_divisor)
         self.gated = bool(self.chunk.config.gated_linear_unit)
-        self.train_dp_rank = ps.get_data_parallel_rank()
-        self.train_tp_group = ps.get_tensor_model_parallel_group()
+        self.train_dp_rank = student_grid.dp_rank
+        self.train_tp_group = student_grid.tp
         self.sources = plan_sources(
             global_parameters(student), self.train_dp_rank, self.train_tp_group
         )
@@ -247,23 +250,34 @@ class RolloutModel:
         return every[start : start + len(prompts)]
 
 
-def check_layout(args, arch: gpt.ArchConfig, world_size: int) -> Optional[tuple[int, int]]:
-    """The rollout layout ``(TP, PP)`` the flags ask for, ``None`` for the training layout
-    (given or not: no copy is made); a ValueError naming the flag when ``arch`` cannot run
-    at it."""
-    tp, pp = args.rollout_tensor_model_parallel_size, args.rollout_pipeline_model_parallel_size
-    if args.rollout_ranks:  # the copy on rollout ranks of its own (megatron_opd.rollout.remote)
+def check_layout(
+    arch: gpt.ArchConfig,
+    world_size: int,
+    *,
+    training: tuple[int, int],
+    rollout: tuple[Optional[int], Optional[int]],
+    rollout_ranks: int = 0,
+    engine: str = "auto",
+) -> Optional[tuple[int, int]]:
+    """The rollout layout ``(TP, PP)`` asked for, ``None`` for the training layout (given or
+    not: no copy is made); a ValueError naming the flag when ``arch`` cannot run at it.
+
+    ``training``: the student's (TP, PP); ``rollout``: ``--rollout-{tensor,pipeline}-model-
+    parallel-size`` as given (None: unset); ``rollout_ranks``, ``engine``: ``--rollout-ranks``,
+    ``--rollout-engine``."""
+    tp, pp = rollout
+    if rollout_ranks:  # the copy on rollout ranks of its own (megatron_opd.rollout.remote)
         tp, pp = tp or 1, pp or 1
-        teacher.check_layout(arch, tp, pp, args.rollout_ranks, "student", flags=(TP_FLAG, PP_FLAG))
+        teacher.check_layout(arch, tp, pp, rollout_ranks, "student", flags=(TP_FLAG, PP_FLAG))
         return tp, pp
     if tp is None and pp is None:
         return None
-    tp = args.tensor_model_parallel_size if tp is None else tp
-    pp = args.pipeline_model_parallel_size if pp is None else pp
+    tp = training[0] if tp is None else tp
+    pp = training[1] if pp is None else pp
     teacher.check_layout(arch, tp, pp, world_size, "student", flags=(TP_FLAG, PP_FLAG))
-    if (tp, pp) == (args.tensor_model_parallel_size, args.pipeline_model_parallel_size):
+    if (tp, pp) == tuple(training):
         return None
-    if args.rollout_engine == "dynamic":
+    if engine == "dynamic":
         raise ValueError(
             f"--rollout-engine dynamic runs on the training layout; unset {TP_FLAG} / {PP_FLAG}"
         )

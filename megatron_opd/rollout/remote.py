@@ -46,6 +46,8 @@ from megatron_opd.models import gpt
 from megatron_opd.rollout import engines, refit
 from megatron_opd.rollout.generation import Generation, generate
 from megatron_opd.rollout.sources import InPlace, step_seed
+from megatron_opd.runtime import failures
+from megatron_opd.runtime.distributed import ModelGrid
 from megatron_opd.runtime.pools import STOPPED, Pool
 from megatron_opd.training import data
 from megatron_opd.training.opd import RolloutConfig
@@ -63,14 +65,17 @@ def global_prompts(prompts: data.PromptSet, stream: data.PromptStream, batch: in
 class Remote(InPlace):
     """The training pool's side: batches from the rollout pool, weights to it."""
 
-    def __init__(self, student, pool: Pool, lag: int, train_iters: int, dp_rank: int,
-                 dp_size: int, tp_group):  # fmt: skip
-        super().__init__(student, dp_rank)
+    def __init__(self, student, grid: ModelGrid, pool: Pool, lag: int,
+                 train_iters: int):  # fmt: skip
+        """``student``: its chunks on ``grid``; ``pool``: the training pool."""
+        super().__init__(student, grid.dp_rank)
         self.pool, self.lag, self.train_iters = pool, lag, train_iters
-        self.dp_size = dp_size
-        self.tp_group = tp_group
+        self.dp_size = grid.dp_size
+        self.tp_group = grid.tp
         self.gated = bool(refit.unwrap(student[0]).config.gated_linear_unit)
-        self.sources = refit.plan_sources(refit.global_parameters(student), dp_rank, self.tp_group)
+        self.sources = refit.plan_sources(
+            refit.global_parameters(student), grid.dp_rank, self.tp_group
+        )
         self.held: Optional[tuple[int, list]] = None  # (iteration, the whole batch's generations)
         self.sent: Optional[int] = None  # the newest weights sent
         self.timings: dict[str, float] = {}
@@ -212,12 +217,11 @@ def _device(student) -> torch.device:
 @dataclass
 class ServeConfig:
     """What a rollout rank needs to know of the run (built from the flags by
-    :func:`megatron_opd.training.launch.serve_config`)."""
+    :func:`megatron_opd.training.launch.serve_config`); the copy's layout is the rollout pool's
+    grid (``pool.grid``)."""
 
     arch: gpt.ArchConfig  # the student's
     vocab_divisor: int
-    tp: int  # the rollout copy's layout
-    pp: int
     dtype: torch.dtype
     rollout: RolloutConfig  # the trainer's, exactly: lag 0 equals the colocated run
     seed: int
@@ -236,24 +240,17 @@ def serve(cfg: ServeConfig, prompts: data.PromptSet, tokenizer, pool: Pool) -> N
         # from this pool; its stop flag then ends this rank
         signal.signal(getattr(signal, cfg.ignore_signal), signal.SIG_IGN)
     if not _serve(cfg, prompts, tokenizer, pool):
-        from megatron_opd.runtime import failures
-
         failures.exit_after_stop()  # 0, or the code of the failure that stopped the job
 
 
 def _serve(cfg: ServeConfig, prompts: data.PromptSet, tokenizer, pool: Pool) -> bool:
     """False when stopped before the last batch."""
-    from megatron.core import parallel_state as ps
-
-    tp = cfg.tp
-    chunk = refit.build_copy(cfg.arch, cfg.tp, cfg.pp, cfg.dtype, cfg.vocab_divisor)
+    grid = pool.grid  # the rollout pool's: Megatron's groups there are the copy's layout
+    tp = grid.tp_size
+    chunk = refit.build_copy(cfg.arch, grid, cfg.dtype, cfg.vocab_divisor)
     targets = refit.copy_targets(chunk)
     gated = bool(chunk.config.gated_linear_unit)
-    tp_rank, replica, replicas = (
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_data_parallel_rank(),
-        ps.get_data_parallel_world_size(),
-    )
+    tp_rank, replica, replicas = grid.tp_rank, grid.dp_rank, grid.dp_size
     bridge = pool.bridge
     device = next(chunk.parameters()).device
 

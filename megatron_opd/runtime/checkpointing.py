@@ -22,8 +22,8 @@ import torch.distributed as dist
 from megatron_opd import compat
 from megatron_opd.compat import WriterDied
 from megatron_opd.runtime import integrity
-from megatron_opd.runtime.cli import RunError
 from megatron_opd.runtime.distributed import is_rank0
+from megatron_opd.runtime.errors import RunError
 
 META_FILE = "megatron_opd.json"
 

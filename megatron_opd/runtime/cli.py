@@ -27,49 +27,19 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-USER_ERROR_EXIT = 2  # argparse's code for a bad command line
-NON_FINITE_EXIT = 3  # the run stopped itself: non-finite rewards, gradients or weights
-RUN_ERROR_EXIT = 4  # the environment failed the run: disk full, a checkpoint writer killed
+from megatron_opd.runtime import failures
+from megatron_opd.runtime.errors import USER_ERROR_EXIT, UserError, exit_code_of
+
 DEBUG_ENV = "MEGATRON_OPD_DEBUG"
 
 
-class UserError(ValueError):
-    """Something the user must change (a flag, a file). ``rank_local``: only the raising rank may
-    know (a file it checked alone), so it prints even when it is not rank 0."""
-
-    exit_code = USER_ERROR_EXIT
-
-    def __init__(self, message: str, rank_local: bool = False):
-        super().__init__(message)
-        self.rank_local = rank_local
-
-
-class RunStopped(RuntimeError):
-    """The run stopped on purpose (it cannot go on); one line, its own exit code."""
-
-    exit_code = NON_FINITE_EXIT
-    rank_local = False
-
-
-class RunError(RuntimeError):
-    """The machine failed the run (disk full, a killed writer process); one line, no traceback."""
-
-    exit_code = RUN_ERROR_EXIT
-    rank_local = True
-
-
-class JobStopped(RunError):
-    """SIGTERM on a rank of a job of several, outside ``--exit-signal-handler``: torchrun stops
-    every rank once one has failed or been killed, or the job was cancelled."""
-
-
-_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
-
-
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block) and a ``--debug`` flag."""
+    """argparse with a one-line error (no usage block) and a ``--debug`` flag; a script's whole
+    docstring may be passed as ``description`` (its first line is the one shown)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
+        if kwargs.get("description"):
+            kwargs["description"] = kwargs["description"].strip().splitlines()[0]
         super().__init__(*args, **kwargs)
         self.add_argument(
             "--debug",
@@ -109,23 +79,6 @@ def debug_requested(argv: list[str] | None = None) -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
 
 
-def exit_code_of(error: BaseException) -> int | None:
-    """The exit code a script ends with for ``error``; None for a bug (show the traceback)."""
-    code = getattr(error, "exit_code", None)
-    if isinstance(code, int):
-        return code
-    if isinstance(error, _USER_ERRORS):
-        return USER_ERROR_EXIT
-    return None
-
-
-def failed_alone() -> bool:
-    """Inside a ``finally``: is this rank unwinding an error the other ranks may not share (a
-    killed writer, a full disk)? Then a teardown barrier would wait for ranks that never come."""
-    error = sys.exc_info()[1]
-    return error is not None and bool(getattr(error, "rank_local", False))
-
-
 def exit_with(error: BaseException, prog: str) -> NoReturn:
     """End the script for ``error``: one line (from one rank) and its exit code; a bug, or any
     error under ``--debug``, is re-raised with its traceback.
@@ -140,8 +93,6 @@ def exit_with(error: BaseException, prog: str) -> NoReturn:
 
 
 def _end(error: BaseException, code: int | None, prog: str) -> NoReturn:
-    from megatron_opd.runtime import failures
-
     if failures.board(may_import=True) is not None:
         raise SystemExit(failures.report(error, code, prog)) from None
     if code is None:
@@ -159,8 +110,6 @@ def run(main: Callable[[], Any], prog: str) -> NoReturn:
     collection took more than 10 s after a signalled save, past torchrun's 30 s shutdown window
     (torchrun then kills the worker). Everything worth keeping is written and closed by then; the
     checkpoint helpers die with this process (``compat.die_with_parent``)."""
-    from megatron_opd.runtime import failures
-
     failures.start_watching(prog)  # another rank's failure ends this one, quietly
     try:
         try:
@@ -261,17 +210,21 @@ def above(lo: float) -> Range:
     return Range(lo, lo_closed=False)
 
 
-def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace, ranges: dict) -> None:
-    """Every float flag is finite (NaN passes every comparison, inf most), and every flag named
-    in ``ranges`` (``{"--lr": at_least(0)}``) is inside its range unless it is unset (None)."""
+def check_numbers(
+    parser: argparse.ArgumentParser, parsed: argparse.Namespace, ranges: dict
+) -> None:
+    """Every float flag ``parser`` gave ``parsed`` is finite (NaN passes every comparison, inf
+    most), and every flag named in ``ranges`` (``{"--lr": at_least(0)}``) is inside its range
+    unless it is unset (None). The parsing layer's check, beside :class:`ArgumentParser`: each
+    script calls it right after parsing, before any config is built from the flags."""
     import math
 
     flags = {a.option_strings[0]: a.dest for a in parser._actions if a.option_strings}
     for action in parser._actions:
-        value = getattr(args, action.dest, None)
+        value = getattr(parsed, action.dest, None)
         if action.type is float and isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{action.option_strings[0]} must be a finite number, got {value}")
     for flag, allowed in ranges.items():
-        value = getattr(args, flags[flag])
+        value = getattr(parsed, flags[flag])
         if value is not None and value not in allowed:
             raise UserError(f"{flag} must be {allowed}, got {_num(value)}")

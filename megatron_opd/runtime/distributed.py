@@ -1,10 +1,18 @@
-"""Process groups: torch.distributed from torchrun's environment, then Megatron's TP/PP/DP grid."""
+"""Process groups: torch.distributed from torchrun's environment, then Megatron's TP/PP/DP grid.
+
+Every model runs on a :class:`ModelGrid` that its caller passes in. This is the one module that
+reads Megatron's global ``parallel_state``: :func:`initialize` sets it up for Megatron's own code
+(its schedules, DDP and optimizer read it), and :func:`student_grid` reads the student's groups
+from it once, into the grid that :func:`initialize` returns with the pool.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -14,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import compat
+from megatron_opd.runtime import pools
+from megatron_opd.runtime.pools import env_rank_and_world
 
 
 @dataclass(frozen=True)
@@ -21,9 +31,14 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1  # a size of the grid, not supported yet: must be 1
 
     def validate(self, world_size: int) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if self.context_parallel_size != 1:
+            raise ValueError(
+                f"context-parallel size {self.context_parallel_size}: only 1 is supported"
+            )
         if tp < 1:
             raise ValueError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
         if pp < 1:
@@ -38,14 +53,6 @@ class ParallelConfig:
             raise ValueError(
                 "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"
             )
-
-
-def env_rank_and_world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) as torchrun (or Slurm's srun) sets them; (0, 0, 1) alone."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return rank, local_rank, world
 
 
 def set_seeds(seed: int) -> None:
@@ -73,9 +80,10 @@ def initialize(
     timeout_minutes: int = 30,
     rollout_ranks: int = 0,
     rollout_parallel: Optional[ParallelConfig] = None,
-):
+) -> pools.Pool:
     """Initialize torch.distributed (NCCL on GPU, gloo on CPU), Megatron's groups and the seeds;
-    returns this rank's :class:`megatron_opd.runtime.pools.Pool`.
+    returns this rank's :class:`megatron_opd.runtime.pools.Pool`, whose ``grid`` is the
+    student's grid (:func:`student_grid`; on a rollout pool, that of the student's copy there).
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the environment. A process
     started without them runs as a world of one. ``rollout_ranks``: the last ones form a pool of
@@ -83,8 +91,6 @@ def initialize(
     and Megatron's groups are then the pool's.
     """
     from megatron.core import parallel_state
-
-    from megatron_opd.runtime import pools
 
     compat.apply()
     rank, local_rank, world = env_rank_and_world()
@@ -114,17 +120,20 @@ def initialize(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
         )
     set_seeds(seed)
+    pool.grid = student_grid()
     return pool
 
 
 @dataclass
 class ModelGrid:
-    """A model's own TP x PP x DP grid over the whole world, built apart from ``parallel_state``
-    (a teacher on another layout than the student's). Ranks are laid out as Megatron's default
-    order ``tp-dp-pp``: ``rank = tp_rank + TP * (dp_rank + DP * pp_rank)``.
+    """A model's TP x PP x DP grid over the whole world: the student's (:func:`student_grid`,
+    Megatron's global groups) or a model's own (:func:`build_model_grid`: a teacher or a rollout
+    copy on another layout than the student's). Ranks are laid out as Megatron's default order
+    ``tp-dp-pp``: ``rank = tp_rank + TP * (dp_rank + DP * pp_rank)``.
 
     Expert parallelism folds over data parallelism as in Megatron (``tp-ep-dp-pp`` with the
     experts' TP equal to the attention's): the EP ranks of an expert group are ``EP`` consecutive
@@ -143,9 +152,16 @@ class ModelGrid:
     dp: dist.ProcessGroup
     mp: dist.ProcessGroup  # TP x PP: one replica of the model, the ranks that score together
     embd: dist.ProcessGroup  # first and last pipeline stage (tied embeddings)
-    cp: dist.ProcessGroup  # this rank alone (no context parallelism)
+    cp: dist.ProcessGroup  # the context-parallel ranks: this rank alone while cp_size is 1
     mp_ranks: tuple[int, ...]  # global ranks of ``mp``, ascending
-    student: bool = False  # Megatron's global groups: the student's own grid
+    # True for the grid read from parallel_state (student_grid). Megatron's GPTModel and
+    # schedules are then given no pg_collection (model_groups) and read these same groups from
+    # parallel_state themselves, as Megatron's DDP, optimizer, finalize_model_grads and checkpoint
+    # replica ids do for the student: the student runs exactly as Megatron runs a model of its
+    # own. Handing the student an explicit collection is not shown to keep every figure on both
+    # Megatron versions (its virtual stages would also need the interleaved schedule's vp_size).
+    from_parallel_state: bool = False
+    cp_size: int = 1  # context parallelism: a field of the grid, not supported yet (must be 1)
     ep_size: int = 1
     ep: Optional[dist.ProcessGroup] = None  # the DP ranks that share one set of experts
     tp_ep: Optional[dist.ProcessGroup] = None  # TP x EP: the MoE dispatcher's all-gather
@@ -157,14 +173,30 @@ class ModelGrid:
         return tp_rank + self.tp_size * (dp_rank + self.dp_size * pp_rank)
 
     @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
+
+    @property
+    def last_stage_rank(self) -> int:
+        """The global rank of the last pipeline stage in this rank's ``pp`` group."""
+        return self.rank_of(self.tp_rank, self.pp_size - 1)
+
+    def model_groups(self):
+        """What Megatron's GPTModel and pipeline schedules take as ``pg_collection``: ``None``
+        on parallel_state's groups (``from_parallel_state``), this grid's collection otherwise."""
+        return None if self.from_parallel_state else self.pg_collection()
 
     def pg_collection(self):
         """Megatron-Core's ``ProcessGroupCollection`` of this grid, for GPTModel and the
         pipeline schedules."""
         from megatron.core.process_groups_config import ProcessGroupCollection
 
+        if self.cp_size != 1:  # the context-parallel groups (tp_cp, dp_cp) are not built yet
+            raise NotImplementedError(f"context-parallel size {self.cp_size}: only 1 is supported")
         return ProcessGroupCollection(
             tp=self.tp,
             pp=self.pp,
@@ -172,9 +204,9 @@ class ModelGrid:
             embd=self.embd,
             pos_embd=None,
             cp=self.cp,
-            tp_cp=self.tp,
+            tp_cp=self.tp,  # TP x CP at CP 1
             dp=self.dp,
-            dp_cp=self.dp,
+            dp_cp=self.dp,  # DP x CP at CP 1
             # the MoE layers' groups (the router's tp_dp_cp sums load-balancing statistics)
             ep=self.ep if self.ep is not None else self.cp,
             expt_tp=self.tp,
@@ -189,10 +221,12 @@ def build_model_grid(
     pipeline_parallel_size: int,
     timeout_minutes: int = 30,
     expert_parallel_size: int = 1,
+    context_parallel_size: int = 1,
 ) -> ModelGrid:
     """Process groups of a TP x PP (x EP) grid over all ranks (DP = world / (TP x PP), EP
     dividing DP), every group created on every rank in the same order, as
-    ``torch.distributed.new_group`` requires.
+    ``torch.distributed.new_group`` requires. Context parallelism is a size of the grid but
+    not supported yet: ``context_parallel_size`` must be 1.
 
     Megatron's ``HyperCommGrid`` does this enumeration too but needs ``einops``, which is not a
     dependency of this project; the arithmetic is the one line in :class:`ModelGrid`."""
@@ -201,7 +235,9 @@ def build_model_grid(
     if world % (tp * pp) != 0:
         raise ValueError(f"world size {world} is not divisible by TP {tp} x PP {pp}")
     dp = world // (tp * pp)
-    ep = expert_parallel_size
+    ep, cp = expert_parallel_size, context_parallel_size
+    if cp != 1:
+        raise ValueError(f"context-parallel size {cp}: only 1 is supported")
     if dp % ep != 0:
         raise ValueError(
             f"expert-parallel size {ep} does not divide the data-parallel size {dp} "
@@ -248,16 +284,19 @@ def build_model_grid(
         dp=mine([[at(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)]),
         mp=mine(mp_lists),
         embd=mine([sorted({ranks[0], ranks[-1]}) for ranks in pp_lists]),
-        cp=mine([[r] for r in range(world)]),
+        cp=mine([[r] for r in range(world)]),  # CP 1: each rank alone
         mp_ranks=tuple(mp_lists[d_rank]),
+        cp_size=cp,
         tp_dp=mine([[at(t, d, p) for d in range(dp) for t in range(tp)] for p in range(pp)]),
         **expert_groups,
     )
 
 
 def student_grid() -> ModelGrid:
-    """The student's grid (Megatron's global groups in ``parallel_state``) as a :class:`ModelGrid`,
-    no group created: a teacher on the student's layout is a teacher on this grid."""
+    """The student's grid (Megatron's global groups in ``parallel_state``; on a rollout pool, those
+    of the student's copy there) as a :class:`ModelGrid`, no group created: a teacher on the
+    student's layout is a teacher on this grid. :func:`initialize` returns it as ``pool.grid``;
+    callers hand that down rather than call this again."""
     from megatron.core import parallel_state as ps
 
     mp = ps.get_model_parallel_group()
@@ -275,13 +314,21 @@ def student_grid() -> ModelGrid:
         embd=ps.get_embedding_group(),
         cp=ps.get_context_parallel_group(),
         mp_ranks=tuple(sorted(dist.get_process_group_ranks(mp))),
-        student=True,
+        from_parallel_state=True,
+        cp_size=ps.get_context_parallel_world_size(),
         ep_size=ps.get_expert_model_parallel_world_size(),
         ep=ps.get_expert_model_parallel_group(),
         tp_ep=ps.get_expert_tensor_and_model_parallel_group(),
         expt_dp=ps.get_expert_data_parallel_group(),
         tp_dp=ps.get_tensor_and_data_parallel_group(),
     )
+
+
+def is_initialized() -> bool:
+    """Whether Megatron's groups are set up in this process (:func:`initialize`)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.model_parallel_is_initialized()
 
 
 def teardown(timeout_s: float = 60.0) -> None:
@@ -307,8 +354,6 @@ _teardowns = 0
 
 def _bounded_barrier(timeout_s: float) -> None:
     """Every rank arrives, or ``timeout_s`` passes, or the store is gone: whichever is first."""
-    import time
-
     global _teardowns
     world = dist.get_world_size()
     if world == 1:
@@ -358,8 +403,6 @@ def print_rank0(*args, **kwargs) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

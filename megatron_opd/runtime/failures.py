@@ -15,9 +15,9 @@ every rank exit with the code rather than having to SIGTERM them.
 
 How long a rank waits for a claim before making its own depends on what it holds:
 
-- a handled error (a user error, a stopped run, a full disk: ``cli.exit_code_of``): none;
+- a handled error (a user error, a stopped run, a full disk: ``errors.exit_code_of``): none;
 - an echo of another rank's failure (:func:`is_echo`): up to :data:`ECHO_WAIT_S`, then one line
-  saying that another rank failed, exit code ``cli.RUN_ERROR_EXIT`` (a rank killed -9 claims
+  saying that another rank failed, exit code ``errors.RUN_ERROR_EXIT`` (a rank killed -9 claims
   nothing);
 - anything else (a bug): up to :data:`ECHO_WAIT_S` too, since a peer's handled failure may be the
   cause; then its traceback, exit code 1.
@@ -32,8 +32,8 @@ torchrun's teardown, because a rank that is reporting lets SIGTERM end only its 
 (torchrun stops every rank once one exits, and SIGKILLs 30 s later).
 
 In a job of several ranks, SIGTERM outside ``--exit-signal-handler`` (torchrun stopping the job
-after a rank was killed, or a cancelled job) is :class:`cli.JobStopped`: one line, exit code
-``cli.RUN_ERROR_EXIT``, not a silent death.
+after a rank was killed, or a cancelled job) is :class:`errors.JobStopped`: one line, exit code
+``errors.RUN_ERROR_EXIT``, not a silent death.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Optional
+
+from megatron_opd.runtime import errors
 
 ECHO_WAIT_S = 5.0  # how long an echo (or a bug) waits for the rank that holds the cause
 # How long the claimant waits for the other ranks to exit: ranks still importing torch reach a bad
@@ -263,17 +265,15 @@ def _pause(seconds: float) -> None:
 
 
 def _report_stop() -> None:
-    """Report SIGTERM as :class:`cli.JobStopped` and end the process, unless a thread of this
+    """Report SIGTERM as :class:`errors.JobStopped` and end the process, unless a thread of this
     rank reports already. From the handler (the main thread, between two bytecodes: no ``finally``
     runs, none can block the way out), or from the watcher when the main thread is inside a call
     that does not return (a collective or a store wait on a rank that is gone), where Python
     cannot run the handler."""
-    from megatron_opd.runtime import cli
-
     if not _take_report():
         return
     _sigterm.set()
-    error, code = cli.JobStopped(JOB_STOPPED), cli.RUN_ERROR_EXIT
+    error, code = errors.JobStopped(JOB_STOPPED), errors.RUN_ERROR_EXIT
     b = board()
     try:
         if b is None:
@@ -290,7 +290,7 @@ def _report_stop() -> None:
 def start_watching(prog: str = _prog) -> None:
     """In a job of several ranks: end this rank, quietly and with the claimed code, once another
     rank claims the job's report (a daemon thread polling the store every :data:`POLL_S`), and
-    turn SIGTERM into :class:`cli.JobStopped` (``cli.run`` calls this first; the trainer's
+    turn SIGTERM into :class:`errors.JobStopped` (``cli.run`` calls this first; the trainer's
     ``--exit-signal-handler`` replaces the handler once the run starts). Where the main thread
     cannot take the signal (blocked in C++), the watcher reports the stop itself."""
     global _handler_pid, _prog, _wakeup
@@ -371,12 +371,10 @@ def failure_dir(stamp: str) -> Path:
 def _kept(error: BaseException, code: Optional[int]) -> bool:
     """Is this rank's error its own, worth a file? Not a flag every rank rejects alike, nor a
     stop every rank decided together."""
-    from megatron_opd.runtime import cli
-
-    shared = code in (cli.USER_ERROR_EXIT, cli.NON_FINITE_EXIT)
+    shared = code in (errors.USER_ERROR_EXIT, errors.NON_FINITE_EXIT)
     if shared and not getattr(error, "rank_local", False):
         return False
-    if isinstance(error, cli.JobStopped):  # "not me": torchrun stops the job
+    if isinstance(error, errors.JobStopped):  # "not me": torchrun stops the job
         return False
     # a handled error (a full disk) is this rank's own, whatever collective error it chains
     return code is not None or not is_echo(error)
@@ -462,8 +460,6 @@ def report(error: BaseException, code: Optional[int], prog: str) -> int:
 
 
 def _settle(b: Board, error: BaseException, code: Optional[int], prog: str) -> int:
-    from megatron_opd.runtime import cli
-
     line = f"{prog}: error: {error}"
     kept = _kept(error, code)
     if code is None:
@@ -473,7 +469,7 @@ def _settle(b: Board, error: BaseException, code: Optional[int], prog: str) -> i
                 _keep(claim[2], b.rank, claim[1], _error_text(error, None, line))
             _exit_quietly(b, claim[1])
         if is_echo(error):
-            code = cli.RUN_ERROR_EXIT
+            code = errors.RUN_ERROR_EXIT
             line = f"{prog}: error: another rank of the job failed or was killed ({error})"
     mine = 1 if code is None else code
     rank, claimed, stamp = b.claim(mine)

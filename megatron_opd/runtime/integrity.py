@@ -18,7 +18,7 @@ from typing import Optional
 
 from megatron_opd import compat
 from megatron_opd.compat import versions
-from megatron_opd.runtime.cli import UserError
+from megatron_opd.runtime.errors import UserError
 
 MANIFEST_FILE = "manifest.json"
 # a Megatron dist checkpoint cannot load without these (and common.pt, where the writing

@@ -9,12 +9,11 @@ Nothing is created here: the probe file is written into the nearest existing anc
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Optional
 
-from megatron_opd.runtime.cli import UserError
+from megatron_opd.runtime.errors import UserError
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -68,11 +67,3 @@ def check_output_dir(flag: str, path: Optional[str]) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is not a directory")
     _probe(flag, path, _check_ancestors(flag, path, path))
-
-
-def check_run_outputs(args: argparse.Namespace) -> None:
-    """``scripts/pretrain_opd.py``'s outputs besides ``--save``."""
-    check_output_file("--metrics-file", args.metrics_file)
-    check_output_dir("--tensorboard-dir", args.tensorboard_dir)
-    check_output_dir("--wandb-save-dir", args.wandb_save_dir)
-    check_output_dir("--opd-dump-tokens", args.opd_dump_tokens)

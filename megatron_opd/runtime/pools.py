@@ -31,8 +31,18 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_opd.runtime import failures
+
 TRAIN, ROLLOUT = "train", "rollout"
 POLL_S = 0.005
+
+
+def env_rank_and_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun (or Slurm's srun) sets them; (0, 0, 1) alone."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return rank, local_rank, world
 
 
 def _attempt() -> str:
@@ -50,6 +60,9 @@ class Pool:
     global_size: int
     store: Any = None  # the job's store (both pools), None without rollout ranks
     bridge: Optional[Bridge] = None  # the training leader and the rollout ranks only
+    # the ModelGrid of the model this pool runs (the student, or its rollout copy on a rollout
+    # pool), set by megatron_opd.runtime.distributed.initialize
+    grid: Any = None
 
     @property
     def is_rollout(self) -> bool:
@@ -65,9 +78,6 @@ def job_store(rank: int, world: int, timeout: timedelta):
 def split(rollout_ranks: int, backend: str, timeout_minutes: int) -> Pool:
     """Initialize this rank's pool as its default process group (and the bridge); see the
     module docstring. ``rollout_ranks == 0``: one pool, the launcher's world, as before."""
-    from megatron_opd.runtime import failures
-    from megatron_opd.runtime.distributed import env_rank_and_world
-
     rank, _, world = env_rank_and_world()
     if rollout_ranks == 0:
         return Pool(TRAIN, rank, world, rank, world)

@@ -16,11 +16,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
+from megatron_opd.evaluation.accuracy import EvalConfig
 from megatron_opd.reward.rewards import REWARD_KINDS, RewardConfig
 from megatron_opd.rollout.engines import ENGINES
 from megatron_opd.rollout.engines.megatron import dynamic_engine_unavailable
-from megatron_opd.runtime import cli
+from megatron_opd.runtime import cli, errors
 from megatron_opd.runtime.distributed import ParallelConfig
+from megatron_opd.training.config import (
+    BatchConfig,
+    CheckpointConfig,
+    LogConfig,
+    PeriodicEvalConfig,
+    StopConfig,
+    TrainerConfig,
+)
 from megatron_opd.training.opd import RolloutConfig
 
 
@@ -247,31 +258,29 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
     """The YAML file's flags, each converted exactly as the command line would convert it (the
     flag's type, choices and action); anything that does not convert is one error naming the file
     and the key."""
-    import yaml
-
     parser = parser or build_parser()
     file = Path(path)
     if not file.is_file():
-        raise cli.UserError(f"--config {path} does not exist")
+        raise errors.UserError(f"--config {path} does not exist")
     try:
         raw = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or type(e).__name__
-        raise cli.UserError(f"--config {path}: YAML syntax error{where}: {problem}") from None
+        raise errors.UserError(f"--config {path}: YAML syntax error{where}: {problem}") from None
     if not isinstance(raw, dict):
-        raise cli.UserError(f"--config {path}: expected a mapping of flag: value")
+        raise errors.UserError(f"--config {path}: expected a mapping of flag: value")
     actions = {a.dest: a for a in parser._actions if a.option_strings}
     out = {}
     for key, value in raw.items():
         dest = str(key).lstrip("-").replace("-", "_")
         if dest not in actions or dest in ("config", "help"):
-            raise cli.UserError(f"--config {path}: unknown flag {key!r}")
+            raise errors.UserError(f"--config {path}: unknown flag {key!r}")
         try:
             out[dest] = _config_value(actions[dest], value)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-            raise cli.UserError(f"--config {path}: {key}: {e}") from None
+            raise errors.UserError(f"--config {path}: {key}: {e}") from None
     return out
 
 
@@ -482,7 +491,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     if spec.startswith("builtin:"):
         n = spec.split(":", 1)[1]
         if not (n.isdigit() and int(n) >= 1):
-            raise cli.UserError(
+            raise errors.UserError(
                 f"--prompt-data {spec}: N in builtin:N must be a whole number >= 1, got {n!r}"
             )
 
@@ -506,6 +515,66 @@ def rollout_config(args: argparse.Namespace) -> RolloutConfig:
         top_p=0.0 if args.rollout_top_p >= 1.0 else args.rollout_top_p,
         top_k=args.rollout_top_k,
         engine=args.rollout_engine,  # "auto": graph on CUDA where supported, else static
+    )
+
+
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    """How the trainer's evaluations sample (``--eval-*``, the training prompt format)."""
+    return EvalConfig(
+        samples=args.eval_samples,
+        temperature=args.eval_temperature,
+        max_new_tokens=args.eval_max_new_tokens,
+        limit=args.eval_limit,
+        max_prompt_length=args.max_prompt_length,
+        system_prompt=args.system_prompt,
+        seed=args.seed,
+    )
+
+
+def trainer_config(args: argparse.Namespace) -> TrainerConfig:
+    """Every section the training loop reads (:mod:`megatron_opd.training.config`)."""
+    return TrainerConfig(
+        train_iters=args.train_iters,
+        seed=args.seed,
+        prompt_data=args.prompt_data,
+        batch=BatchConfig(
+            global_batch_size=args.global_batch_size,
+            samples_per_prompt=args.rollout_samples_per_prompt,
+            micro_batch_size=args.micro_batch_size,
+            max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+            mask_terminal_stop=args.opd_mask_terminal_stop,
+        ),
+        rollout=rollout_config(args),
+        reward=reward_config(args),
+        checkpoint=CheckpointConfig(
+            save=args.save,
+            interval=args.save_interval,
+            load=args.load,
+            params_dtype="bfloat16" if args.bf16 else "float32",
+        ),
+        log=LogConfig(
+            interval=args.log_interval,
+            metrics_file=args.metrics_file,
+            tensorboard_dir=args.tensorboard_dir,
+            wandb_project=args.wandb_project,
+            wandb_exp_name=args.wandb_exp_name,
+            wandb_save_dir=args.wandb_save_dir,
+            dump_tokens=args.opd_dump_tokens,
+            flags=dict(vars(args)),
+        ),
+        eval=PeriodicEvalConfig(
+            interval=args.eval_interval,
+            data=args.eval_data,
+            at_start=args.eval_at_start,
+            gap=args.eval_gap,
+            gap_teacher=args.eval_teacher,
+            sampling=eval_config(args),
+        ),
+        stop=StopConfig(
+            exit_signal=args.exit_signal if args.exit_signal_handler else None,
+            exit_interval=args.exit_interval,
+            max_consecutive_skips=args.opd_max_consecutive_skips,
+        ),
     )
 
 

@@ -68,8 +68,14 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
 
     Raises ``ValueError`` (or ``FileNotFoundError``) with one line naming the flag or file."""
     arguments.validate_args(args, world_size)
-    resume.prepare_save_dir(args)
-    outputs.check_run_outputs(args)
+    resume.prepare_save_dir(args.save)
+    outputs.check_output_file("--metrics-file", args.metrics_file)
+    for flag, path in (
+        ("--tensorboard-dir", args.tensorboard_dir),
+        ("--wandb-save-dir", args.wandb_save_dir),
+        ("--opd-dump-tokens", args.opd_dump_tokens),
+    ):
+        outputs.check_output_dir(flag, path)
     resume_root = None
     for root in (args.save, None if args.finetune else args.load):
         if root and checkpointing.latest_iteration(root) is not None:
@@ -92,7 +98,7 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
             f"--tensor-model-parallel-size 1 only (got {tp}); an MoE teacher may use any TP"
         )
     train_world = arguments.validate_rollout_ranks(args, world_size)
-    refit.check_layout(args, s_arch, world_size)
+    rollout_layout(args, s_arch, world_size)
     teachers = check_teachers(args, train_world, s_arch, s_meta)
     t_arch = teachers[0].arch
     t_meta = teachers[0].meta
@@ -106,7 +112,7 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
             f"{args.rollout_max_new_tokens} = {context} exceeds the models' context of {limit}"
         )
     tokenizer = load_tokenizer(args.tokenizer or student_dir)
-    problems = resume.load_prompt_problems(args)
+    problems = resume.load_prompt_problems(args.prompt_data, args.seed)
     prompts = data.PromptSet.build(problems, tokenizer, args.max_prompt_length, args.system_prompt)
     if len(prompts) * args.rollout_samples_per_prompt < args.global_batch_size:
         raise ValueError(
@@ -116,7 +122,14 @@ def check_inputs(args: argparse.Namespace, world_size: int) -> Inputs:
     check_routing(prompts, teachers, args.prompt_data)
     check_teacher_tokenizers(teachers, tokenizer, prompts)
     resume.check_run_inputs(
-        args, resume_root, student_dir, [t.directory for t in teachers], prompts
+        resume_root,
+        student_dir,
+        [t.directory for t in teachers],
+        prompts,
+        save=args.save,
+        train_iters=args.train_iters,
+        seed=args.seed,
+        prompt_data=args.prompt_data,
     )
     return Inputs(
         student_dir,
@@ -224,6 +237,24 @@ def check_teacher_tokenizers(teachers: list[TeacherInput], tokenizer, prompts) -
             )
 
 
+def rollout_layout(
+    args: argparse.Namespace, arch: gpt.ArchConfig, world_size: int
+) -> Optional[tuple[int, int]]:
+    """The rollout copy's (TP, PP) the ``--rollout-*`` flags ask for (``None``: no copy), checked
+    against ``arch`` (:func:`megatron_opd.rollout.refit.check_layout`)."""
+    return refit.check_layout(
+        arch,
+        world_size,
+        training=(args.tensor_model_parallel_size, args.pipeline_model_parallel_size),
+        rollout=(
+            args.rollout_tensor_model_parallel_size,
+            args.rollout_pipeline_model_parallel_size,
+        ),
+        rollout_ranks=args.rollout_ranks,
+        engine=args.rollout_engine,
+    )
+
+
 def virtual_stages(args: argparse.Namespace, arch: gpt.ArchConfig) -> Optional[int]:
     if args.num_layers_per_virtual_pipeline_stage is None:
         return None
@@ -251,8 +282,11 @@ def initialize(args: argparse.Namespace):
     )
 
 
-def build_student(args: argparse.Namespace, inputs: Inputs):
-    """The student's chunks wrapped in Megatron DDP, its optimizer and LR scheduler."""
+def build_student(args: argparse.Namespace, inputs: Inputs, grid: distributed.ModelGrid):
+    """The student's chunks on ``grid`` wrapped in Megatron DDP, its optimizer and LR
+    scheduler."""
+    # imported here, not at the top: Megatron's optimizer takes seconds to import, and a user
+    # error must end the run before any such work (check_inputs imports none of it)
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -279,7 +313,7 @@ def build_student(args: argparse.Namespace, inputs: Inputs):
         **recompute,
     )
     divisor = convert.vocab_divisor(inputs.student_meta)
-    chunks = gpt.build_model(inputs.student_arch, config, divisor)
+    chunks = gpt.build_model(inputs.student_arch, config, grid, divisor)
     if inputs.resume_root is None:
         checkpointing.load_model(chunks, inputs.student_dir, strict=False)
     ddp_config = DistributedDataParallelConfig(
@@ -321,10 +355,10 @@ def build_student(args: argparse.Namespace, inputs: Inputs):
     return chunks, optimizer, scheduler
 
 
-def build_teacher(args: argparse.Namespace, inputs: Inputs):
+def build_teacher(args: argparse.Namespace, inputs: Inputs, grid: distributed.ModelGrid):
     """Every teacher frozen, in eval mode, no optimizer state; bf16 with ``--opd-teacher-bf16``:
     a :class:`megatron_opd.training.teacher.TeacherSet`. One teacher on the student's layout sits
-    on the student's grid (Megatron's global groups); otherwise each teacher on its own groups."""
+    on the student's ``grid``; otherwise each teacher on its own groups."""
     dtype = torch.bfloat16 if args.opd_teacher_bf16 else None
     if inputs.own_teacher_layout:
         return teacher.build_teachers(
@@ -333,14 +367,15 @@ def build_teacher(args: argparse.Namespace, inputs: Inputs):
                 (t.tensor_parallel_size, t.pipeline_parallel_size, t.expert_parallel_size)
                 for t in inputs.teachers
             ],
+            grid,
             dtype,
             args.distributed_timeout_minutes,
         )
-    chunks, _ = convert.load_checkpoint_model(inputs.teacher_dir, dtype=dtype)
+    chunks, _ = convert.load_checkpoint_model(inputs.teacher_dir, grid, dtype=dtype)
     for c in chunks:
         c.eval()
         c.requires_grad_(False)
-    return teacher.on_student_grid(chunks)
+    return teacher.on_student_grid(chunks, grid)
 
 
 def serve_config(args: argparse.Namespace, inputs: Inputs) -> remote.ServeConfig:
@@ -348,8 +383,6 @@ def serve_config(args: argparse.Namespace, inputs: Inputs) -> remote.ServeConfig
     return remote.ServeConfig(
         arch=inputs.student_arch,
         vocab_divisor=convert.vocab_divisor(inputs.student_meta),
-        tp=args.rollout_tensor_model_parallel_size or 1,
-        pp=args.rollout_pipeline_model_parallel_size or 1,
         dtype=torch.bfloat16 if args.bf16 else torch.float32,
         rollout=arguments.rollout_config(args),
         seed=args.seed,
@@ -365,33 +398,29 @@ def build_trainer(args: argparse.Namespace, inputs: Optional[Inputs] = None, poo
     """A ready Trainer: the student (loaded or resumed), its optimizer and scheduler, the teacher,
     and where its rollouts come from (``megatron_opd.rollout.sources``).
 
-    Initializes torch.distributed and Megatron's groups first if the caller has not;
     ``inputs`` defaults to :func:`check_inputs` at the launcher's world size. ``pool``: this
-    rank's pool from :func:`initialize` (needed with ``--rollout-ranks``)."""
-    from megatron.core import parallel_state
-
+    rank's pool from :func:`initialize` (its ``grid`` is the student's); without one,
+    torch.distributed and Megatron's groups are initialized here first."""
     if inputs is None:
         inputs = check_inputs(args, distributed.env_rank_and_world()[2])
-    if not parallel_state.model_parallel_is_initialized():
+    if pool is None:
         pool = initialize(args)
-    student, optimizer, scheduler = build_student(args, inputs)
-    teachers = build_teacher(args, inputs)
-    dp_rank = parallel_state.get_data_parallel_rank()
+    grid = pool.grid
+    student, optimizer, scheduler = build_student(args, inputs, grid)
+    teachers = build_teacher(args, inputs, grid)
     source = None
     if args.rollout_ranks:
-        if pool is None or pool.is_rollout:
+        if pool.is_rollout:
             raise ValueError("--rollout-ranks: build_trainer needs the training pool's Pool")
-        dp_size = parallel_state.get_data_parallel_world_size()
-        source = remote.Remote(
-            student, pool, args.rollout_lag, args.train_iters, dp_rank, dp_size,
-            parallel_state.get_tensor_model_parallel_group(),
-        )  # fmt: skip
+        source = remote.Remote(student, grid, pool, args.rollout_lag, args.train_iters)
     else:
-        layout = refit.check_layout(args, inputs.student_arch, distributed.env_rank_and_world()[2])
+        layout = rollout_layout(args, inputs.student_arch, distributed.env_rank_and_world()[2])
         if layout is not None:
             divisor = convert.vocab_divisor(inputs.student_meta)
             copy = refit.RolloutModel(
-                student, inputs.student_arch, divisor, *layout, args.distributed_timeout_minutes
-            )
+                student, grid, inputs.student_arch, divisor, *layout,
+                args.distributed_timeout_minutes,
+            )  # fmt: skip
             source = sources.Copy(student, copy)
-    return Trainer(args, inputs, student, optimizer, scheduler, teachers, source)
+    config = arguments.trainer_config(args)
+    return Trainer(config, inputs, grid, student, optimizer, scheduler, teachers, source)

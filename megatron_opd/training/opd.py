@@ -30,6 +30,7 @@ from megatron_opd.reward.loss import (
 from megatron_opd.reward.rewards import RewardConfig
 from megatron_opd.reward.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
 from megatron_opd.runtime.checkpointing import unwrap
+from megatron_opd.runtime.distributed import ModelGrid
 from megatron_opd.training.batching import padding_counts, scatter_rows, token_budget_groups
 
 
@@ -234,8 +235,8 @@ def _run_forward(model: torch.nn.Module, tokens: torch.Tensor, first: int = 0) -
     if core.config.sequence_parallel:  # the hidden states are sharded along the sequence there
         return model(*inputs)[:, first:]
 
-    def from_first(module, args, kwargs):
-        return (args[0][first:], *args[1:]), kwargs  # hidden states are [s, b, h]
+    def from_first(module, positional, kwargs):
+        return (positional[0][first:], *positional[1:]), kwargs  # hidden states are [s, b, h]
 
     handle = core.output_layer.register_forward_pre_hook(from_first, with_kwargs=True)
     try:
@@ -244,9 +245,8 @@ def _run_forward(model: torch.nn.Module, tokens: torch.Tensor, first: int = 0) -
         handle.remove()
 
 
-def _schedule(chunks, step_fn, items: list, forward_only: bool, grid=None):
-    """Megatron's pipeline schedule over ``items``: on the global groups, or on ``grid``'s (a
-    :class:`megatron_opd.runtime.distributed.ModelGrid`, passed to the schedule explicitly)."""
+def _schedule(chunks, step_fn, items: list, forward_only: bool, grid: ModelGrid):
+    """Megatron's pipeline schedule over ``items`` on ``grid``'s groups."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
@@ -263,7 +263,8 @@ def _schedule(chunks, step_fn, items: list, forward_only: bool, grid=None):
         )
     iterator = iter(items) if len(chunks) == 1 else [iter(items) for _ in chunks]
     groups = {}
-    if grid is None or grid.student:
+    pg_collection = grid.model_groups()
+    if pg_collection is None:  # the student's: the schedule reads parallel_state (ModelGrid)
         schedule = get_forward_backward_func()
     else:
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -271,7 +272,7 @@ def _schedule(chunks, step_fn, items: list, forward_only: bool, grid=None):
         schedule = get_forward_backward_func(pp_size=grid.pp_size, vp_size=None)
         groups = {
             "p2p_communicator": P2PCommunicator(pp_group=grid.pp, config=config),
-            "pg_collection": grid.pg_collection(),
+            "pg_collection": pg_collection,
         }
     # With shapes that differ per micro-batch, each pipeline send is preceded by its shape
     # (p2p_communication._communicate_shapes); seq_length / micro_batch_size are then unused.
@@ -292,28 +293,19 @@ def _schedule(chunks, step_fn, items: list, forward_only: bool, grid=None):
         config.variable_seq_lengths = saved
 
 
-def _is_last_stage() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.is_pipeline_last_stage()
-
-
 @torch.no_grad()
 def forward_only(
     chunks: list[torch.nn.Module],
     items: list[MicroBatch],
     vocab_size: int,
+    grid: ModelGrid,
     keep_logits: bool = False,
-    grid=None,
 ) -> list[Optional[torch.Tensor]]:
-    """A frozen model's forward-only pipeline pass (a teacher, or the student before its update).
-    Per micro-batch: the log-probs of the sampled tokens ``[b, s - first]`` fp32, or with
-    ``keep_logits`` the logits shard ``[b, s - first, v/tp]`` (positions ``mb.first`` on);
-    ``None`` off the last pipeline stage. ``grid``: the model's own groups (default: the
-    student's, Megatron's global ones)."""
-    from megatron.core import parallel_state
-
-    tp_group = parallel_state.get_tensor_model_parallel_group() if grid is None else grid.tp
+    """A frozen model's forward-only pipeline pass on ``grid`` (a teacher, or the student before
+    its update). Per micro-batch: the log-probs of the sampled tokens ``[b, s - first]`` fp32, or
+    with ``keep_logits`` the logits shard ``[b, s - first, v/tp]`` (positions ``mb.first`` on);
+    ``None`` off the last pipeline stage."""
+    tp_group = grid.tp
 
     def step(data_iterator, model):
         mb = next(data_iterator)
@@ -331,8 +323,7 @@ def forward_only(
     for c in chunks:
         c.eval()
     outputs = _schedule(chunks, step, items, forward_only=True, grid=grid)
-    last = _is_last_stage() if grid is None else grid.is_last_stage
-    if not last:
+    if not grid.is_last_stage:
         return [None] * len(items)
     return [o["out"] for o in outputs]
 
@@ -370,19 +361,18 @@ def train_step(
     teacher_out: list[Optional[torch.Tensor]],
     reward_cfg: RewardConfig,
     vocab_size: int,
+    grid: ModelGrid,
     dump: Optional[list] = None,
 ) -> StepResult:
-    """One optimizer step of the OPD loss over ``items`` (the rank's share of the step).
+    """One optimizer step of the OPD loss over ``items`` (the rank's share of the step), on the
+    student's ``grid``.
 
     The student's log-probs that enter the reward come from this same forward pass, i.e. from the
     weights that sampled the rollouts: the update happens only after every micro-batch. ``dump``
     (a list, last stage only) receives every micro-batch's per-token ``lp_t``, ``lp_s``, ``mask``
     (and ``kl`` for full_vocab_kl), recomputed beside the loss for inspection.
     """
-    from megatron.core import parallel_state
-
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    dp_group = parallel_state.get_data_parallel_group()
+    tp_group, dp_group = grid.tp, grid.dp
     full_logits = reward_cfg.needs_teacher_logits
     if _on_every_rank(sum(int(mb.loss_mask.sum()) for mb in items) == 0):
         # every response was only a (masked) stop token: nothing to learn from, nothing to step
@@ -390,8 +380,8 @@ def train_step(
     moments = None
     if reward_cfg.needs_step_moments:
         # the pre-update student's log-probs, forward only (the same pass that scores the teacher)
-        lp_s = forward_only(student, items, vocab_size)
-        if _is_last_stage():
+        lp_s = forward_only(student, items, vocab_size, grid)
+        if grid.is_last_stage:
             moments = step_log_ratio_moments(
                 teacher_out, lp_s, [mb.logit_mask for mb in items], dp_group
             )
@@ -401,7 +391,7 @@ def train_step(
         mb, teacher = next(data_iterator)
         logits = _run_forward(model, mb.tokens, mb.first)
         loss_func = None
-        if _is_last_stage():
+        if grid.is_last_stage:
             loss_func = opd_loss_func(
                 targets=mb.logit_targets,
                 loss_mask=mb.logit_mask,
@@ -421,8 +411,8 @@ def train_step(
         c.train()
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = _schedule(student, step, [_Pair(*p) for p in paired], forward_only=False)
-    report = reduce_reports(list(reports) if _is_last_stage() else [], dp_group)
+    reports = _schedule(student, step, [_Pair(*p) for p in paired], forward_only=False, grid=grid)
+    report = reduce_reports(list(reports) if grid.is_last_stage else [], dp_group)
     finite = _grads_finite(student)
     if report:
         finite = finite and all(

@@ -1,8 +1,9 @@
 """A frozen teacher on its own TP x PP layout, colocated with the student on the same ranks.
 
-The student keeps Megatron's global groups (``parallel_state``); the teacher gets its own grid
-(:func:`megatron_opd.runtime.distributed.build_model_grid`) and is built, loaded and run with those
-groups passed explicitly (``pg_collection``, ``P2PCommunicator``). Sampled-token OPD needs from the
+The student runs on its grid (:func:`megatron_opd.runtime.distributed.student_grid`); a teacher on
+another layout gets its own (:func:`megatron_opd.runtime.distributed.build_model_grid`) and is
+built, loaded and run with those groups passed explicitly (``pg_collection``,
+``P2PCommunicator``). Sampled-token OPD needs from the
 teacher only one fp32 log-prob per token, so moving work between the layouts costs ``[b, s]``
 token ids and floats, never logits:
 
@@ -37,8 +38,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opd.models import gpt
-from megatron_opd.runtime.distributed import ModelGrid
+from megatron_opd import compat
+from megatron_opd.models import convert, gpt
+from megatron_opd.reward.loss import step_log_ratio_moments
+from megatron_opd.reward.rewards import compute_reward
+from megatron_opd.runtime import checkpointing
+from megatron_opd.runtime.distributed import ModelGrid, build_model_grid
 from megatron_opd.training.opd import (
     MicroBatch,
     RolloutBatch,
@@ -119,9 +124,6 @@ def load_on_grid(
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron_opd.models import convert
-    from megatron_opd.runtime import checkpointing
-
     directory = Path(directory)
     arch, meta = convert.read_checkpoint(directory)
     config = gpt.transformer_config(
@@ -133,7 +135,7 @@ def load_on_grid(
         expert_parallel_size=grid.ep_size,
     )
     divisor = convert.vocab_divisor(meta)
-    (chunk,) = gpt.build_model(arch, config, divisor, pg_collection=grid.pg_collection())
+    (chunk,) = gpt.build_model(arch, config, grid, divisor)
     sharded = {"model": chunk.sharded_state_dict(metadata={"dp_cp_group": grid.dp})}
     try:
         state = dist_checkpointing.load(
@@ -159,23 +161,20 @@ class Shares:
     index: int  # the share this rank's teacher replica scores
     count: int  # the teacher replicas holding ranks of this rank's student replica
     peers: list[int]  # the share of each rank of the student's model-parallel group, in order
+    group: dist.ProcessGroup  # the student's model-parallel group, which gathers the shares
 
 
-def student_shares(grid: ModelGrid) -> Shares:
-    """This rank's :class:`Shares` on ``grid`` (collective over the world, once per grid)."""
-    from megatron.core import parallel_state as ps
-
+def student_shares(grid: ModelGrid, student: ModelGrid) -> Shares:
+    """This rank's :class:`Shares` of a teacher on ``grid`` beside the ``student``'s grid
+    (collective over the world, once per teacher grid)."""
     device = models_device()
-    pair = torch.tensor([ps.get_data_parallel_rank(), grid.dp_rank], device=device)
+    pair = torch.tensor([student.dp_rank, grid.dp_rank], device=device)
     every = [torch.empty_like(pair) for _ in range(dist.get_world_size())]
     dist.all_gather(every, pair)
-    student, teacher = zip(*(map(int, p.tolist()) for p in every), strict=True)
-    mine = ps.get_data_parallel_rank()
-    replicas = sorted({t for s, t in zip(student, teacher, strict=True) if s == mine})
-    members = dist.get_process_group_ranks(ps.get_model_parallel_group())
-    return Shares(
-        replicas.index(grid.dp_rank), len(replicas), [replicas.index(teacher[r]) for r in members]
-    )
+    students, teachers = zip(*(map(int, p.tolist()) for p in every), strict=True)
+    replicas = sorted({t for s, t in zip(students, teachers, strict=True) if s == student.dp_rank})
+    peers = [replicas.index(teachers[r]) for r in dist.get_process_group_ranks(student.mp)]
+    return Shares(replicas.index(grid.dp_rank), len(replicas), peers, student.mp)
 
 
 @torch.no_grad()
@@ -219,14 +218,12 @@ def score_on_grid(
 
 def _join_shares(part: torch.Tensor, n: int, shares: Shares) -> torch.Tensor:
     """All ``n`` rows of the student replica from every teacher replica's share of them."""
-    from megatron.core import parallel_state as ps
-
     k = shares.count
     bounds = [n * j // k for j in range(k + 1)]
     buf = part.new_zeros(-(-n // k), part.shape[1])
     buf[: part.shape[0]] = part
     gathered = [torch.empty_like(buf) for _ in shares.peers]
-    dist.all_gather(gathered, buf, group=ps.get_model_parallel_group())
+    dist.all_gather(gathered, buf, group=shares.group)
     pieces = [gathered[shares.peers.index(j)][: bounds[j + 1] - bounds[j]] for j in range(k)]
     return torch.cat(pieces)
 
@@ -293,16 +290,17 @@ def _score_on_replica(
 
 
 class TeacherSet:
-    """One or several frozen teachers, each on its grid: the student's (Megatron's global
-    groups) or its own. The trainer's one way to score: :meth:`score`, each row by the teacher it
+    """One or several frozen teachers, each on its grid: the ``student``'s (the very grid
+    object) or its own. The trainer's one way to score: :meth:`score`, each row by the teacher it
     is routed to."""
 
-    def __init__(self, names: list[str], chunks: list[list[torch.nn.Module]], grids: list):
-        self.names, self.chunks, self.grids = names, chunks, grids
+    def __init__(self, names: list[str], chunks: list[list[torch.nn.Module]],
+                 grids: list[ModelGrid], student: ModelGrid):  # fmt: skip
+        self.names, self.chunks, self.grids, self.student = names, chunks, grids, student
         by_grid: dict[int, Shares] = {}
         for g in grids:  # one collective per distinct grid, in the same order on every rank
-            if not g.student and id(g) not in by_grid:
-                by_grid[id(g)] = student_shares(g)
+            if g is not student and id(g) not in by_grid:
+                by_grid[id(g)] = student_shares(g, student)
         self.shares = [by_grid.get(id(g)) for g in grids]
 
     def __len__(self) -> int:
@@ -312,7 +310,7 @@ class TeacherSet:
     def chunks_on_student_grid(self) -> Optional[list[torch.nn.Module]]:
         """The chunks of the only teacher when it sits on the student's grid, else ``None``:
         the held-out gap and ``full_vocab_kl`` read its logits in the student's TP sharding."""
-        if len(self.grids) == 1 and self.grids[0].student:
+        if len(self.grids) == 1 and self.grids[0] is self.student:
             return self.chunks[0]
         return None
 
@@ -334,38 +332,34 @@ class TeacherSet:
         micro-batches go through as they are; on its own grid a teacher's replica first gathers
         them (:func:`score_on_grid`)."""
         if self.chunks_on_student_grid is not None:
-            return forward_only(self.chunks[0], items, vocab_size, keep_logits)
+            return forward_only(self.chunks[0], items, vocab_size, self.student, keep_logits)
         assert not keep_logits, "logits are kept on the student's grid only (check_layout)"
-        from megatron.core import parallel_state as ps
-
         full = None
         for k, (chunks, grid) in enumerate(zip(self.chunks, self.grids, strict=True)):
             rows = None if routes is None else routes == k
             part = score_on_grid(
-                chunks, grid, batch.tokens, vocab_size, ps.get_data_parallel_rank(),
+                chunks, grid, batch.tokens, vocab_size, self.student.dp_rank,
                 micro_batch_size, rows, self.shares[k],
             )  # fmt: skip
             full = part if full is None else full + part
         return split_like_items(full, items)
 
 
-def on_student_grid(chunks: list[torch.nn.Module], name: str = "teacher") -> TeacherSet:
-    """One teacher loaded on the student's layout, scored on Megatron's global groups."""
-    from megatron_opd.runtime.distributed import student_grid
-
-    return TeacherSet([name], [chunks], [student_grid()])
+def on_student_grid(chunks: list[torch.nn.Module], student: ModelGrid,
+                    name: str = "teacher") -> TeacherSet:  # fmt: skip
+    """One teacher loaded on the student's layout, scored on the ``student``'s grid."""
+    return TeacherSet([name], [chunks], [student], student)
 
 
 def build_teachers(
     directories: list[Path],
     layouts: list[tuple[int, ...]],
+    student: ModelGrid,
     dtype: Optional[torch.dtype] = None,
     timeout_minutes: int = 30,
 ) -> TeacherSet:
-    """Every teacher on its own grid (teachers of one layout share the grid's groups).
-    ``layouts``: ``(TP, PP)`` or ``(TP, PP, EP)`` of each teacher."""
-    from megatron_opd.runtime.distributed import build_model_grid
-
+    """Every teacher on its own grid (teachers of one layout share the grid's groups) beside the
+    ``student``'s grid. ``layouts``: ``(TP, PP)`` or ``(TP, PP, EP)`` of each teacher."""
     layouts = [tuple(layout) + (1,) * (3 - len(layout)) for layout in layouts]
     grids: dict[tuple[int, ...], ModelGrid] = {}
     chunks = []
@@ -375,7 +369,7 @@ def build_teachers(
             grids[layout] = build_model_grid(tp, pp, timeout_minutes, expert_parallel_size=ep)
         chunks.append(load_on_grid(directory, grids[layout], dtype))
     names = [f"teacher{k}" for k in range(len(directories))]
-    return TeacherSet(names, chunks, [grids[layout] for layout in layouts])
+    return TeacherSet(names, chunks, [grids[layout] for layout in layouts], student)
 
 
 def per_teacher_metrics(
@@ -388,9 +382,6 @@ def per_teacher_metrics(
     """``reward/<teacher>/{mean,log_ratio_mean,tokens}`` over the step's valid tokens of the rows
     routed to each teacher, from the per-token values the step dumped (last stage only) and
     summed over ``dp_group``."""
-    from megatron_opd.reward.loss import step_log_ratio_moments
-    from megatron_opd.reward.rewards import compute_reward
-
     lp_t = torch.cat([d["lp_t"] for d in dump]).float()
     lp_s = torch.cat([d["lp_s"] for d in dump]).float()
     mask = torch.cat([d["mask"] for d in dump]).bool()
@@ -404,8 +395,6 @@ def per_teacher_metrics(
         m = mask & (routes.to(mask.device) == k)[:, None]
         sums[k] = torch.stack([m.sum().double(), reward[m].sum(), ratio[m].sum()])
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        from megatron_opd import compat
-
         sums = sums.to(compat.default_device())
         dist.all_reduce(sums, group=dp_group)
         sums = sums.cpu()

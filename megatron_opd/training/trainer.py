@@ -3,6 +3,7 @@ checkpoint, one call per arrow (``megatron_opd.training.opd`` owns the stages)."
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,15 @@ from megatron_opd import compat
 from megatron_opd.evaluation import accuracy, gap
 from megatron_opd.models.tokenizer import CHECKPOINT_TOKENIZER_DIR
 from megatron_opd.rollout import sources
-from megatron_opd.runtime import checkpointing, cli
-from megatron_opd.runtime.distributed import print_rank0
+from megatron_opd.runtime import checkpointing, errors
+from megatron_opd.runtime.distributed import ModelGrid, print_rank0
 from megatron_opd.runtime.metrics_logger import MetricsLogger
-from megatron_opd.training import arguments, data, opd, resume
-from megatron_opd.training.arguments import reward_config
+from megatron_opd.training import data, opd, resume
+from megatron_opd.training.config import TrainerConfig
 from megatron_opd.training.teacher import per_teacher_metrics
 
 
-class NonFiniteError(cli.RunStopped):
+class NonFiniteError(errors.RunStopped):
     pass
 
 
@@ -32,10 +33,13 @@ def _sync() -> None:
 
 
 class Trainer:
-    def __init__(self, args, inputs, student, optimizer, scheduler, teacher, source=None):
-        from megatron.core import parallel_state as ps
-
-        self.args, self.inputs = args, inputs
+    def __init__(
+        self, config: TrainerConfig, inputs, grid: ModelGrid, student, optimizer, scheduler,
+        teacher, source=None,
+    ):  # fmt: skip
+        """``inputs``: what :func:`megatron_opd.training.launch.check_inputs` resolved;
+        ``grid``: the student's (``student`` is its chunks on it)."""
+        self.config, self.inputs, self.grid = config, inputs, grid
         self.student, self.optimizer, self.scheduler, self.teacher = (
             student,
             optimizer,
@@ -45,13 +49,11 @@ class Trainer:
         self.tokenizer = inputs.tokenizer
         self.prompts = inputs.prompts
         self.vocab_size = inputs.student_arch.vocab_size
-        self.reward_cfg = reward_config(args)
-        self.dp_rank = ps.get_data_parallel_rank()
-        self.dp_size = ps.get_data_parallel_world_size()
-        self.dp_group = ps.get_data_parallel_group()
+        self.reward_cfg = config.reward
+        self.dp_rank, self.dp_size, self.dp_group = grid.dp_rank, grid.dp_size, grid.dp
         # where rollouts come from (megatron_opd.rollout.sources): the student in place by default
         self.rollouts = source or sources.InPlace(student, self.dp_rank)
-        self.stream = data.PromptStream(len(self.prompts), seed=args.seed)
+        self.stream = data.PromptStream(len(self.prompts), seed=config.seed)
         self.in_flight = None  # a batch in flight saved with the checkpoint (--rollout-lag 1)
         self.iteration = 0
         self.saved_iteration = None  # the iteration the latest checkpoint of this run holds
@@ -62,57 +64,62 @@ class Trainer:
                 inputs.resume_root, student, optimizer, scheduler
             )
             self.stream.load_state_dict(extra["data"])
-            if args.save and Path(args.save) == Path(inputs.resume_root):
+            save = config.checkpoint.save
+            if save and Path(save) == Path(inputs.resume_root):
                 self.saved_iteration = self.iteration  # already on disk under --save
             self.skipped_total = extra.get("skipped_total", 0)
             self.consecutive_skips = extra.get("consecutive_skips", 0)
             self.in_flight = extra.get("rollout_in_flight")
         is_last_rank = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+        log = config.log
         self.logger = MetricsLogger(
-            tensorboard_dir=args.tensorboard_dir,
-            wandb_project=args.wandb_project,
-            wandb_exp_name=args.wandb_exp_name,
-            wandb_save_dir=args.wandb_save_dir,
-            metrics_file=args.metrics_file,
-            config=vars(args),
+            tensorboard_dir=log.tensorboard_dir,
+            wandb_project=log.wandb_project,
+            wandb_exp_name=log.wandb_exp_name,
+            wandb_save_dir=log.wandb_save_dir,
+            metrics_file=log.metrics_file,
+            config=log.flags,
             enabled=is_last_rank,
             # a resumed run redoes the steps after its checkpoint, and a run under --save that
             # has none yet (relaunched before its first save finished) redoes them all: their
             # old rows go
-            start_step=self.iteration if inputs.resume_root is not None or args.save else None,
+            start_step=(
+                self.iteration if inputs.resume_root is not None or config.checkpoint.save else None
+            ),
         )
-        self.rollout_cfg = arguments.rollout_config(args)
+        self.rollout_cfg = config.rollout
+        evals = config.eval
         self.eval_benchmarks = None
-        if args.eval_interval:
-            self.eval_benchmarks = accuracy.load_benchmarks(args.eval_data, args.eval_limit)
+        if evals.interval:
+            self.eval_benchmarks = accuracy.load_benchmarks(evals.data, evals.sampling.limit)
         eval_teacher = None
-        if args.eval_interval and args.eval_gap and args.eval_teacher:
-            eval_teacher = gap.load_eval_teacher(args.eval_teacher, args.load)
+        if evals.interval and evals.gap and evals.gap_teacher:
+            eval_teacher = gap.load_eval_teacher(evals.gap_teacher, config.checkpoint.load, grid)
         self.gap_watch = gap.TrainingGapWatch(
-            teacher, args.micro_batch_size, args.opd_alpha, eval_teacher
+            teacher, config.batch.micro_batch_size, config.reward.alpha, eval_teacher
         )
         # what a resume must agree with; the prompt digest hashes every prompt, so once per run
-        self.run_identity = resume.run_identity(args, self.prompts)
+        self.run_identity = resume.run_identity(config.seed, config.prompt_data, self.prompts)
 
     # ------------------------------------------------------------------------------------------
 
     def step_prompts(self) -> list[list[int]]:
         """This DP rank's prompts (each repeated ``--rollout-samples-per-prompt`` times)."""
-        args = self.args
+        batch = self.config.batch
         rows, routes = data.draw_step(
-            self.prompts, self.stream, args.global_batch_size, args.rollout_samples_per_prompt
+            self.prompts, self.stream, batch.global_batch_size, batch.samples_per_prompt
         )
-        local = args.global_batch_size // self.dp_size
+        local = batch.global_batch_size // self.dp_size
         mine = slice(self.dp_rank * local, (self.dp_rank + 1) * local)
         self.step_routes = torch.tensor(routes[mine])  # the teacher of each local row
         return rows[mine]
 
     def train_one_step(self) -> dict[str, float]:
-        args = self.args
+        cfg = self.config
 
         compat.reset_peak_memory()  # the step's own peak: evaluation between steps is not in it
         t0 = time.perf_counter()
-        seed = sources.step_seed(args.seed, self.iteration)
+        seed = sources.step_seed(cfg.seed, self.iteration)
         extra_times = self.rollouts.update_weights(self.iteration)  # the one weight sync
         batch = opd.rollout(
             self.rollouts, self.tokenizer, self.step_prompts(), self.rollout_cfg, seed
@@ -121,10 +128,10 @@ class Trainer:
             return None  # abandoned before the weights changed
         items = opd.micro_batches(
             batch,
-            args.micro_batch_size,
-            args.opd_mask_terminal_stop,
+            cfg.batch.micro_batch_size,
+            cfg.batch.mask_terminal_stop,
             self.tokenizer.pad_id,
-            args.max_tokens_per_micro_batch,
+            cfg.batch.max_tokens_per_micro_batch,
         )
         padding = opd.padding_fraction(batch, items)
         _sync()
@@ -134,7 +141,7 @@ class Trainer:
             batch,
             items,
             self.vocab_size,
-            args.micro_batch_size,
+            cfg.batch.micro_batch_size,
             routes=self.step_routes if several else None,
             keep_logits=self.reward_cfg.needs_teacher_logits,
         )
@@ -142,7 +149,7 @@ class Trainer:
         if self._exit_requested():
             return None
         t2 = time.perf_counter()
-        dump = [] if args.opd_dump_tokens or several else None
+        dump = [] if cfg.log.dump_tokens or several else None
         result = opd.train_step(
             self.student,
             self.optimizer,
@@ -151,11 +158,12 @@ class Trainer:
             teacher_out,
             self.reward_cfg,
             self.vocab_size,
+            self.grid,
             dump,
         )
         if dump:
             dump = opd.dump_in_rollout_order(dump, items, batch)
-            if args.opd_dump_tokens:
+            if cfg.log.dump_tokens:
                 self._write_dump(dump, batch)
         _sync()
         t3 = time.perf_counter()
@@ -214,11 +222,9 @@ class Trainer:
         return metrics
 
     def _write_dump(self, dump: list, batch: opd.RolloutBatch) -> None:
-        from megatron.core import parallel_state as ps
-
-        if ps.get_tensor_model_parallel_rank() != 0:
+        if self.grid.tp_rank != 0:
             return
-        out = Path(self.args.opd_dump_tokens)
+        out = Path(self.config.log.dump_tokens)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"step{self.iteration + 1:07d}_dp{self.dp_rank}.pt"
         payload = {
@@ -234,16 +240,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def save(self) -> None:
-        if not self.args.save or self.saved_iteration == self.iteration:
+        ckpt = self.config.checkpoint
+        if not ckpt.save or self.saved_iteration == self.iteration:
             return
         if not checkpointing.weights_are_finite(self.student):
             raise NonFiniteError(
                 f"the weights after iteration {self.iteration} are not finite; not saved (the "
-                f"latest checkpoint in {self.args.save} is the last good state). Lower --lr."
+                f"latest checkpoint in {ckpt.save} is the last good state). Lower --lr."
             )
         meta = dict(self.inputs.student_meta)
         meta["run"] = self.run_identity
-        meta["params_dtype"] = "bfloat16" if self.args.bf16 else "float32"
+        meta["params_dtype"] = ckpt.params_dtype
         meta["iteration"] = self.iteration
         extra = {
             "data": self.stream.state_dict(),
@@ -257,7 +264,7 @@ class Trainer:
             tokenizer.save(tmp / CHECKPOINT_TOKENIZER_DIR)
 
         checkpointing.save_training_checkpoint(
-            self.args.save,
+            ckpt.save,
             self.iteration,
             self.student,
             self.optimizer,
@@ -269,30 +276,23 @@ class Trainer:
         self.saved_iteration = self.iteration
 
     def evaluate(self) -> dict[str, float]:
-        args = self.args
-        cfg = accuracy.EvalConfig(
-            samples=args.eval_samples,
-            temperature=args.eval_temperature,
-            max_new_tokens=args.eval_max_new_tokens,
-            limit=args.eval_limit,
-            max_prompt_length=args.max_prompt_length,
-            system_prompt=args.system_prompt,
-            seed=args.seed,
-        )
+        cfg, gap_too = self.config.eval.sampling, self.config.eval.gap
         sampler = self.rollouts.eval_sampler(self.iteration)
         scores, records = accuracy.evaluate(
             sampler,
             self.tokenizer,
             self.eval_benchmarks,
             cfg,
+            self.grid,
             progress=False,
-            keep_token_ids=args.eval_gap,
+            keep_token_ids=gap_too,
         )
         out = accuracy.metrics(scores, cfg.samples)
-        if args.eval_gap:
+        if gap_too:
             out.update(
                 self.gap_watch.evaluate(
                     self.student,
+                    self.grid,
                     sampler,
                     self.tokenizer,
                     self.eval_benchmarks,
@@ -305,20 +305,18 @@ class Trainer:
         return out
 
     def _install_signal_handler(self) -> None:
-        import signal
-
         self._signalled = False
-        if not self.args.exit_signal_handler:
+        if self.config.stop.exit_signal is None:
             return
 
         def handler(signum, frame):
             self._signalled = True
 
-        signal.signal(getattr(signal, self.args.exit_signal), handler)
+        signal.signal(getattr(signal, self.config.stop.exit_signal), handler)
 
     def _exit_requested(self) -> bool:
         """True on every rank once any rank received the exit signal."""
-        if not self.args.exit_signal_handler:
+        if self.config.stop.exit_signal is None:
             return False
         signalled = getattr(self, "_signalled", False)
         flag = torch.tensor([1.0 if signalled else 0.0], device=compat.default_device())
@@ -327,13 +325,14 @@ class Trainer:
         return flag.item() > 0
 
     def run(self) -> None:
-        args = self.args
+        cfg = self.config
+        evals, save, stop = cfg.eval, cfg.checkpoint, cfg.stop
         self._install_signal_handler()
         try:
             self.rollouts.start(self.iteration, self.stream, self.in_flight)
-            if args.eval_interval and args.eval_at_start and self.iteration == 0:
+            if evals.interval and evals.at_start and self.iteration == 0:
                 self.logger.log(0, self.evaluate(), console=True)  # the starting point
-            while self.iteration < args.train_iters:
+            while self.iteration < cfg.train_iters:
                 before = self.stream.state_dict()
                 metrics = self.train_one_step()
                 if metrics is None:  # exit signal mid-step: keep the pre-step state
@@ -351,22 +350,22 @@ class Trainer:
                 else:
                     self.skipped_total += 1
                     self.consecutive_skips += 1
-                if self.iteration % args.log_interval == 0 or not applied:
+                if self.iteration % cfg.log.interval == 0 or not applied:
                     self.logger.log(self.iteration, metrics)
                 self.gap_watch.step(self.iteration, metrics)
-                if self.consecutive_skips >= args.opd_max_consecutive_skips:
+                if self.consecutive_skips >= stop.max_consecutive_skips:
                     self.save()  # the weights are the last good ones: skipped steps changed nothing
-                    saved = f"Last good state saved to {args.save}" if args.save else "No --save"
+                    saved = f"Last good state saved to {save.save}" if save.save else "No --save"
                     raise NonFiniteError(
                         f"{self.consecutive_skips} steps in a row had non-finite rewards or "
                         f"gradients (at iteration {self.iteration}); stopped. {saved}. "
                         "Lower --lr or check the teacher checkpoint."
                     )
-                if args.eval_interval and self.iteration % args.eval_interval == 0:
+                if evals.interval and self.iteration % evals.interval == 0:
                     self.logger.log(self.iteration, self.evaluate(), console=True)
-                if args.save_interval and self.iteration % args.save_interval == 0:
+                if save.interval and self.iteration % save.interval == 0:
                     self.save()
-                if args.exit_interval and self.iteration % args.exit_interval == 0:
+                if stop.exit_interval and self.iteration % stop.exit_interval == 0:
                     return
                 if self._exit_requested():
                     self.save()

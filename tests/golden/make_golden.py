@@ -61,8 +61,8 @@ sys.path.insert(0, {str(ROOT)!r})
 from megatron_opd.models import convert, tokenizer as tk
 from megatron_opd.rollout import generation
 from megatron_opd.runtime import distributed
-distributed.initialize()
-chunks, arch = convert.load_checkpoint_model({str(student)!r})
+grid = distributed.initialize().grid
+chunks, arch = convert.load_checkpoint_model({str(student)!r}, grid)
 tok = tk.load_tokenizer({str(student / "tokenizer")!r})
 prompts = [tok.encode(p) for p in {GREEDY_PROMPTS!r}]
 out = generation.generate(chunks, tok, prompts, max_new_tokens=12, greedy=True, stop_token_ids=[])

@@ -210,7 +210,7 @@ class StaticEngine:
         from megatron.core.inference.sampling_params import SamplingParams
 
         model, s, pad_id = self.model, sampling, tokenizer.pad_id
-        padded_vocab, pp_group = model_layout(model, self.pg_collection)
+        padded_vocab, pp_group = model_layout(model)
         vocab_size = s.vocab_size or padded_vocab
         batch = min(len(prompts), s.max_batch_size or len(prompts))
         max_length = max(len(p) for p in prompts) + s.max_new_tokens
@@ -277,16 +277,12 @@ class StaticEngine:
         """Nothing is kept between calls."""
 
 
-def model_layout(model: torch.nn.Module, pg_collection=None) -> tuple[int, object]:
-    """The logits' padded width and the model's pipeline group."""
-    from megatron.core import parallel_state
-
-    pp_group = (
-        parallel_state.get_pipeline_model_parallel_group()
-        if pg_collection is None
-        else pg_collection.pp
-    )
-    return _padded_vocab_size(unwrap(model), pp_group), pp_group
+def model_layout(model: torch.nn.Module) -> tuple[int, object]:
+    """The logits' padded width and the model's pipeline group (the one it was built on: its
+    grid's, which GPTModel keeps in ``pg_collection``)."""
+    core = unwrap(model)
+    pp_group = core.pg_collection.pp
+    return _padded_vocab_size(core, pp_group), pp_group
 
 
 # --------------------------------------------------------------------------------------------
