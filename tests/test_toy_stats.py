@@ -275,7 +275,7 @@ def test_the_lower_rate_comparison_recounts_from_its_committed_runs(runs_file):
     lr = f"{results['config']['lr']:g}"
     assert all(f"--lr {lr}" in " ".join(r["flags"]) for r in kept["runs"])
     doc = (COMPARE18.parents[1] / "reproduction.md").read_text()
-    for row in lower_rate_rows(results):
+    for row in lower_rate_rows(results) + lower_rate_holm_rows(results):
         assert row in doc, row
 
 
@@ -294,3 +294,20 @@ def lower_rate_rows(results: dict) -> list[str]:
 
 
 BASELINE_KEYS = ("vs_vanilla", "vs_full_vocab_kl")
+
+
+def lower_rate_holm_rows(results: dict) -> list[str]:
+    """The rows of the page's Holm table on accuracy, from a results.json."""
+
+    def p(x: float) -> str:
+        return "< 1e-6" if x < 1e-6 else f"{x:.2g}"
+
+    lr = f"{results['config']['lr']:.0e}".replace("e-0", "e-")
+    rows = []
+    for family, label in (("vanilla", "vs vanilla"), ("full_vocab_kl", "vs full-vocab KL")):
+        for name, e in results["multiplicity"][f"accuracy vs {family}"].items():
+            rows.append(
+                f"| {lr} | {name} {label} | {e['mean']:+.1f} ± {e['half_width']:.1f} | {p(e['p'])} "
+                f"| {p(e['p_holm'])} | {e['verdict']} | {e['verdict_holm']} |"
+            )
+    return rows
