@@ -152,6 +152,9 @@ def quiet() -> None:
     children re-import the script, so they run it too)."""
     if debug_requested():
         return
+    # torch's C++ warnings (c10d's "recvValue failed" with a stack dump when a peer's store has
+    # closed as a job ends) would follow the job's one line; read by libc10 when torch loads
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
