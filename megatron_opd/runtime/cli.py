@@ -53,11 +53,6 @@ class ArgumentParser(argparse.ArgumentParser):
         _end(UserError(message), USER_ERROR_EXIT, self.prog)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    return rank, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-
-
 RANK0_GRACE_S = 10.0  # without a shared store: how long the other ranks give rank 0 to print
 
 
@@ -65,7 +60,7 @@ def _print_once(line: str, rank_local: bool) -> None:
     """Without a shared store: rank 0 prints. Another rank waits for rank 0 to fail alike and
     the launcher to stop it (srun --kill-on-bad-exit, torchrun); still running after
     :data:`RANK0_GRACE_S`, it failed alone (a file its node cannot see) and prints itself."""
-    rank, world = _rank_and_world()
+    rank, _, world = failures.env_rank_and_world()
     text = " ".join(line.split("\n"))  # one line, whatever the message held
     if not rank_local and rank != 0 and world > 1:
         import time

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_opd import compat
 from megatron_opd.runtime import pools
-from megatron_opd.runtime.pools import env_rank_and_world
+from megatron_opd.runtime.failures import env_rank_and_world
 
 
 @dataclass(frozen=True)

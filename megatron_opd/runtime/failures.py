@@ -141,10 +141,13 @@ def _take_report() -> bool:
         return True
 
 
-def _env_rank_and_world() -> tuple[int, int]:
+def env_rank_and_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun (or Slurm's srun) sets them; (0, 0, 1) alone.
+    Read from the environment, so it answers before any process group exists."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    return rank, world
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return rank, local_rank, world
 
 
 def _shared_store():
@@ -175,7 +178,7 @@ def _shared_store():
     # by an earlier run in this process, as in-process tests do): settling on it would wait for
     # ranks that never come
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() == _env_rank_and_world()[1]:
+        if dist.get_world_size() == env_rank_and_world()[2]:
             return dist.PrefixStore(
                 "megatron_opd/runtime/failures/", dist.distributed_c10d._get_default_store()
             )
@@ -201,7 +204,7 @@ def board(may_import: bool = False) -> Optional[Board]:
     group exists, when the launcher is not torchrun). ``may_import``: the main thread may import
     torch.distributed to reach torchrun's store (a bad flag fails before the script imports it)."""
     global _board
-    rank, world = _env_rank_and_world()
+    rank, _, world = env_rank_and_world()
     if may_import and world > 1 and _board is None:
         import torch.distributed  # noqa: F401
     with _board_lock:
@@ -295,7 +298,7 @@ def start_watching(prog: str = _prog) -> None:
     cannot take the signal (blocked in C++), the watcher reports the stop itself."""
     global _handler_pid, _prog, _wakeup
     _prog = prog
-    if _env_rank_and_world()[1] <= 1:
+    if env_rank_and_world()[2] <= 1:
         return
     if threading.current_thread() is threading.main_thread():
         _handler_pid = os.getpid()

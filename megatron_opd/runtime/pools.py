@@ -37,14 +37,6 @@ TRAIN, ROLLOUT = "train", "rollout"
 POLL_S = 0.005
 
 
-def env_rank_and_world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) as torchrun (or Slurm's srun) sets them; (0, 0, 1) alone."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return rank, local_rank, world
-
-
 def _attempt() -> str:
     return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 
@@ -78,7 +70,7 @@ def job_store(rank: int, world: int, timeout: timedelta):
 def split(rollout_ranks: int, backend: str, timeout_minutes: int) -> Pool:
     """Initialize this rank's pool as its default process group (and the bridge); see the
     module docstring. ``rollout_ranks == 0``: one pool, the launcher's world, as before."""
-    rank, _, world = env_rank_and_world()
+    rank, _, world = failures.env_rank_and_world()
     if rollout_ranks == 0:
         return Pool(TRAIN, rank, world, rank, world)
     timeout = timedelta(minutes=timeout_minutes)
