@@ -118,16 +118,9 @@ def main(argv=None) -> None:
     from megatron_opd.evaluation.accuracy import EvalConfig
 
     cfg = EvalConfig(
-        samples=args.samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        limit=args.limit,
-        max_prompt_length=args.max_prompt_length,
-        system_prompt=args.system_prompt,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+        **cli.flags(args, "samples", "temperature", "top_p", "max_new_tokens", "limit",
+                    "max_prompt_length", "system_prompt", "batch_size", "seed"),
+    )  # fmt: skip
     cfg.validate()
     benchmarks = accuracy.load_benchmarks(args.data, args.limit)  # bad files fail before models
     if args.load:  # a missing or damaged checkpoint fails before the process group starts
@@ -218,11 +211,8 @@ def _log(args, step: int, numbers: dict) -> None:
     from megatron_opd.runtime.metrics_logger import MetricsLogger
 
     logger = MetricsLogger(
-        tensorboard_dir=args.tensorboard_dir,
-        wandb_project=args.wandb_project,
-        wandb_exp_name=args.wandb_exp_name,
-        metrics_file=args.metrics_file,
         config=vars(args),
+        **cli.flags(args, "tensorboard_dir", "wandb_project", "wandb_exp_name", "metrics_file"),
     )
     logger.log(step, numbers, console=False)
     logger.close()

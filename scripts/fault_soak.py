@@ -38,6 +38,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,7 @@ class Launch:
     steps_at_fault: int = -1  # steps the launch had logged when its fault fired
     codes: dict = field(default_factory=dict)  # rank -> exit code (torchrun's summary; 0 unlisted)
     rank_out: str = ""  # every rank's stdout
+    lingered: str = ""  # the stacks of ranks still running LINGER_S after a kill (see stacks())
 
     def step_s(self) -> float:
         """The median seconds between logged steps (1.0 if fewer than two were seen)."""
@@ -192,6 +194,27 @@ def temporaries(*dirs: Path) -> list[Path]:
 # One launch, with or without a fault
 
 
+LINGER_S = 10.0  # a rank alive this long after its peer was killed waits where it should not
+
+
+def stacks(ranks: dict[int, int]) -> str:
+    """Where each of ``ranks`` (rank -> pid) waits: every thread's Python stack with py-spy where
+    it is installed, else every thread's kernel wait channel."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    out = []
+    for rank, pid in sorted(ranks.items()):
+        out.append(f"--- rank {rank} (pid {pid})")
+        if spy:
+            done = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True)
+            out.append(done.stdout + done.stderr)
+            continue
+        for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+            name = _read(task / "comm").decode(errors="replace").strip()
+            wchan = _read(task / "wchan").decode(errors="replace").strip()
+            out.append(f"thread {task.name} {name}: {wchan}")
+    return "\n".join(out)
+
+
 def launch(
     number: int,
     flags: list[str],
@@ -214,8 +237,13 @@ def launch(
         start_new_session=True,
     )  # fmt: skip
     armed_at, fired, writer_misses, saving = None, fault is None, 0, False
+    killed_at = None
     while proc.poll() is None:
         now = time.monotonic()
+        if killed_at is not None and now - killed_at > LINGER_S and not result.lingered:
+            # a survivor should have seen its peer go within a second: say where it waits
+            result.lingered = stacks(rank_pids(proc.pid)) or "(no rank left)"
+            (logs / "lingered.txt").write_text(result.lingered)
         steps = logged_steps(logs)
         result.step_times += [now] * (steps - len(result.step_times))
         if now - started > hang_after:
@@ -235,6 +263,7 @@ def launch(
                     saving = now_saving
                 else:
                     result.outcome = note
+                    killed_at = now if fault.kind != "sigterm" else None
         time.sleep(0.002 if armed_at is not None and not fired else 0.05)
     proc.wait()
     console.close()
@@ -479,6 +508,8 @@ def report(args, straight, launches, straight_save, soak_save, straight_metrics,
         want = expected_codes(r)
         if want is not None and r.codes != want:
             problems.append(f"launch {r.number}: ranks exited {r.codes}, expected {want}")
+            if r.lingered:
+                problems.append(f"where the ranks waited {LINGER_S:g} s after it:\n{r.lingered}")
         if r.fault is not None and r.fault.kind == "sigterm" and want is not None:
             if "exit signal: saved iteration" not in r.rank_out:  # (torchrun itself exits 1)
                 problems.append(f"launch {r.number}: SIGTERM did not save (exit {r.returncode})")

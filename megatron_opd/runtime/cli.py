@@ -226,3 +226,10 @@ def check_numbers(
         value = getattr(parsed, flags[flag])
         if value is not None and value not in allowed:
             raise UserError(f"{flag} must be {allowed}, got {_num(value)}")
+
+
+def flags(parsed: argparse.Namespace, *names: str, prefix: str = "") -> dict[str, Any]:
+    """``{name: parsed.<prefix><name>}``: the keyword arguments of a config whose fields are its
+    flags' names (``--rollout-top-k`` -> ``top_k`` with ``prefix="rollout_"``), as Megatron-LM
+    builds its configs from ``args``."""
+    return {name: getattr(parsed, prefix + name) for name in names}

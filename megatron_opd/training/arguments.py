@@ -499,76 +499,64 @@ def check_numbers(args: argparse.Namespace) -> None:
 def reward_config(args: argparse.Namespace) -> RewardConfig:
     return RewardConfig(
         kind=args.opd_reward,
-        alpha=args.opd_alpha,
-        clip_min=args.opd_clip_min,
-        clip_max=args.opd_clip_max,
-        tanh_temperature=args.opd_tanh_temperature,
-        tropd_alpha=args.opd_tropd_alpha,
-    )
+        **cli.flags(args, "alpha", "clip_min", "clip_max", "tanh_temperature", "tropd_alpha",
+                    prefix="opd_"),
+    )  # fmt: skip
 
 
 def rollout_config(args: argparse.Namespace) -> RolloutConfig:
-    """How the student samples, for the trainer and the rollout ranks alike."""
+    """How the student samples, for the trainer and the rollout ranks alike (``engine`` "auto":
+    graph on CUDA where supported, else static)."""
     return RolloutConfig(
-        max_new_tokens=args.rollout_max_new_tokens,
-        temperature=args.rollout_temperature,
         top_p=0.0 if args.rollout_top_p >= 1.0 else args.rollout_top_p,
-        top_k=args.rollout_top_k,
-        engine=args.rollout_engine,  # "auto": graph on CUDA where supported, else static
+        **cli.flags(args, "max_new_tokens", "temperature", "top_k", "engine", prefix="rollout_"),
     )
 
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:
     """How the trainer's evaluations sample (``--eval-*``, the training prompt format)."""
     return EvalConfig(
-        samples=args.eval_samples,
-        temperature=args.eval_temperature,
-        max_new_tokens=args.eval_max_new_tokens,
-        limit=args.eval_limit,
-        max_prompt_length=args.max_prompt_length,
-        system_prompt=args.system_prompt,
-        seed=args.seed,
+        **cli.flags(args, "samples", "temperature", "max_new_tokens", "limit", prefix="eval_"),
+        **cli.flags(args, "max_prompt_length", "system_prompt", "seed"),
     )
 
 
 def trainer_config(args: argparse.Namespace) -> TrainerConfig:
     """Every section the training loop reads (:mod:`megatron_opd.training.config`)."""
     return TrainerConfig(
-        train_iters=args.train_iters,
-        seed=args.seed,
-        prompt_data=args.prompt_data,
-        batch=BatchConfig(
-            global_batch_size=args.global_batch_size,
-            samples_per_prompt=args.rollout_samples_per_prompt,
-            micro_batch_size=args.micro_batch_size,
-            max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
-            mask_terminal_stop=args.opd_mask_terminal_stop,
-        ),
+        **cli.flags(args, "train_iters", "seed", "prompt_data"),
         rollout=rollout_config(args),
         reward=reward_config(args),
+        batch=BatchConfig(
+            samples_per_prompt=args.rollout_samples_per_prompt,
+            mask_terminal_stop=args.opd_mask_terminal_stop,
+            **cli.flags(
+                args, "global_batch_size", "micro_batch_size", "max_tokens_per_micro_batch"
+            ),
+        ),  # fmt: skip
         checkpoint=CheckpointConfig(
-            save=args.save,
             interval=args.save_interval,
-            load=args.load,
             params_dtype="bfloat16" if args.bf16 else "float32",
+            **cli.flags(args, "save", "load"),
         ),
         log=LogConfig(
             interval=args.log_interval,
-            metrics_file=args.metrics_file,
-            tensorboard_dir=args.tensorboard_dir,
-            wandb_project=args.wandb_project,
-            wandb_exp_name=args.wandb_exp_name,
-            wandb_save_dir=args.wandb_save_dir,
             dump_tokens=args.opd_dump_tokens,
             flags=dict(vars(args)),
-        ),
+            **cli.flags(
+                args,
+                "metrics_file",
+                "tensorboard_dir",
+                "wandb_project",
+                "wandb_exp_name",
+                "wandb_save_dir",
+            ),
+        ),  # fmt: skip
         eval=PeriodicEvalConfig(
-            interval=args.eval_interval,
             data=args.eval_data,
-            at_start=args.eval_at_start,
-            gap=args.eval_gap,
             gap_teacher=args.eval_teacher,
             sampling=eval_config(args),
+            **cli.flags(args, "interval", "at_start", "gap", prefix="eval_"),
         ),
         stop=StopConfig(
             exit_signal=args.exit_signal if args.exit_signal_handler else None,

@@ -43,6 +43,13 @@ class LogConfig:
     dump_tokens: Optional[str] = None  # a directory for every scored token of each step
     flags: dict[str, Any] = field(default_factory=dict)  # every flag: the wandb run's config
 
+    def sinks(self) -> dict[str, Optional[str]]:
+        """Where the metrics go: :class:`megatron_opd.runtime.metrics_logger.MetricsLogger`'s
+        keyword arguments."""
+        names = ("metrics_file", "tensorboard_dir", "wandb_project", "wandb_exp_name",
+                 "wandb_save_dir")  # fmt: skip
+        return {name: getattr(self, name) for name in names}
+
 
 @dataclass
 class PeriodicEvalConfig:

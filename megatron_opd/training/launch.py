@@ -24,7 +24,7 @@ import torch
 from megatron_opd.models import convert, gpt
 from megatron_opd.models.tokenizer import CHECKPOINT_TOKENIZER_DIR, load_tokenizer
 from megatron_opd.rollout import refit, remote, sources
-from megatron_opd.runtime import checkpointing, distributed, outputs
+from megatron_opd.runtime import checkpointing, cli, distributed, outputs
 from megatron_opd.training import arguments, data, resume, teacher
 from megatron_opd.training.trainer import Trainer
 
@@ -282,6 +282,11 @@ def initialize(args: argparse.Namespace):
     )
 
 
+# Megatron's OptimizerConfig fields that the flags of the same name set
+OPTIMIZER_FLAGS = ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                   "clip_grad", "bf16", "use_distributed_optimizer")  # fmt: skip
+
+
 def build_student(args: argparse.Namespace, inputs: Inputs, grid: distributed.ModelGrid):
     """The student's chunks on ``grid`` wrapped in Megatron DDP, its optimizer and LR
     scheduler."""
@@ -326,16 +331,8 @@ def build_student(args: argparse.Namespace, inputs: Inputs, grid: distributed.Mo
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad,
-            bf16=args.bf16,
             params_dtype=dtype,
-            use_distributed_optimizer=args.use_distributed_optimizer,
+            **cli.flags(args, *OPTIMIZER_FLAGS),
         ),
         chunks,
     )

@@ -73,11 +73,7 @@ class Trainer:
         is_last_rank = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
         log = config.log
         self.logger = MetricsLogger(
-            tensorboard_dir=log.tensorboard_dir,
-            wandb_project=log.wandb_project,
-            wandb_exp_name=log.wandb_exp_name,
-            wandb_save_dir=log.wandb_save_dir,
-            metrics_file=log.metrics_file,
+            **log.sinks(),
             config=log.flags,
             enabled=is_last_rank,
             # a resumed run redoes the steps after its checkpoint, and a run under --save that
