@@ -197,6 +197,9 @@ def temporaries(*dirs: Path) -> list[Path]:
 LINGER_S = 10.0  # a rank alive this long after its peer was killed waits where it should not
 
 
+SIGNAL_FIELDS = ("SigQ", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")  # pending, blocked...
+
+
 def stacks(ranks: dict[int, int]) -> str:
     """Where each of ``ranks`` (rank -> pid) waits: every thread's Python stack with py-spy where
     it is installed, else every thread's kernel wait channel."""
@@ -204,6 +207,8 @@ def stacks(ranks: dict[int, int]) -> str:
     out = []
     for rank, pid in sorted(ranks.items()):
         out.append(f"--- rank {rank} (pid {pid})")
+        status = _read(Path(f"/proc/{pid}/status")).decode(errors="replace").splitlines()
+        out.append(" ".join(x for x in status if x.split(":")[0] in SIGNAL_FIELDS))
         if spy:
             done = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True)
             out.append(done.stdout + done.stderr)

@@ -105,7 +105,7 @@ def finish(proc: subprocess.Popen, logs: Path, nproc: int, timeout: float = 600)
 
 
 FAULTS = """
-import os, signal, sys, time
+import os, signal, sys, threading, time
 from megatron_opd.runtime import cli, errors
 cli.quiet()
 import torch.distributed as dist
@@ -133,6 +133,11 @@ def main():
             raise KeyError(f"a bug on rank {rank}")
         time.sleep(1)
         raise errors.RunError(f"no space left on device writing x (rank {rank})")
+    if case == "stuck":  # as under --exit-signal-handler: SIGTERM only sets a flag, and the
+        signal.signal(signal.SIGTERM, lambda *_: None)  # survivor waits where no error reaches
+        if rank == bad:
+            os.kill(os.getpid(), signal.SIGKILL)
+        threading.Event().wait()
     if case == "stop":  # every rank decides to stop
         raise errors.RunStopped(f"stopped (rank {rank})")
     dist.barrier()  # the other ranks wait here for the failed one
@@ -150,8 +155,41 @@ PROTOCOL_CASES = [
     ("stop", 0, 1, 2, errors.NON_FINITE_EXIT, "faults: error: stopped (rank"),
     ("bug", 1, 2, 1, 1, None),
     ("kill", 0, 1, 1, None, "faults: error: another rank of the job failed or was killed"),
+    ("stuck", 1, 1, 1, None, "faults: error: another rank of the job failed or was killed"),
     ("two", 0, 1, 1, errors.RUN_ERROR_EXIT, "faults: error: no space left on device writing x"),
 ]  # fmt: skip
+
+
+WAKEUP = """
+import os, signal, threading
+from megatron_opd.runtime import failures
+failures.start_watching("wakeup")
+signal.signal(signal.SIGTERM, lambda *_: None)  # as --exit-signal-handler's: it sets a flag
+
+def wait():
+    while not failures._sigterm.is_set():
+        failures._pause(0.5)
+
+threads = [threading.Thread(target=wait, daemon=True) for _ in range(4)]
+for t in threads:
+    t.start()
+threading.Event().wait(1.0)  # every thread waits in select on the wakeup fd
+os.kill(os.getpid(), signal.SIGTERM)
+for t in threads:
+    t.join(5.0)
+print(sum(not t.is_alive() for t in threads), "of", len(threads), "saw SIGTERM")
+"""
+
+
+def test_sigterm_reaches_every_thread_that_waits_for_it(tmp_path):
+    """Threads wait on the signal wakeup fd at once (the watcher, and the main thread while it
+    reports an error): the byte goes to one, and the others must not block in their read (a
+    survivor of a killed peer once missed torchrun's SIGTERM so, and was SIGKILLed 30 s later)."""
+    env = dict(job_env(), WORLD_SIZE="2", RANK="0")
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    done = subprocess.run([PY, "-c", WAKEUP], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "4 of 4 saw SIGTERM", done.stdout + done.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -171,7 +209,8 @@ def test_one_report_per_job(tmp_path):
             assert "KeyError: 'a bug on rank 1'" in job.err[bad], job.err
             assert job.err[1 - bad] == "" and job.codes == {0: 1, 1: 1}, (job.err, job.codes)
             assert kept == [], kept  # one rank failed: nothing to keep apart from its traceback
-        elif case == "kill":  # torchrun SIGTERMs the survivor: it says why, in one line, exit 4
+        elif case in ("kill", "stuck"):  # torchrun SIGTERMs the survivor: it says why, in one
+            # line, exit 4 (stuck: the watcher, failures.BEFORE_SIGKILL_S after that SIGTERM)
             assert job.codes[bad] == -signal.SIGKILL, job.codes
             assert job.err[bad] == "", job.err
             said = job.lines()

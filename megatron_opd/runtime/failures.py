@@ -33,7 +33,10 @@ torchrun's teardown, because a rank that is reporting lets SIGTERM end only its 
 
 In a job of several ranks, SIGTERM outside ``--exit-signal-handler`` (torchrun stopping the job
 after a rank was killed, or a cancelled job) is :class:`errors.JobStopped`: one line, exit code
-``errors.RUN_ERROR_EXIT``, not a silent death.
+``errors.RUN_ERROR_EXIT``, not a silent death. Under ``--exit-signal-handler`` SIGTERM asks the
+trainer to save after its step; a rank under torchrun that has not started that save
+:data:`BEFORE_SIGKILL_S` after SIGTERM (blocked in a collective whose peer is gone) reports the
+stop the same way before torchrun's SIGKILL.
 """
 
 from __future__ import annotations
@@ -126,9 +129,19 @@ _handler_pid: Optional[int] = None  # the process that installed the SIGTERM han
 _wakeup: Optional[int] = None  # read end of the fd Python's C signal handler writes to
 _prog = "megatron_opd"  # the script's name, for a report the watcher makes
 MAIN_THREAD_GRACE_S = 2.0  # after SIGTERM: how long the main thread has to start reporting
+# torchrun SIGKILLs a rank 30 s after its SIGTERM (torch.distributed.elastic's close timeout). A
+# rank that keeps SIGTERM for --exit-signal-handler and has neither started that save nor reported
+# by BEFORE_SIGKILL_S after it reports the stop itself: its one line, not a silent -9.
+BEFORE_SIGKILL_S = 25.0
+_exit_saving = threading.Event()  # the trainer saves on its exit signal: leave it to finish
 JOB_STOPPED = (
     "another rank of the job failed or was killed, or the job was cancelled: this rank got "
     "SIGTERM and stopped without saving (--exit-signal-handler saves first)"
+)
+NO_EXIT_SAVE = (
+    "another rank of the job failed or was killed, or the job was cancelled: this rank got "
+    f"SIGTERM and did not reach its --exit-signal-handler save within {BEFORE_SIGKILL_S:g} s "
+    "(torchrun SIGKILLs 30 s after SIGTERM); nothing was saved"
 )
 
 
@@ -229,15 +242,19 @@ def _exit_quietly(b: Board, code: int) -> None:
 
 
 def _watch() -> None:
-    b, termed_at = None, None
+    b, termed_at, grace = None, None, MAIN_THREAD_GRACE_S
     while True:
         _pause(POLL_S)
         if _handling.is_set():  # this rank reports: nothing left to watch (its waits read SIGTERM)
             return
-        if _sigterm.is_set() and signal.getsignal(signal.SIGTERM) is _on_sigterm:
-            termed_at = termed_at or time.monotonic()
-        if termed_at is not None and time.monotonic() - termed_at > MAIN_THREAD_GRACE_S:
-            _report_stop()  # the main thread is in a call that does not return
+        if _sigterm.is_set() and termed_at is None:
+            termed_at = time.monotonic()
+            if signal.getsignal(signal.SIGTERM) is not _on_sigterm:  # --exit-signal-handler's
+                grace = BEFORE_SIGKILL_S if "TORCHELASTIC_RUN_ID" in os.environ else None
+        if grace is not None and termed_at is not None and not _exit_saving.is_set():
+            if time.monotonic() - termed_at > grace:
+                # the main thread is in a call that does not return
+                _report_stop(JOB_STOPPED if grace == MAIN_THREAD_GRACE_S else NO_EXIT_SAVE)
         try:
             b = b or board()
             if b is None:
@@ -263,11 +280,13 @@ def _pause(seconds: float) -> None:
     try:
         if select.select([_wakeup], [], [], seconds)[0] and signal.SIGTERM in os.read(_wakeup, 512):
             _sigterm.set()
+    except BlockingIOError:  # another thread read the byte first (and set the event if SIGTERM)
+        pass
     except (OSError, ValueError):  # the fd closed under us (a fork's child forgot it)
         time.sleep(seconds)
 
 
-def _report_stop() -> None:
+def _report_stop(message: str = JOB_STOPPED) -> None:
     """Report SIGTERM as :class:`errors.JobStopped` and end the process, unless a thread of this
     rank reports already. From the handler (the main thread, between two bytecodes: no ``finally``
     runs, none can block the way out), or from the watcher when the main thread is inside a call
@@ -276,7 +295,7 @@ def _report_stop() -> None:
     if not _take_report():
         return
     _sigterm.set()
-    error, code = errors.JobStopped(JOB_STOPPED), errors.RUN_ERROR_EXIT
+    error, code = errors.JobStopped(message), errors.RUN_ERROR_EXIT
     b = board()
     try:
         if b is None:
@@ -305,13 +324,17 @@ def start_watching(prog: str = _prog) -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
         read, write = os.pipe()
         os.set_blocking(write, False)
-        if signal.set_wakeup_fd(write, warn_on_full_buffer=False) == -1:
+        # several threads wait on the read end at once (the watcher, and the main thread while it
+        # reports): a blocking read by one that lost the byte to another would never return
+        os.set_blocking(read, False)
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        if previous == -1:
             _wakeup = read
             # a forked helper (a checkpoint writer) must not write its signals into this pipe:
             # multiprocessing ends its workers with SIGTERM
             os.register_at_fork(after_in_child=_forget_wakeup)
         else:  # someone else's fd: leave it theirs
-            signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(previous)
             os.close(read)
             os.close(write)
     threading.Thread(target=_watch, name="megatron_opd-failures", daemon=True).start()
@@ -324,6 +347,12 @@ def _forget_wakeup() -> None:
         signal.set_wakeup_fd(-1)
     except ValueError:  # not the main thread
         pass
+
+
+def exit_saving() -> None:
+    """The trainer starts the save its exit signal asked for: the watcher leaves the rank to it
+    (torchrun's SIGKILL, 30 s after SIGTERM, is the only bound left)."""
+    _exit_saving.set()
 
 
 def _on_sigterm(signum, frame) -> None:

@@ -15,7 +15,7 @@ from megatron_opd import compat
 from megatron_opd.evaluation import accuracy, gap
 from megatron_opd.models.tokenizer import CHECKPOINT_TOKENIZER_DIR
 from megatron_opd.rollout import sources
-from megatron_opd.runtime import checkpointing, errors
+from megatron_opd.runtime import checkpointing, errors, failures
 from megatron_opd.runtime.distributed import ModelGrid, print_rank0
 from megatron_opd.runtime.metrics_logger import MetricsLogger
 from megatron_opd.training import data, opd, resume
@@ -333,6 +333,7 @@ class Trainer:
                 metrics = self.train_one_step()
                 if metrics is None:  # exit signal mid-step: keep the pre-step state
                     self.stream.load_state_dict(before)
+                    failures.exit_saving()
                     self.save()
                     print_rank0(
                         f"exit signal: saved iteration {self.iteration} (iteration "
@@ -364,6 +365,7 @@ class Trainer:
                 if stop.exit_interval and self.iteration % stop.exit_interval == 0:
                     return
                 if self._exit_requested():
+                    failures.exit_saving()
                     self.save()
                     print_rank0(f"exit signal: saved iteration {self.iteration}, exiting")
                     return
