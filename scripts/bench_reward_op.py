@@ -105,15 +105,15 @@ def _measure(fn) -> tuple[float, int]:
 
 def _rank(group_name: str, tp: int, dtype_name: str, tokens: int, vocab: int, reps: int, chunk):
     """One TP rank: returns {variant: (times per repetition, extra bytes per repetition)}."""
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
     from megatron_opd.reward.rewards import power_reward
     from megatron_opd.reward.vocab_parallel import full_vocab_reverse_kl, sampled_token_logprobs
 
-    distributed.initialize(ParallelConfig(tp, 1), seed=0)
+    grid = distributed.initialize(ParallelConfig(tp, 1), seed=0).grid
     dtype = getattr(torch, dtype_name)
-    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
-    rank = parallel_state.get_tensor_model_parallel_rank()
+    group = grid.tp if tp > 1 else None
+    rank = grid.tp_rank
     seq = min(SEQ_PER_SAMPLE, tokens)
     batch = tokens // seq
     reference_only = group_name == "reference"

@@ -78,12 +78,10 @@ def say(*parts) -> None:
 # The reference: the TP2 student gathered to full tensors (written here, not refit.merge_shards)
 
 
-def gather_full(student) -> dict[str, torch.Tensor]:
+def gather_full(student, group) -> dict[str, torch.Tensor]:
     """Every student tensor, whole: TP shards all-gathered; the gated fc1 stored per rank as
-    ``[gate_r; up_r]`` is put back as ``[gate_0; gate_1; up_0; up_1]`` (the unsharded layout)."""
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_tensor_model_parallel_group()
+    ``[gate_r; up_r]`` is put back as ``[gate_0; gate_1; up_0; up_1]`` (the unsharded layout).
+    ``group``: the student's tensor-parallel group."""
     world = dist.get_world_size(group)
     full = {}
     for name, p in student.named_parameters():
@@ -303,7 +301,7 @@ def main() -> None:
     say(f"megatron-core {megatron.core.__version__}, torch {torch.__version__}, world "
         f"{dist.get_world_size()}: student TP{grid.tp_size} -> "
         f"copy TP1 x DP2; vocab {vocab}, divisor {divisor}")  # fmt: skip
-    full = gather_full(student)
+    full = gather_full(student, grid.tp)
 
     # 1. the project's refit
     project_model = refit.RolloutModel(chunks, grid, arch, divisor, 1, 1, timeout_minutes=5)
