@@ -6,9 +6,13 @@ random Qwen3 models made by ``transformers`` and converted with the project's ow
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -69,6 +73,9 @@ def make_nan_teacher(pair: dict, out: Path) -> Path:
     return out
 
 
+_BUILT: dict[tuple, Path] = {}  # make_pair's arguments -> the pair built once in this process
+
+
 def make_pair(
     root: Path,
     student_layers: int = 2,
@@ -79,13 +86,32 @@ def make_pair(
     """``root/teacher`` and ``root/student`` Megatron checkpoints sharing ``root/tokenizer``.
 
     ``perturbed_copy``: the student is the teacher (same shape) plus Gaussian noise; otherwise a
-    ``student_layers``-layer random model beside a 4-layer teacher.
+    ``student_layers``-layer random model beside a 4-layer teacher. Built once per process and
+    arguments (seeded, so every build is the same bytes) into a directory no test touches, and
+    copied to ``root``: each module still gets a pair of its own.
     """
+    key = (student_layers, perturbed_copy, scale, noise)
+    if key not in _BUILT:
+        built = Path(tempfile.mkdtemp(prefix="opd_pair_"))
+        atexit.register(shutil.rmtree, built, ignore_errors=True)
+        _build_pair(built, *key)
+        _BUILT[key] = built
+    shutil.copytree(_BUILT[key], root, dirs_exist_ok=True)
+    return {"teacher": root / "teacher", "student": root / "student",
+            "vocab_size": _vocab_size(root / "tokenizer")}  # fmt: skip
+
+
+def _vocab_size(tok_dir: Path) -> int:
+    return len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]) + 3
+
+
+def _build_pair(
+    root: Path, student_layers: int, perturbed_copy: bool, scale: float, noise: float
+) -> None:
     root.mkdir(parents=True, exist_ok=True)
     tok_dir = root / "tokenizer"
     save_bpe_tokenizer(tok_dir)
-    vocab = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]
-    vocab_size = len(vocab) + 3
+    vocab_size = _vocab_size(tok_dir)
     hf_teacher, hf_student = root / "hf_teacher", root / "hf_student"
     t_layers = student_layers if perturbed_copy else 4
     save_hf_qwen3(hf_teacher, t_layers, seed=1, vocab=vocab_size, scale=scale)
@@ -98,7 +124,6 @@ def make_pair(
             (hf / f.name).write_bytes(f.read_bytes())
     convert(hf_teacher, root / "teacher")
     convert(hf_student, root / "student")
-    return {"teacher": root / "teacher", "student": root / "student", "vocab_size": vocab_size}
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 420, check: bool = True):
@@ -165,3 +190,12 @@ def metadata_only_checkpoint(directory: Path, tokenizer_dir: Path, **arch) -> Pa
     for f in Path(tokenizer_dir).iterdir():
         (directory / "tokenizer" / f.name).write_bytes(f.read_bytes())
     return directory
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as the module ``<name>`` (its functions, not its main)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

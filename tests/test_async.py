@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from opd_setup import ROOT, SHORT_RUN, make_pair, read_metrics, torchrun
+from opd_setup import ROOT, SHORT_RUN, load_script, make_pair, read_metrics, torchrun
 
 from megatron_opd.runtime.distributed import standalone_env
 from megatron_opd.runtime.spawn import free_port
@@ -240,12 +240,8 @@ def _start(flags: list[str]) -> subprocess.Popen:
 def test_impossible_layouts_and_lags_are_one_line(pair, tmp_path, monkeypatch, capsys, world,
                                                   extra, message):  # fmt: skip
     """Before any process group or model: one line naming the flag, exit code 2."""
-    import importlib.util
-
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    spec = importlib.util.spec_from_file_location("pretrain_opd", ROOT / "scripts/pretrain_opd.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("pretrain_opd")
     with pytest.raises(SystemExit) as exc:
         script.main(_flags(pair, tmp_path, "bad", *extra))
     assert exc.value.code == 2

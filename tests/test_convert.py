@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from opd_setup import load_script
 
 from megatron_opd.models import convert
 from megatron_opd.runtime.spawn import run_distributed
@@ -378,22 +379,14 @@ def test_export_reproduces_hf_tensors(tiny, name, tmp_path):
     ).encode(text)
 
 
-def _load_script(name: str):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_scripts_round_trip_bf16(tiny, tmp_path):
     case = tiny["qwen3_untied"]
-    _load_script("convert_hf_to_megatron").main(
+    load_script("convert_hf_to_megatron").main(
         ["--hf-dir", str(case.hf_dir), "--save", str(tmp_path / "megatron"), "--dtype", "bf16"]
     )
     meta = json.loads((tmp_path / "megatron" / "megatron_opd.json").read_text())
     assert meta["params_dtype"] == "bfloat16" and meta["padded_vocab_size"] == 128
-    _load_script("convert_megatron_to_hf").main(
+    load_script("convert_megatron_to_hf").main(
         ["--load", str(tmp_path / "megatron"), "--save", str(tmp_path / "hf")]
     )
     exported = read_safetensors(tmp_path / "hf")

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from opd_setup import load_script
 
 from megatron_opd.models import gpt
 from megatron_opd.training import arguments
@@ -162,17 +163,8 @@ def test_launch_sh_refuses_unknown_method_and_pair():
 # prompts are held out, and the summary's verdict follows the numbers
 
 
-def _demo():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts/demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_demo_gives_every_method_the_same_settings(tmp_path):
-    demo = _demo()
+    demo = load_script("demo")
     args = demo.parse_args(["--out", str(tmp_path), "--nproc", "1"])
     for name in ("student", "teacher"):
         (tmp_path / name).mkdir()
@@ -200,7 +192,7 @@ def test_demo_gives_every_method_the_same_settings(tmp_path):
 def test_demo_heldout_problems_are_not_training_prompts(tmp_path):
     from megatron_opd.training import data
 
-    demo = _demo()
+    demo = load_script("demo")
     path = demo.write_heldout(tmp_path / "h.jsonl", 16)
     held = data.load_problems(path)
     train = {p.problem for p in data.load_prompt_source(demo.TRAIN_PROMPTS)}
@@ -209,7 +201,7 @@ def test_demo_heldout_problems_are_not_training_prompts(tmp_path):
 
 
 def test_demo_summary_states_the_change_and_the_verdict(tmp_path):
-    demo = _demo()
+    demo = load_script("demo")
     args = demo.parse_args(["--out", str(tmp_path)])
 
     def rows(*kls):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from opd_setup import ROOT, make_pair, read_metrics
+from opd_setup import ROOT, load_script, make_pair, read_metrics
 
 from megatron_opd import compat
 from megatron_opd.runtime import errors, failures
@@ -426,18 +426,8 @@ def test_sigterm_at_tp2(pair, tmp_path):
 # scripts/fault_soak.py at its CI size
 
 
-def _soak_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fault_soak", ROOT / "scripts/fault_soak.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fault_soak"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_fault_soak_schedule_is_seeded():
-    soak = _soak_module()
+    soak = load_script("fault_soak")
     plan = soak.schedule(6, 30, 2)
     assert plan == soak.schedule(6, 30, 2) != soak.schedule(7, 30, 2)
     assert {f.kind for f in plan} == set(soak.FAULT_KINDS) and {f.rank for f in plan} == {0, 1}

@@ -5,7 +5,6 @@ warning."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from opd_setup import ROOT, make_pair, read_metrics, torchrun
+from opd_setup import ROOT, load_script, make_pair, read_metrics, torchrun
 
 from megatron_opd.evaluation import gap
 
@@ -26,13 +25,6 @@ EVAL = ["--data", "builtin:40", "--limit", "4", "--samples", "2", "--max-new-tok
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return make_pair(tmp_path_factory.mktemp("gap"))
-
-
-def _evaluate_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts/evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _prompts(pair) -> list[list[int]]:
@@ -101,7 +93,7 @@ def _assert_equal_to_recount(pair, out_dir: Path) -> dict:
 def test_evaluate_teacher_gap_equals_hf_float64_recount_tp1(pair, tmp_path):
     """At temperature 1 the gap is measured on the Avg@k samples themselves."""
     out = tmp_path / "eval"
-    _evaluate_script().main(
+    load_script("evaluate").main(
         ["--load", str(pair["student"]), "--teacher", str(pair["teacher"]), *EVAL,
          "--temperature", "1.0", "--micro-batch-size", "3", "--output", str(out), "--no-progress",
          "--metrics-file", str(tmp_path / "m.jsonl"), "--tensorboard-dir", str(tmp_path / "tb")]
@@ -152,7 +144,7 @@ def _evaluate_torchrun_dir(pair, out: Path, kind: str) -> Path:
 
 
 def test_evaluate_teacher_errors(pair, tmp_path, capsys):
-    script = _evaluate_script()
+    script = load_script("evaluate")
     args = ["--load", str(pair["student"]), *EVAL, "--output", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as e:
         script.main([*args, "--teacher", str(tmp_path / "missing")])
@@ -189,7 +181,7 @@ def test_eval_interval_gap_equals_evaluate_script(pair, tmp_path):
     assert 0 < step["student/entropy"] < math.log(pair["vocab_size"])
 
     out = tmp_path / "eval"
-    _evaluate_script().main(
+    load_script("evaluate").main(
         ["--load", str(pair["student"]), "--teacher", str(pair["teacher"]), *EVAL,
          "--temperature", "1.0", "--seed", "7", "--output", str(out), "--no-progress"]
     )  # fmt: skip

@@ -4,7 +4,6 @@ save, a killed writer process, SIGTERM mid-step, a full disk)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from opd_setup import ROOT, make_pair, read_metrics
+from opd_setup import ROOT, load_script, make_pair, read_metrics
 
 from megatron_opd import compat
 from megatron_opd.runtime import cli, errors, integrity, metrics_logger
@@ -208,17 +207,9 @@ def _flags(pair, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _pretrain_module():
-    spec = importlib.util.spec_from_file_location("pretrain_opd", ROOT / "scripts/pretrain_opd.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pretrain_opd"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def _refused(pair, monkeypatch, capsys, *extra) -> str:
     """Run pretrain_opd's main in-process; it must exit 2 before building a model."""
-    module = _pretrain_module()
+    module = load_script("pretrain_opd")
 
     def built(*a, **k):
         raise AssertionError("a model was built")
@@ -320,14 +311,6 @@ def test_read_only_save_is_refused_before_any_model(pair, tmp_path):
     assert f"--save {save} is not writable: Read-only file system" in line
 
 
-def _script_module(name: str):
-    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "scripts" / name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name[:-3]] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_output_paths_are_refused_before_any_model(pair, tmp_path, monkeypatch, capsys):
     """A directory where a file is wanted, a file where a directory is wanted, a file in the
     way of a parent: one line naming the flag, exit 2, before any model is built."""
@@ -349,7 +332,7 @@ def test_output_paths_are_refused_before_any_model(pair, tmp_path, monkeypatch, 
         assert line.startswith("pretrain_opd.py: error: ") and message in line, (extra, line)
     assert afile.read_text() == "x" and list(adir.iterdir()) == []  # nothing written
 
-    evaluate = _script_module("evaluate.py")
+    evaluate = load_script("evaluate")
 
     def built(*a, **k):
         raise AssertionError("a model was built")

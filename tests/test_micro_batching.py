@@ -4,13 +4,11 @@ padded path's from the same weights, at TP1 (in-process) and at PP2 and DP2 (2 g
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 
 import pytest
 import torch
-from opd_setup import ROOT, make_pair, read_metrics, torchrun
+from opd_setup import load_script, make_pair, read_metrics, torchrun
 
 from megatron_opd.runtime.spawn import run_distributed
 from megatron_opd.training import opd
@@ -97,10 +95,7 @@ def pair(tmp_path_factory):
 
 
 def _main_many(runs: list[list[str]]) -> None:
-    spec = importlib.util.spec_from_file_location("pretrain_opd", ROOT / "scripts/pretrain_opd.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pretrain_opd"] = module
-    spec.loader.exec_module(module)
+    module = load_script("pretrain_opd")
     for flags in runs:
         module.main(flags)
 

@@ -4,7 +4,6 @@ bad input. Tiny Qwen3 models and a tiny BPE tokenizer are built by the tests
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from opd_setup import ROOT, make_pair, read_metrics, torchrun
+from opd_setup import ROOT, load_script, make_pair, read_metrics, torchrun
 
 from megatron_opd.runtime.spawn import run_distributed
 
@@ -95,16 +94,8 @@ def test_layouts_and_resume_agree(pair, tmp_path):
 # Every reward kind: the logged loss equals the formula recomputed from the dumped tokens
 
 
-def _pretrain_module():
-    spec = importlib.util.spec_from_file_location("pretrain_opd", ROOT / "scripts/pretrain_opd.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pretrain_opd"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run_kinds(flags_by_kind: dict[str, list[str]]) -> None:
-    module = _pretrain_module()
+    module = load_script("pretrain_opd")
     for flags in flags_by_kind.values():
         module.main(flags)
 
@@ -249,7 +240,7 @@ def test_poweropd_moves_the_student_toward_the_teacher(copy_pair, tmp_path):
 
 def _error(pair, monkeypatch, capsys, *extra, world: int = 1) -> str:
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    module = _pretrain_module()
+    module = load_script("pretrain_opd")
     with pytest.raises(SystemExit) as exc:
         module.main(_flags(pair, *extra))
     assert exc.value.code == 2
