@@ -242,7 +242,7 @@ def _exit_quietly(b: Board, code: int) -> None:
 
 
 def _watch() -> None:
-    b, termed_at, grace = None, None, MAIN_THREAD_GRACE_S
+    b, termed_at, grace, message = None, None, MAIN_THREAD_GRACE_S, JOB_STOPPED
     while True:
         _pause(POLL_S)
         if _handling.is_set():  # this rank reports: nothing left to watch (its waits read SIGTERM)
@@ -251,10 +251,10 @@ def _watch() -> None:
             termed_at = time.monotonic()
             if signal.getsignal(signal.SIGTERM) is not _on_sigterm:  # --exit-signal-handler's
                 grace = BEFORE_SIGKILL_S if "TORCHELASTIC_RUN_ID" in os.environ else None
+                message = NO_EXIT_SAVE
         if grace is not None and termed_at is not None and not _exit_saving.is_set():
             if time.monotonic() - termed_at > grace:
-                # the main thread is in a call that does not return
-                _report_stop(JOB_STOPPED if grace == MAIN_THREAD_GRACE_S else NO_EXIT_SAVE)
+                _report_stop(message)  # the main thread is in a call that does not return
         try:
             b = b or board()
             if b is None:

@@ -533,7 +533,7 @@ def trainer_config(args: argparse.Namespace) -> TrainerConfig:
             **cli.flags(
                 args, "global_batch_size", "micro_batch_size", "max_tokens_per_micro_batch"
             ),
-        ),  # fmt: skip
+        ),
         checkpoint=CheckpointConfig(
             interval=args.save_interval,
             params_dtype="bfloat16" if args.bf16 else "float32",
@@ -543,15 +543,8 @@ def trainer_config(args: argparse.Namespace) -> TrainerConfig:
             interval=args.log_interval,
             dump_tokens=args.opd_dump_tokens,
             flags=dict(vars(args)),
-            **cli.flags(
-                args,
-                "metrics_file",
-                "tensorboard_dir",
-                "wandb_project",
-                "wandb_exp_name",
-                "wandb_save_dir",
-            ),
-        ),  # fmt: skip
+            **cli.flags(args, *LogConfig.SINKS),
+        ),
         eval=PeriodicEvalConfig(
             data=args.eval_data,
             gap_teacher=args.eval_teacher,

@@ -6,7 +6,7 @@ reads the command line."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from megatron_opd.evaluation.accuracy import EvalConfig
 from megatron_opd.reward.rewards import RewardConfig
@@ -43,12 +43,14 @@ class LogConfig:
     dump_tokens: Optional[str] = None  # a directory for every scored token of each step
     flags: dict[str, Any] = field(default_factory=dict)  # every flag: the wandb run's config
 
+    # where the metrics go: MetricsLogger's keyword arguments, and the flags of the same names
+    SINKS: ClassVar[tuple[str, ...]] = (
+        "metrics_file", "tensorboard_dir", "wandb_project", "wandb_exp_name", "wandb_save_dir",
+    )  # fmt: skip
+
     def sinks(self) -> dict[str, Optional[str]]:
-        """Where the metrics go: :class:`megatron_opd.runtime.metrics_logger.MetricsLogger`'s
-        keyword arguments."""
-        names = ("metrics_file", "tensorboard_dir", "wandb_project", "wandb_exp_name",
-                 "wandb_save_dir")  # fmt: skip
-        return {name: getattr(self, name) for name in names}
+        """:class:`megatron_opd.runtime.metrics_logger.MetricsLogger`'s keyword arguments."""
+        return {name: getattr(self, name) for name in self.SINKS}
 
 
 @dataclass
